@@ -1,0 +1,294 @@
+"""Qwen2.5-VL configuration as frozen dataclasses, read from a Hugging Face ``config.json``.
+
+Both spellings found in the wild are accepted:
+
+* the Hub files: text fields at the top level, ``rope_scaling = {"type": "mrope", "mrope_section": ...}``;
+* transformers 5: a nested ``text_config`` and ``rope_parameters`` (``rope_theta`` may move inside it).
+
+Config objects are hashable, so they can be passed to ``jax.jit`` as static arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+    """A config.json that lacks a needed field or holds an inconsistent one."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    depth: int
+    hidden_size: int
+    num_heads: int
+    intermediate_size: int
+    out_hidden_size: int
+    patch_size: int = 14
+    spatial_merge_size: int = 2
+    temporal_patch_size: int = 2
+    window_size: int = 112
+    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
+    in_channels: int = 3
+    tokens_per_second: float = 4.0
+    rms_norm_eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one flattened patch row: channels * temporal_patch * patch * patch."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    @property
+    def merge_unit(self) -> int:
+        """Patches merged into one LM token (spatial_merge_size ** 2)."""
+        return self.spatial_merge_size**2
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"vision_config.hidden_size={self.hidden_size} is not divisible by "
+                f"vision_config.num_heads={self.num_heads}"
+            )
+        if self.head_dim % 4:
+            raise ConfigError(f"vision head_dim={self.head_dim} must be a multiple of 4 (2-D rotary)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    mrope_section: tuple[int, int, int]
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 128_000
+    tie_word_embeddings: bool = False
+    head_dim_override: int | None = None
+
+    @property
+    def head_dim(self) -> int:
+        if self.head_dim_override is not None:
+            return self.head_dim_override
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_kv_groups(self) -> int:
+        """Query heads per KV head (GQA)."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if len(self.mrope_section) != 3 or sum(self.mrope_section) * 2 != self.head_dim:
+            raise ConfigError(
+                f"mrope_section={list(self.mrope_section)} must have 3 entries summing to "
+                f"head_dim/2={self.head_dim // 2}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen25VLConfig:
+    text: TextConfig
+    vision: VisionConfig
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    bos_token_id: int | None = 151643
+    eos_token_id: tuple[int, ...] = (151645,)
+
+    # ------------------------------------------------------------------ reading
+    @classmethod
+    def from_hf_dict(cls, raw: Mapping[str, Any], source: str = "config.json") -> "Qwen25VLConfig":
+        """Builds the config from a parsed Hugging Face config dict (flat or nested)."""
+        text_raw: dict[str, Any] = dict(raw)
+        if isinstance(raw.get("text_config"), Mapping):
+            # transformers 5: text fields nested; top-level values only fill gaps.
+            text_raw = {**dict(raw), **dict(raw["text_config"])}
+        if "vision_config" not in raw or not isinstance(raw["vision_config"], Mapping):
+            raise ConfigError(f"{source}: missing required field 'vision_config'")
+        vis_raw = dict(raw["vision_config"])
+
+        def need(d: Mapping[str, Any], key: str, where: str):
+            if key not in d or d[key] is None:
+                raise ConfigError(f"{source}: missing required field '{where}{key}'")
+            return d[key]
+
+        rope = text_raw.get("rope_parameters") or text_raw.get("rope_scaling") or {}
+        if not isinstance(rope, Mapping) or "mrope_section" not in rope:
+            raise ConfigError(
+                f"{source}: missing required field 'rope_scaling.mrope_section' "
+                "(or 'rope_parameters.mrope_section')"
+            )
+        rope_theta = text_raw.get("rope_theta", rope.get("rope_theta", 1_000_000.0))
+
+        eos = raw.get("eos_token_id", text_raw.get("eos_token_id", 151645))
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        text = TextConfig(
+            vocab_size=int(need(text_raw, "vocab_size", "")),
+            hidden_size=int(need(text_raw, "hidden_size", "")),
+            intermediate_size=int(need(text_raw, "intermediate_size", "")),
+            num_hidden_layers=int(need(text_raw, "num_hidden_layers", "")),
+            num_attention_heads=int(need(text_raw, "num_attention_heads", "")),
+            num_key_value_heads=int(need(text_raw, "num_key_value_heads", "")),
+            mrope_section=tuple(int(s) for s in rope["mrope_section"]),
+            rope_theta=float(rope_theta),
+            rms_norm_eps=float(text_raw.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(text_raw.get("max_position_embeddings", 128_000)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", text_raw.get("tie_word_embeddings", False))),
+            head_dim_override=text_raw.get("head_dim"),
+        )
+        hidden = int(need(vis_raw, "hidden_size", "vision_config."))
+        vision = VisionConfig(
+            depth=int(need(vis_raw, "depth", "vision_config.")),
+            hidden_size=hidden,
+            num_heads=int(need(vis_raw, "num_heads", "vision_config.")),
+            intermediate_size=int(need(vis_raw, "intermediate_size", "vision_config.")),
+            out_hidden_size=int(vis_raw.get("out_hidden_size", text.hidden_size)),
+            patch_size=int(vis_raw.get("patch_size", vis_raw.get("spatial_patch_size", 14))),
+            spatial_merge_size=int(vis_raw.get("spatial_merge_size", 2)),
+            temporal_patch_size=int(vis_raw.get("temporal_patch_size", 2)),
+            window_size=int(vis_raw.get("window_size", 112)),
+            fullatt_block_indexes=tuple(int(i) for i in vis_raw.get("fullatt_block_indexes", (7, 15, 23, 31))),
+            in_channels=int(vis_raw.get("in_channels", vis_raw.get("in_chans", 3))),
+            tokens_per_second=float(vis_raw.get("tokens_per_second", 4)),
+        )
+        if vision.out_hidden_size != text.hidden_size:
+            raise ConfigError(
+                f"{source}: vision_config.out_hidden_size={vision.out_hidden_size} differs from the "
+                f"text hidden_size={text.hidden_size}"
+            )
+        ids = {**text_raw, **raw}
+        return cls(
+            text=text,
+            vision=vision,
+            image_token_id=int(ids.get("image_token_id", 151655)),
+            video_token_id=int(ids.get("video_token_id", 151656)),
+            vision_start_token_id=int(ids.get("vision_start_token_id", 151652)),
+            vision_end_token_id=int(ids.get("vision_end_token_id", 151653)),
+            bos_token_id=ids.get("bos_token_id", 151643),
+            eos_token_id=eos_ids,
+        )
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "Qwen25VLConfig":
+        """Reads ``config.json`` (or the ``config.json`` inside a folder)."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        try:
+            with open(path) as f:
+                raw = json.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such file") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_hf_dict(raw, source=path)
+
+    # ------------------------------------------------------------------ writing
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The Hub (flat) spelling, loadable by transformers and by :meth:`from_hf_dict`."""
+        t, v = self.text, self.vision
+        out: dict[str, Any] = {
+            "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+            "model_type": "qwen2_5_vl",
+            "hidden_act": "silu",
+            "vocab_size": t.vocab_size,
+            "hidden_size": t.hidden_size,
+            "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_hidden_layers,
+            "num_attention_heads": t.num_attention_heads,
+            "num_key_value_heads": t.num_key_value_heads,
+            "rope_theta": t.rope_theta,
+            "rms_norm_eps": t.rms_norm_eps,
+            "max_position_embeddings": t.max_position_embeddings,
+            "tie_word_embeddings": t.tie_word_embeddings,
+            "rope_scaling": {"type": "mrope", "rope_type": "default", "mrope_section": list(t.mrope_section)},
+            "image_token_id": self.image_token_id,
+            "video_token_id": self.video_token_id,
+            "vision_start_token_id": self.vision_start_token_id,
+            "vision_end_token_id": self.vision_end_token_id,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_id) if len(self.eos_token_id) != 1 else self.eos_token_id[0],
+            "vision_config": {
+                "depth": v.depth,
+                "hidden_size": v.hidden_size,
+                "num_heads": v.num_heads,
+                "intermediate_size": v.intermediate_size,
+                "out_hidden_size": v.out_hidden_size,
+                "patch_size": v.patch_size,
+                "spatial_merge_size": v.spatial_merge_size,
+                "temporal_patch_size": v.temporal_patch_size,
+                "window_size": v.window_size,
+                "fullatt_block_indexes": list(v.fullatt_block_indexes),
+                "in_channels": v.in_channels,
+                "tokens_per_second": v.tokens_per_second,
+                "hidden_act": "silu",
+            },
+        }
+        if t.head_dim_override is not None:
+            out["head_dim"] = t.head_dim_override
+        return out
+
+
+def tiny_config(
+    *,
+    num_hidden_layers: int = 2,
+    vocab_size: int = 1024,
+    tie_word_embeddings: bool = False,
+    vision_depth: int = 2,
+) -> Qwen25VLConfig:
+    """A tiny random-weight configuration for tests and the built-in example.
+
+    With the default vocabulary of 1024 the special tokens move to the top of it (vision start
+    1000, vision end 1001, image pad 1003, video pad 1004, eos 999); with ``vocab_size`` above
+    151,656 the real Qwen ids are kept.
+    Text: hidden 64, 4 query / 2 KV heads (head_dim 16, mrope_section (2, 3, 3)).
+    Vision: hidden 32, 2 heads (head_dim 16), window 112 px = 4 merged tokens per side.
+    """
+    text = TextConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        mrope_section=(2, 3, 3),
+        rope_theta=1_000_000.0,
+        max_position_embeddings=32_768,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    vision = VisionConfig(
+        depth=vision_depth,
+        hidden_size=32,
+        num_heads=2,
+        intermediate_size=64,
+        out_hidden_size=64,
+        fullatt_block_indexes=(vision_depth - 1,),
+        tokens_per_second=2.0,
+    )
+    if vocab_size > 151_656:
+        return Qwen25VLConfig(text=text, vision=vision)
+    return Qwen25VLConfig(
+        text=text,
+        vision=vision,
+        vision_start_token_id=1000,
+        vision_end_token_id=1001,
+        image_token_id=1003,
+        video_token_id=1004,
+        bos_token_id=998,
+        eos_token_id=(999,),
+    )
