@@ -1,0 +1,444 @@
+"""Qwen2.5-VL vision tower (ViT with 2-D rotary, window attention and a 2x2 patch merger).
+
+Mirrors ``Qwen2_5_VisionTransformerPretrainedModel`` from transformers:
+
+1. patch embed: the bias-free Conv3d as a matmul over rows of ``patch_dim`` (C * T * P * P) values;
+2. 2-D rotary ids (h, w) per patch in merge-group order, repeated over the temporal slots;
+3. rows permuted into window order (in units of one merge group), blocks run, merger applied, and the
+   merged tokens un-permuted;
+4. blocks listed in ``fullatt_block_indexes`` attend within each temporal slice (one frame pair or
+   image), the others within windows of ``window_size / spatial_merge / patch`` merged tokens per side.
+
+All layout bookkeeping (window index, rotary ids, per-row segment ids) is host numpy computed from the
+static ``grid_thw``; the jitted part only gathers with constant indices.
+
+Attention within segments is :func:`segment_attention`: a dense masked reference that takes per-row
+segment ids. A segment-aware (varlen / block-sparse) kernel with the same signature can replace it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.qwen2_5_vl.config import VisionConfig
+from models.qwen2_5_vl.layers import apply_rotary, dense_attention, rms_norm
+
+GridTHW = tuple[tuple[int, int, int], ...]
+
+ROPE_THETA = 10000.0
+MERGER_LN_EPS = 1e-6
+
+
+class VisionInputError(ValueError):
+    """Pixel values or ``grid_thw`` that do not fit each other or the vision config."""
+
+
+class VisionWeightsError(ValueError):
+    """A vision tensor that is missing, unexpected or of the wrong shape."""
+
+
+# ----------------------------------------------------------------------------- params
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=[
+        "norm1", "qkv_w", "qkv_b", "proj_w", "proj_b", "norm2",
+        "gate_w", "gate_b", "up_w", "up_b", "down_w", "down_b",
+    ],
+    meta_fields=[],
+)
+@dataclasses.dataclass(frozen=True)
+class VisionBlockParams:
+    """All vision blocks, every leaf with a leading ``[depth]`` axis; linear weights ``[in, out]``.
+
+    norm1 [L,D], qkv_w [L,D,3D], qkv_b [L,3D], proj_w [L,D,D], proj_b [L,D], norm2 [L,D],
+    gate_w [L,D,F], gate_b [L,F], up_w [L,D,F], up_b [L,F], down_w [L,F,D], down_b [L,D].
+    """
+
+    norm1: jax.Array
+    qkv_w: jax.Array
+    qkv_b: jax.Array
+    proj_w: jax.Array
+    proj_b: jax.Array
+    norm2: jax.Array
+    gate_w: jax.Array
+    gate_b: jax.Array
+    up_w: jax.Array
+    up_b: jax.Array
+    down_w: jax.Array
+    down_b: jax.Array
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["patch_embed", "blocks", "merger_norm", "merger_fc1_w", "merger_fc1_b", "merger_fc2_w", "merger_fc2_b"],
+    meta_fields=[],
+)
+@dataclasses.dataclass(frozen=True)
+class VisionParams:
+    """patch_embed [patch_dim, D] (no bias), blocks (stacked), merger: norm [D],
+    fc1 [4D, 4D] + bias, fc2 [4D, out_hidden] + bias (4 = merge_unit)."""
+
+    patch_embed: jax.Array
+    blocks: VisionBlockParams
+    merger_norm: jax.Array
+    merger_fc1_w: jax.Array
+    merger_fc1_b: jax.Array
+    merger_fc2_w: jax.Array
+    merger_fc2_b: jax.Array
+
+
+def _param_shapes(cfg: VisionConfig) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """JAX-side shapes of the top-level and (stacked) block fields."""
+    d, f, L = cfg.hidden_size, cfg.intermediate_size, cfg.depth
+    m = d * cfg.merge_unit
+    top = {
+        "patch_embed": (cfg.patch_dim, d),
+        "merger_norm": (d,),
+        "merger_fc1_w": (m, m),
+        "merger_fc1_b": (m,),
+        "merger_fc2_w": (m, cfg.out_hidden_size),
+        "merger_fc2_b": (cfg.out_hidden_size,),
+    }
+    blocks = {
+        "norm1": (L, d),
+        "qkv_w": (L, d, 3 * d),
+        "qkv_b": (L, 3 * d),
+        "proj_w": (L, d, d),
+        "proj_b": (L, d),
+        "norm2": (L, d),
+        "gate_w": (L, d, f),
+        "gate_b": (L, f),
+        "up_w": (L, d, f),
+        "up_b": (L, f),
+        "down_w": (L, f, d),
+        "down_b": (L, d),
+    }
+    return top, blocks
+
+
+def init_vision_params(cfg: VisionConfig, key: jax.Array, dtype=jnp.float32) -> VisionParams:
+    """Random weights for tests: matrices ~ N(0, 1/fan_in), biases ~ N(0, 0.1^2), norm weights
+    ~ 1 + N(0, 0.1^2) (all random, so a swapped or dropped tensor shows in parity tests)."""
+    top, blocks = _param_shapes(cfg)
+    specs = list(top.items()) + [("blocks." + k, s) for k, s in blocks.items()]
+    keys = jax.random.split(key, len(specs))
+    out: dict[str, jax.Array] = {}
+    for (name, shape), k in zip(specs, keys):
+        field = name.split(".")[-1]
+        z = jax.random.normal(k, shape, jnp.float32)
+        if field.startswith("norm") or field == "merger_norm":
+            v = 1.0 + 0.1 * z
+        elif field.endswith("_b"):
+            v = 0.1 * z
+        else:  # [.., in, out]
+            v = z / np.sqrt(shape[-2])
+        out[name] = v.astype(dtype)
+    block_params = VisionBlockParams(**{k: out.pop("blocks." + k) for k in blocks})
+    return VisionParams(blocks=block_params, **out)
+
+
+# ----------------------------------------------------------------------------- HF names
+def _block_hf_names(i: int) -> dict[str, str]:
+    p = f"visual.blocks.{i}."
+    return {
+        "norm1": p + "norm1.weight",
+        "qkv_w": p + "attn.qkv.weight",
+        "qkv_b": p + "attn.qkv.bias",
+        "proj_w": p + "attn.proj.weight",
+        "proj_b": p + "attn.proj.bias",
+        "norm2": p + "norm2.weight",
+        "gate_w": p + "mlp.gate_proj.weight",
+        "gate_b": p + "mlp.gate_proj.bias",
+        "up_w": p + "mlp.up_proj.weight",
+        "up_b": p + "mlp.up_proj.bias",
+        "down_w": p + "mlp.down_proj.weight",
+        "down_b": p + "mlp.down_proj.bias",
+    }
+
+
+_TOP_HF_NAMES = {
+    "patch_embed": "visual.patch_embed.proj.weight",
+    "merger_norm": "visual.merger.ln_q.weight",
+    "merger_fc1_w": "visual.merger.mlp.0.weight",
+    "merger_fc1_b": "visual.merger.mlp.0.bias",
+    "merger_fc2_w": "visual.merger.mlp.2.weight",
+    "merger_fc2_b": "visual.merger.mlp.2.bias",
+}
+
+
+def _torch_shape(field: str, jax_shape: tuple[int, ...], cfg: VisionConfig) -> tuple[int, ...]:
+    if field == "patch_embed":
+        return (cfg.hidden_size, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+    if field.endswith("_w"):  # Linear: [in, out] -> (out, in)
+        return (jax_shape[1], jax_shape[0])
+    return jax_shape
+
+
+def vision_hf_shapes(cfg: VisionConfig) -> dict[str, tuple[int, ...]]:
+    """Hub name (``visual.*``) -> torch shape, for every tensor of the vision tower."""
+    top, blocks = _param_shapes(cfg)
+    shapes = {_TOP_HF_NAMES[f]: _torch_shape(f, s, cfg) for f, s in top.items()}
+    for i in range(cfg.depth):
+        for f, hf in _block_hf_names(i).items():
+            shapes[hf] = _torch_shape(f, blocks[f][1:], cfg)
+    return shapes
+
+
+def _to_jax_layout(field: str, x: np.ndarray, cfg: VisionConfig) -> np.ndarray:
+    if field == "patch_embed":
+        return x.reshape(cfg.hidden_size, cfg.patch_dim).T
+    if field.endswith("_w"):
+        return x.T
+    return x
+
+
+def _to_torch_layout(field: str, x: np.ndarray, cfg: VisionConfig) -> np.ndarray:
+    if field == "patch_embed":
+        return x.T.reshape(_torch_shape(field, x.shape, cfg))
+    if field.endswith("_w"):
+        return x.T
+    return x
+
+
+def vision_params_from_hf(tensors: Mapping[str, np.ndarray], cfg: VisionConfig, dtype=jnp.float32) -> VisionParams:
+    """Builds :class:`VisionParams` from torch-layout arrays keyed by Hub names (``visual.*``).
+
+    Extra keys (e.g. the text half) are ignored; a missing or wrong-shape vision tensor raises
+    :class:`VisionWeightsError`.
+    """
+    expected = vision_hf_shapes(cfg)
+    missing = [n for n in expected if n not in tensors]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise VisionWeightsError(f"missing vision tensors: {', '.join(missing[:5])}{more}")
+    for name, shape in expected.items():
+        got = tuple(np.shape(tensors[name]))
+        if got != shape:
+            raise VisionWeightsError(f"vision tensor {name}: expected shape {shape}, got {got}")
+
+    def load(field: str, name: str) -> np.ndarray:
+        return _to_jax_layout(field, np.asarray(tensors[name]), cfg)
+
+    top = {f: jnp.asarray(load(f, n), dtype) for f, n in _TOP_HF_NAMES.items()}
+    names = [_block_hf_names(i) for i in range(cfg.depth)]
+    blocks = {
+        f: jnp.asarray(np.stack([load(f, names[i][f]) for i in range(cfg.depth)]), dtype)
+        for f in names[0]
+    }
+    return VisionParams(blocks=VisionBlockParams(**blocks), **top)
+
+
+def vision_params_to_hf(params: VisionParams, cfg: VisionConfig) -> dict[str, np.ndarray]:
+    """Inverse of :func:`vision_params_from_hf`: Hub names -> torch-layout numpy arrays (params' dtype)."""
+    out = {n: np.ascontiguousarray(_to_torch_layout(f, np.asarray(getattr(params, f)), cfg)) for f, n in _TOP_HF_NAMES.items()}
+    for f in _param_shapes(cfg)[1]:
+        stacked = np.asarray(getattr(params.blocks, f))
+        for i in range(cfg.depth):
+            out[_block_hf_names(i)[f]] = np.ascontiguousarray(_to_torch_layout(f, stacked[i], cfg))
+    return out
+
+
+# ----------------------------------------------------------------------------- host layout
+def _normalize_grid(grid_thw) -> GridTHW:
+    try:
+        grid = tuple(tuple(int(v) for v in g) for g in np.asarray(grid_thw).reshape(-1, 3).tolist())
+    except (TypeError, ValueError):
+        raise VisionInputError(f"grid_thw must be a sequence of (t, h, w) triples, got {grid_thw!r}") from None
+    return grid
+
+
+def _check_grid(grid_thw: GridTHW, cfg: VisionConfig) -> None:
+    if not grid_thw:
+        raise VisionInputError("grid_thw is empty: at least one image or video is needed")
+    m = cfg.spatial_merge_size
+    for i, (t, h, w) in enumerate(grid_thw):
+        if t <= 0 or h <= 0 or w <= 0 or h % m or w % m:
+            raise VisionInputError(
+                f"grid_thw[{i}]=({t}, {h}, {w}): t, h, w must be positive and h, w multiples of "
+                f"spatial_merge_size={m}"
+            )
+
+
+def vision_window_index(
+    grid_thw: Sequence[Sequence[int]], spatial_merge_size: int, window_size: int, patch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """HF's ``get_window_index`` in numpy.
+
+    Returns ``window_index`` (int64, one entry per merged token: the merged-token index that goes to
+    each position in window order) and ``cu_window_seqlens`` (int32, cumulative window lengths in
+    patch rows, starting at 0, with empty windows removed).
+
+    Each temporal slot of each grid is cut into windows of ``window_size // spatial_merge_size //
+    patch_size`` merged tokens per side, row-major over windows. The pad is ``ws - n % ws``, a whole
+    empty window when ``n`` divides evenly; its zero length vanishes when repeated cumulative
+    lengths are de-duplicated.
+    """
+    ws = window_size // spatial_merge_size // patch_size
+    unit = spatial_merge_size**2
+    index_parts: list[np.ndarray] = []
+    cu = [0]
+    offset = 0
+    for t, h, w in grid_thw:
+        gh, gw = h // spatial_merge_size, w // spatial_merge_size
+        index = np.arange(t * gh * gw).reshape(t, gh, gw)
+        pad_h, pad_w = ws - gh % ws, ws - gw % ws
+        nh, nw = (gh + pad_h) // ws, (gw + pad_w) // ws
+        padded = np.full((t, gh + pad_h, gw + pad_w), -100, dtype=np.int64)
+        padded[:, :gh, :gw] = index
+        padded = padded.reshape(t, nh, ws, nw, ws).transpose(0, 1, 3, 2, 4).reshape(t, nh * nw, ws, ws)
+        seqlens = (padded != -100).sum(axis=(2, 3)).reshape(-1)
+        flat = padded.reshape(-1)
+        index_parts.append(flat[flat != -100] + offset)
+        cu.extend((np.cumsum(seqlens) * unit + cu[-1]).tolist())
+        offset += t * gh * gw
+    cu_arr = np.asarray(cu, dtype=np.int32)
+    keep = np.concatenate([[True], cu_arr[1:] != cu_arr[:-1]])  # torch.unique_consecutive
+    return np.concatenate(index_parts), cu_arr[keep]
+
+
+def vision_rotary_ids(grid_thw: Sequence[Sequence[int]], spatial_merge_size: int) -> np.ndarray:
+    """``[P, 2]`` int32 (h, w) rotary ids per patch row, in merge-group order, repeated t times."""
+    m = spatial_merge_size
+    parts = []
+    for t, h, w in grid_thw:
+        hh, ww = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        hh = hh.reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3).reshape(-1)
+        ww = ww.reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3).reshape(-1)
+        parts.append(np.tile(np.stack([hh, ww], axis=-1), (t, 1)))
+    return np.concatenate(parts).astype(np.int32)
+
+
+def _segment_ids(cu_seqlens: np.ndarray, n: int) -> np.ndarray:
+    """Per-row segment id for rows ``0..n-1`` given cumulative lengths starting at 0."""
+    return (np.searchsorted(cu_seqlens[1:], np.arange(n), side="right")).astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionLayout:
+    """Static (host numpy) bookkeeping for one ``grid_thw``.
+
+    row_perm:       [P] patch row that goes to each position in window order.
+    merged_unperm:  [P // merge_unit] argsort of the window index (undoes the order after the merger).
+    rotary_ids:     [P, 2] (h, w) ids in window order.
+    layer_segments: [depth, P] segment id per row in window order, per block (temporal-slice
+                    segments for full-attention blocks, window segments for the others).
+    cu_seqlens, cu_window_seqlens: the same segments as cumulative lengths (for a varlen kernel).
+    """
+
+    row_perm: np.ndarray
+    merged_unperm: np.ndarray
+    rotary_ids: np.ndarray
+    layer_segments: np.ndarray
+    cu_seqlens: np.ndarray
+    cu_window_seqlens: np.ndarray
+
+
+@functools.lru_cache(maxsize=64)
+def vision_layout(grid_thw: GridTHW, cfg: VisionConfig) -> VisionLayout:
+    _check_grid(grid_thw, cfg)
+    unit = cfg.merge_unit
+    window_index, cu_window = vision_window_index(
+        grid_thw, cfg.spatial_merge_size, cfg.window_size, cfg.patch_size
+    )
+    row_perm = (window_index[:, None] * unit + np.arange(unit)[None, :]).reshape(-1)
+    n = row_perm.shape[0]
+    slice_lens = np.concatenate([np.full(t, h * w) for t, h, w in grid_thw])
+    cu_full = np.concatenate([[0], np.cumsum(slice_lens)]).astype(np.int32)
+    full_seg, win_seg = _segment_ids(cu_full, n), _segment_ids(cu_window, n)
+    is_full = np.array([i in cfg.fullatt_block_indexes for i in range(cfg.depth)])
+    layer_segments = np.where(is_full[:, None], full_seg[None, :], win_seg[None, :]).astype(np.int32)
+    layout = VisionLayout(
+        row_perm=row_perm.astype(np.int32),
+        merged_unperm=np.argsort(window_index, kind="stable").astype(np.int32),
+        rotary_ids=vision_rotary_ids(grid_thw, cfg.spatial_merge_size)[row_perm],
+        layer_segments=layer_segments,
+        cu_seqlens=cu_full,
+        cu_window_seqlens=cu_window,
+    )
+    for a in dataclasses.astuple(layout):
+        a.setflags(write=False)
+    return layout
+
+
+# ----------------------------------------------------------------------------- compute
+def vision_rotary_cos_sin(rotary_ids: jax.Array, cfg: VisionConfig) -> tuple[jax.Array, jax.Array]:
+    """``[P, 2]`` (h, w) ids -> cos, sin ``[P, head_dim]`` float32 (h-half, w-half, duplicated)."""
+    d = cfg.head_dim // 2
+    inv_freq = 1.0 / (np.float32(ROPE_THETA) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d)))
+    freqs = rotary_ids.astype(jnp.float32)[:, :, None] * jnp.asarray(inv_freq, jnp.float32)  # [P, 2, d/2]
+    freqs = freqs.reshape(freqs.shape[0], -1)  # [P, d]: h then w
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """Non-causal attention of each row to the rows sharing its segment id.
+
+    q, k, v: ``[heads, P, head_dim]``; segment_ids: ``[P]`` int. Returns ``[heads, P, head_dim]``.
+    Dense reference (a ``[P, P]`` block-diagonal mask): fine for small inputs; a varlen / segment
+    kernel taking the same ids can replace it.
+    """
+    mask = segment_ids[:, None] == segment_ids[None, :]
+    return dense_attention(q[None], k[None], v[None], mask[None, None])[0]
+
+
+def vision_block(bp: VisionBlockParams, x: jax.Array, cos: jax.Array, sin: jax.Array,
+                 segment_ids: jax.Array, cfg: VisionConfig) -> jax.Array:
+    """One block (``bp`` is one layer's slice): x + attn(norm1(x)); x + mlp(norm2(x))."""
+    n, dim = x.shape
+    h, hd = cfg.num_heads, cfg.head_dim
+    eps = cfg.rms_norm_eps
+    y = rms_norm(x, bp.norm1, eps)
+    qkv = (y @ bp.qkv_w + bp.qkv_b).reshape(n, 3, h, hd).transpose(1, 2, 0, 3)  # [3, H, P, hd]
+    q = apply_rotary(qkv[0], cos, sin)
+    k = apply_rotary(qkv[1], cos, sin)
+    attn = segment_attention(q, k, qkv[2], segment_ids)  # [H, P, hd]
+    x = x + (attn.transpose(1, 0, 2).reshape(n, dim) @ bp.proj_w + bp.proj_b)
+    y = rms_norm(x, bp.norm2, eps)
+    mlp = (jax.nn.silu(y @ bp.gate_w + bp.gate_b) * (y @ bp.up_w + bp.up_b)) @ bp.down_w + bp.down_b
+    return x + mlp
+
+
+@functools.partial(jax.jit, static_argnames=("grid_thw", "cfg"))
+def _vision_forward(params: VisionParams, pixel_values: jax.Array, grid_thw: GridTHW, cfg: VisionConfig) -> jax.Array:
+    layout = vision_layout(grid_thw, cfg)
+    dtype = params.patch_embed.dtype
+    x = pixel_values.astype(dtype) @ params.patch_embed  # [P, D], original row order
+    x = x[layout.row_perm]  # window order
+    cos, sin = vision_rotary_cos_sin(jnp.asarray(layout.rotary_ids), cfg)
+
+    def body(x, xs):
+        bp, seg = xs
+        return vision_block(bp, x, cos, sin, seg, cfg), None
+
+    x, _ = jax.lax.scan(body, x, (params.blocks, jnp.asarray(layout.layer_segments)))
+
+    x = rms_norm(x, params.merger_norm, MERGER_LN_EPS)
+    x = x.reshape(-1, cfg.merge_unit * cfg.hidden_size)
+    x = jax.nn.gelu(x @ params.merger_fc1_w + params.merger_fc1_b, approximate=False)
+    x = x @ params.merger_fc2_w + params.merger_fc2_b
+    return x[layout.merged_unperm]
+
+
+def vision_forward(params: VisionParams, pixel_values: jax.Array, grid_thw, cfg: VisionConfig) -> jax.Array:
+    """Vision tower: ``pixel_values [P, patch_dim]`` -> merged features ``[P // merge_unit, out_hidden]``.
+
+    ``grid_thw`` is static: a tuple of ``(t, h, w)`` patch-grid triples (lists and ``[n, 3]`` host
+    arrays are converted). Rows of ``pixel_values`` are the processor's patches, grid after grid.
+    Jitted; callable inside an outer ``jax.jit`` (with ``grid_thw`` and ``cfg`` static there).
+    """
+    grid = _normalize_grid(grid_thw)
+    _check_grid(grid, cfg)
+    total = sum(t * h * w for t, h, w in grid)
+    if pixel_values.ndim != 2 or pixel_values.shape != (total, cfg.patch_dim):
+        raise VisionInputError(
+            f"pixel_values has shape {tuple(pixel_values.shape)}, expected ({total}, {cfg.patch_dim}) "
+            f"for grid_thw={list(map(list, grid))} (sum of t*h*w rows of patch_dim values)"
+        )
+    return _vision_forward(params, pixel_values, grid, cfg)
