@@ -235,7 +235,10 @@ class Qwen25VLConfig:
                 "window_size": v.window_size,
                 "fullatt_block_indexes": list(v.fullatt_block_indexes),
                 "in_channels": v.in_channels,
-                "tokens_per_second": v.tokens_per_second,
+                # transformers validates this field as an int; keep a fractional value as is.
+                "tokens_per_second": (
+                    int(v.tokens_per_second) if float(v.tokens_per_second).is_integer() else v.tokens_per_second
+                ),
                 "hidden_act": "silu",
             },
         }

@@ -9,11 +9,15 @@ Mirrors ``Qwen2_5_VisionTransformerPretrainedModel`` from transformers:
 4. blocks listed in ``fullatt_block_indexes`` attend within each temporal slice (one frame pair or
    image), the others within windows of ``window_size / spatial_merge / patch`` merged tokens per side.
 
-All layout bookkeeping (window index, rotary ids, per-row segment ids) is host numpy computed from the
-static ``grid_thw``; the jitted part only gathers with constant indices.
+All layout bookkeeping (window index, rotary ids, per-row segment ids, padded segment batches) is
+host numpy computed from the static ``grid_thw``; the jitted part only gathers with constant indices.
 
-Attention within segments is :func:`segment_attention`: a dense masked reference that takes per-row
-segment ids. A segment-aware (varlen / block-sparse) kernel with the same signature can replace it.
+Attention within segments is :func:`batched_segment_attention`: :func:`segment_batches` packs the
+segments (windows of at most 64 patches, or the temporal slices) into padded ``[num_segments,
+max_len]`` batches, so memory is O(P * 64) for window blocks and O(sum of slice_len^2) for
+full-attention blocks (query-chunked when large) rather than the O(P^2) of the dense block-diagonal
+reference :func:`segment_attention` (kept as a test twin; same numerics, float32 scores).
+Full-attention and window blocks share one ``lax.scan`` and pick their layout with ``lax.cond``.
 """
 
 from __future__ import annotations
@@ -319,6 +323,91 @@ def _segment_ids(cu_seqlens: np.ndarray, n: int) -> np.ndarray:
     return (np.searchsorted(cu_seqlens[1:], np.arange(n), side="right")).astype(np.int32)
 
 
+# Defaults of :func:`segment_batches` and of the query chunking in :func:`batched_segment_attention`.
+SPLIT_MIN_LEN = 128
+MIN_FILL = 0.5
+MAX_SCORES_PER_CHUNK = 1 << 28  # float32 scores of one query chunk: 1 GiB
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SegmentBatches:
+    """Static (host numpy) packing of the segments of ``P`` rows into padded batches.
+
+    buckets:  one ``(gather, valid)`` pair per padded batch: ``gather [S_b, L_b]`` int32 row of each
+              slot (segments in id order, rows in row order; a padding slot repeats its segment's
+              first row), ``valid [S_b, L_b]`` bool (False on padding).
+    scatter:  ``[P]`` int32: slot of each row in the concatenation of the flattened buckets, so the
+              batched output goes back to row order with one gather.
+    identity: one bucket, no padding, slots = rows ``0..P-1`` in order: gather and scatter are
+              plain reshapes.
+    """
+
+    buckets: tuple[tuple[np.ndarray, np.ndarray], ...]
+    scatter: np.ndarray
+    identity: bool
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        return (self.scatter,) + tuple(a for pair in self.buckets for a in pair)
+
+
+def segment_batches(segment_ids, *, min_fill: float = MIN_FILL, split_min_len: int = SPLIT_MIN_LEN) -> SegmentBatches:
+    """Packs rows sharing a segment id into padded ``[num_segments, max_len]`` batches.
+
+    Segments need not be contiguous; empty ids are skipped. Segments are sorted by length (longest
+    first) and cut greedily into buckets: a segment shorter than ``min_fill`` times its bucket's
+    longest one opens a new bucket, unless that longest one has at most ``split_min_len`` rows
+    (short segments all share one bucket: padding them costs less than another batch). So one big
+    image next to a video of small frames does not pad every frame to the image's size, while the
+    windows (at most 64 rows) and the equal temporal slices of one grid stay one batch each.
+    """
+    ids = np.asarray(segment_ids).reshape(-1)
+    n = ids.shape[0]
+    if n == 0:
+        raise ValueError("segment_batches needs at least one row")
+    _, seg_of_row, lengths = np.unique(ids, return_inverse=True, return_counts=True)
+    seg_of_row = seg_of_row.reshape(-1)
+    order = np.argsort(seg_of_row, kind="stable")  # rows grouped by segment, row order within
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    pos = np.empty(n, np.int64)
+    pos[order] = np.arange(n) - starts[seg_of_row[order]]  # position of each row in its segment
+
+    groups: list[list[int]] = []
+    for s in np.argsort(-lengths, kind="stable").tolist():
+        head = lengths[groups[-1][0]] if groups else 0
+        if not groups or (head > split_min_len and lengths[s] < min_fill * head):
+            groups.append([])
+        groups[-1].append(s)
+
+    bucket_of_seg = np.empty(len(lengths), np.int64)
+    local_of_seg = np.empty(len(lengths), np.int64)
+    buckets, offsets, offset = [], [], 0
+    for b, segs in enumerate(groups):
+        segs = np.sort(np.asarray(segs))
+        width = int(lengths[segs].max())
+        bucket_of_seg[segs] = b
+        local_of_seg[segs] = np.arange(len(segs))
+        first_rows = order[starts[segs]]
+        gather = np.repeat(first_rows[:, None], width, axis=1)
+        valid = np.zeros((len(segs), width), bool)
+        buckets.append((gather, valid))
+        offsets.append(offset)
+        offset += gather.size
+    rows = np.arange(n)
+    b_row, l_row = bucket_of_seg[seg_of_row], local_of_seg[seg_of_row]
+    scatter = np.empty(n, np.int64)
+    for b, (gather, valid) in enumerate(buckets):
+        sel = b_row == b
+        gather[l_row[sel], pos[sel]] = rows[sel]
+        valid[l_row[sel], pos[sel]] = True
+        scatter[sel] = offsets[b] + l_row[sel] * gather.shape[1] + pos[sel]
+    buckets = tuple((g.astype(np.int32), v) for g, v in buckets)
+    identity = len(buckets) == 1 and bool(buckets[0][1].all()) and np.array_equal(buckets[0][0].reshape(-1), rows)
+    out = SegmentBatches(buckets=buckets, scatter=scatter.astype(np.int32), identity=identity)
+    for a in out.arrays():
+        a.setflags(write=False)
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class VisionLayout:
     """Static (host numpy) bookkeeping for one ``grid_thw``.
@@ -329,6 +418,8 @@ class VisionLayout:
     layer_segments: [depth, P] segment id per row in window order, per block (temporal-slice
                     segments for full-attention blocks, window segments for the others).
     cu_seqlens, cu_window_seqlens: the same segments as cumulative lengths (for a varlen kernel).
+    full_layers:    [depth] bool, True for the full-attention (temporal-slice) blocks.
+    full_batches, window_batches: the two kinds of segments packed by :func:`segment_batches`.
     """
 
     row_perm: np.ndarray
@@ -337,6 +428,9 @@ class VisionLayout:
     layer_segments: np.ndarray
     cu_seqlens: np.ndarray
     cu_window_seqlens: np.ndarray
+    full_layers: np.ndarray
+    full_batches: SegmentBatches
+    window_batches: SegmentBatches
 
 
 @functools.lru_cache(maxsize=64)
@@ -351,7 +445,7 @@ def vision_layout(grid_thw: GridTHW, cfg: VisionConfig) -> VisionLayout:
     slice_lens = np.concatenate([np.full(t, h * w) for t, h, w in grid_thw])
     cu_full = np.concatenate([[0], np.cumsum(slice_lens)]).astype(np.int32)
     full_seg, win_seg = _segment_ids(cu_full, n), _segment_ids(cu_window, n)
-    is_full = np.array([i in cfg.fullatt_block_indexes for i in range(cfg.depth)])
+    is_full = np.array([i in cfg.fullatt_block_indexes for i in range(cfg.depth)], dtype=bool)
     layer_segments = np.where(is_full[:, None], full_seg[None, :], win_seg[None, :]).astype(np.int32)
     layout = VisionLayout(
         row_perm=row_perm.astype(np.int32),
@@ -360,9 +454,14 @@ def vision_layout(grid_thw: GridTHW, cfg: VisionConfig) -> VisionLayout:
         layer_segments=layer_segments,
         cu_seqlens=cu_full,
         cu_window_seqlens=cu_window,
+        full_layers=is_full,
+        full_batches=segment_batches(full_seg),
+        window_batches=segment_batches(win_seg),
     )
-    for a in dataclasses.astuple(layout):
-        a.setflags(write=False)
+    for f in dataclasses.fields(VisionLayout):
+        a = getattr(layout, f.name)
+        if isinstance(a, np.ndarray):
+            a.setflags(write=False)
     return layout
 
 
@@ -381,28 +480,90 @@ def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax
     """Non-causal attention of each row to the rows sharing its segment id.
 
     q, k, v: ``[heads, P, head_dim]``; segment_ids: ``[P]`` int. Returns ``[heads, P, head_dim]``.
-    Dense reference (a ``[P, P]`` block-diagonal mask): fine for small inputs; a varlen / segment
-    kernel taking the same ids can replace it.
+    Dense reference (a ``[P, P]`` block-diagonal mask, O(P^2) memory): the test twin of
+    :func:`batched_segment_attention`, which the tower uses.
     """
     mask = segment_ids[:, None] == segment_ids[None, :]
     return dense_attention(q[None], k[None], v[None], mask[None, None])[0]
 
 
+def _padded_attention(q: jax.Array, k: jax.Array, v: jax.Array, valid: np.ndarray | None,
+                      max_scores: int) -> jax.Array:
+    """q, k, v ``[S, L, heads, hd]`` (``valid [S, L]`` marks real keys, None = all) -> ``[S, L, heads, hd]``.
+
+    When ``S * heads * L * L`` float32 scores exceed ``max_scores``, queries go in chunks
+    (``lax.map``); every query row still sees all keys of its segment, so the softmax is unchanged.
+    """
+    s, l, h, hd = q.shape
+    mask = None if valid is None else jnp.asarray(valid)[:, None, None, :]
+
+    def attend(qc):  # [S, c, H, hd]
+        t = lambda a: a.transpose(0, 2, 1, 3)
+        return t(dense_attention(t(qc), t(k), t(v), mask))
+
+    chunk = max(1, max_scores // (s * h * l))
+    if chunk >= l:
+        return attend(q)
+    n_chunks = -(-l // chunk)
+    chunk = -(-l // n_chunks)
+    qp = jnp.pad(q, ((0, 0), (0, n_chunks * chunk - l), (0, 0), (0, 0)))
+    out = jax.lax.map(attend, qp.reshape(s, n_chunks, chunk, h, hd).swapaxes(0, 1))
+    return out.swapaxes(0, 1).reshape(s, n_chunks * chunk, h, hd)[:, :l]
+
+
+def batched_segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, batches: SegmentBatches, *,
+                              max_scores: int = MAX_SCORES_PER_CHUNK) -> jax.Array:
+    """Same result as :func:`segment_attention`, computed on padded segment batches.
+
+    q, k, v: ``[P, heads, head_dim]`` (row-major, as the qkv projection gives them); ``batches`` from
+    :func:`segment_batches`. Rows are gathered into each bucket's ``[S_b, L_b]`` slots, attend with
+    a key-padding mask, and are gathered back to row order: memory O(sum_b S_b * L_b^2) instead of
+    O(P^2) (and query-chunked above ``max_scores`` scores). Returns ``[P, heads, head_dim]``.
+    """
+    p, h, hd = q.shape
+    if batches.identity:
+        ((gather, _),) = batches.buckets
+        s, l = gather.shape
+        r = lambda a: a.reshape(s, l, h, hd)
+        return _padded_attention(r(q), r(k), r(v), None, max_scores).reshape(p, h, hd)
+    outs = []
+    for gather, valid in batches.buckets:
+        idx = jnp.asarray(gather)
+        out = _padded_attention(q[idx], k[idx], v[idx], None if valid.all() else valid, max_scores)
+        outs.append(out.reshape(-1, h, hd))
+    flat = outs[0] if len(outs) == 1 else jnp.concatenate(outs)
+    return flat[jnp.asarray(batches.scatter)]
+
+
 def vision_block(bp: VisionBlockParams, x: jax.Array, cos: jax.Array, sin: jax.Array,
-                 segment_ids: jax.Array, cfg: VisionConfig) -> jax.Array:
-    """One block (``bp`` is one layer's slice): x + attn(norm1(x)); x + mlp(norm2(x))."""
+                 segments: SegmentBatches | jax.Array, cfg: VisionConfig) -> jax.Array:
+    """One block (``bp`` is one layer's slice): x + attn(norm1(x)); x + mlp(norm2(x)).
+
+    ``segments``: a :class:`SegmentBatches` (batched attention, what the tower runs) or per-row
+    segment ids ``[P]`` (the dense ``[P, P]``-mask reference, for tests and benchmarks).
+    """
     n, dim = x.shape
     h, hd = cfg.num_heads, cfg.head_dim
     eps = cfg.rms_norm_eps
     y = rms_norm(x, bp.norm1, eps)
-    qkv = (y @ bp.qkv_w + bp.qkv_b).reshape(n, 3, h, hd).transpose(1, 2, 0, 3)  # [3, H, P, hd]
-    q = apply_rotary(qkv[0], cos, sin)
-    k = apply_rotary(qkv[1], cos, sin)
-    attn = segment_attention(q, k, qkv[2], segment_ids)  # [H, P, hd]
-    x = x + (attn.transpose(1, 0, 2).reshape(n, dim) @ bp.proj_w + bp.proj_b)
+    qkv = (y @ bp.qkv_w + bp.qkv_b).reshape(n, 3, h, hd)
+    q = apply_rotary(qkv[:, 0], cos[:, None], sin[:, None])  # [P, H, hd]
+    k = apply_rotary(qkv[:, 1], cos[:, None], sin[:, None])
+    if isinstance(segments, SegmentBatches):
+        attn = batched_segment_attention(q, k, qkv[:, 2], segments)
+    else:
+        t = lambda a: a.swapaxes(0, 1)
+        attn = t(segment_attention(t(q), t(k), t(qkv[:, 2]), segments))
+    x = x + (attn.reshape(n, dim) @ bp.proj_w + bp.proj_b)
     y = rms_norm(x, bp.norm2, eps)
     mlp = (jax.nn.silu(y @ bp.gate_w + bp.gate_b) * (y @ bp.up_w + bp.up_b)) @ bp.down_w + bp.down_b
     return x + mlp
+
+
+def _same_batches(a: SegmentBatches, b: SegmentBatches) -> bool:
+    return len(a.buckets) == len(b.buckets) and all(
+        x.shape == y.shape and np.array_equal(x, y) for x, y in zip(a.arrays(), b.arrays())
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("grid_thw", "cfg"))
@@ -412,12 +573,23 @@ def _vision_forward(params: VisionParams, pixel_values: jax.Array, grid_thw: Gri
     x = pixel_values.astype(dtype) @ params.patch_embed  # [P, D], original row order
     x = x[layout.row_perm]  # window order
     cos, sin = vision_rotary_cos_sin(jnp.asarray(layout.rotary_ids), cfg)
+    full_b, win_b = layout.full_batches, layout.window_batches
+    kinds = set(layout.full_layers.tolist())
+    if len(kinds) == 2 and _same_batches(full_b, win_b):  # e.g. every slice is one window
+        kinds = {False}
 
     def body(x, xs):
-        bp, seg = xs
-        return vision_block(bp, x, cos, sin, seg, cfg), None
+        bp, is_full = xs
+        if len(kinds) == 1:
+            return vision_block(bp, x, cos, sin, full_b if True in kinds else win_b, cfg), None
+        return jax.lax.cond(
+            is_full,
+            lambda x: vision_block(bp, x, cos, sin, full_b, cfg),
+            lambda x: vision_block(bp, x, cos, sin, win_b, cfg),
+            x,
+        ), None
 
-    x, _ = jax.lax.scan(body, x, (params.blocks, jnp.asarray(layout.layer_segments)))
+    x, _ = jax.lax.scan(body, x, (params.blocks, jnp.asarray(layout.full_layers)))
 
     x = rms_norm(x, params.merger_norm, MERGER_LN_EPS)
     x = x.reshape(-1, cfg.merge_unit * cfg.hidden_size)

@@ -1,0 +1,191 @@
+"""Reading and writing Hugging Face Qwen2.5-VL safetensors checkpoints.
+
+* :func:`load_hf_checkpoint` reads ``config.json`` and either one ``model.safetensors`` or the shards
+  listed in ``model.safetensors.index.json``; Hub names (``model.layers.*``, ``visual.*``) and the
+  transformers-5 names (``model.language_model.*``, ``model.visual.*``) are both accepted; bf16 and
+  float32 files alike (numpy + ml_dtypes). The tensor names and shapes are checked against the model's
+  specs from the safetensors headers *before* any tensor data is read.
+* :func:`save_hf_checkpoint` writes ``config.json`` + ``model.safetensors`` in the Hub spelling,
+  atomically (a temporary folder next to the target, then a rename), loadable by transformers'
+  ``Qwen2_5_VLForConditionalGeneration.from_pretrained`` and by :func:`load_hf_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Mapping
+
+import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, for bf16 safetensors files)
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from .config import Qwen25VLConfig
+from .model import Qwen25VLParams
+from .text import text_hf_shapes, text_params_from_hf, text_params_to_hf
+from .vision import vision_hf_shapes, vision_params_from_hf, vision_params_to_hf
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# transformers-5 prefixes -> Hub prefixes (the longest match first).
+_NAME_PREFIXES = (("model.language_model.", "model."), ("model.visual.", "visual."))
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder whose tensors do not fit the config (missing, unexpected, wrong shape) or that
+    holds no weights."""
+
+
+def hub_name(name: str) -> str:
+    """Normalises a tensor name to the Hub spelling (``model.language_model.x`` -> ``model.x``,
+    ``model.visual.x`` -> ``visual.x``)."""
+    for old, new in _NAME_PREFIXES:
+        if name.startswith(old):
+            return new + name[len(old) :]
+    return name
+
+
+def expected_hf_shapes(config: Qwen25VLConfig) -> dict[str, tuple[int, ...]]:
+    """Hub name -> torch shape for every tensor of the model (text and vision halves)."""
+    return {**text_hf_shapes(config.text), **vision_hf_shapes(config.vision)}
+
+
+def _weight_files(path: str) -> tuple[dict[str, str], str, dict[str, str]]:
+    """The files to read: ({file name: full path}, where (the index or the single file), the index's
+    weight map with Hub names (empty for a single file))."""
+    index = os.path.join(path, INDEX_FILE)
+    if os.path.exists(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index with a 'weight_map' ({e})") from None
+        files = sorted(set(weight_map.values()))
+        for name in files:
+            if not os.path.exists(os.path.join(path, name)):
+                raise CheckpointError(f"{index} lists shard {name!r}, which is not in {path}")
+        return {name: os.path.join(path, name) for name in files}, index, {hub_name(k): v for k, v in weight_map.items()}
+    single = os.path.join(path, SINGLE_FILE)
+    if os.path.exists(single):
+        return {SINGLE_FILE: single}, single, {}
+    raise CheckpointError(f"{path}: no weights found (neither {SINGLE_FILE} nor {INDEX_FILE})")
+
+
+def _read_headers(files: Mapping[str, str]) -> dict[str, tuple[str, str, tuple[int, ...]]]:
+    """Hub name -> (file, original name, torch shape), from the safetensors headers only."""
+    found: dict[str, tuple[str, str, tuple[int, ...]]] = {}
+    for fname, fpath in files.items():
+        with safe_open(fpath, framework="numpy") as f:
+            for name in f.keys():
+                key = hub_name(name)
+                if key in found:
+                    raise CheckpointError(
+                        f"tensor {key!r} appears twice: as {found[key][1]!r} in {found[key][0]} and as "
+                        f"{name!r} in {fname}"
+                    )
+                found[key] = (fname, name, tuple(f.get_slice(name).get_shape()))
+    return found
+
+
+def _check_tensors(found, expected: Mapping[str, tuple[int, ...]], where: str, tied: bool, weight_map) -> None:
+    missing = [n for n in expected if n not in found]
+    if missing:
+        listed = ", ".join(
+            n + (f" (the index puts it in {weight_map[n]}, which lacks it)" if n in weight_map else "")
+            for n in missing[:8]
+        ) + (f" (and {len(missing) - 8} more)" if len(missing) > 8 else "")
+        raise CheckpointError(f"{where}: missing tensor(s) {listed}")
+    wrong = [
+        f"{n} (in {found[n][0]}): expected shape {tuple(s)}, found {found[n][2]}"
+        for n, s in expected.items()
+        if tuple(found[n][2]) != tuple(s)
+    ]
+    if wrong:
+        raise CheckpointError(f"{where}: wrong tensor shape(s): " + "; ".join(wrong))
+    extra = [n for n in found if n not in expected and not (tied and n == "lm_head.weight")]
+    if extra:
+        listed = ", ".join(f"{found[n][1]} (in {found[n][0]})" for n in extra[:8])
+        more = f" (and {len(extra) - 8} more)" if len(extra) > 8 else ""
+        raise CheckpointError(f"{where}: unexpected tensor(s) not used by this config: {listed}{more}")
+
+
+def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.float32) -> tuple[Qwen25VLConfig, Qwen25VLParams]:
+    """Loads a Hugging Face Qwen2.5-VL checkpoint folder -> ``(config, params)`` with params in ``dtype``.
+
+    Raises :class:`~models.qwen2_5_vl.config.ConfigError` for a bad ``config.json`` and
+    :class:`CheckpointError` for missing weights, missing / unexpected / wrong-shape tensors (each
+    named, with the file and both shapes). With a tied head (``tie_word_embeddings``), a stray
+    ``lm_head.weight`` in the file is ignored (the embedding is used, as transformers does).
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: not a checkpoint folder")
+    config = Qwen25VLConfig.from_json(path)
+    files, where, weight_map = _weight_files(path)
+    found = _read_headers(files)
+    expected = expected_hf_shapes(config)
+    _check_tensors(found, expected, where, config.text.tie_word_embeddings, weight_map)
+
+    by_file: dict[str, list[str]] = {}
+    for key in expected:
+        by_file.setdefault(found[key][0], []).append(key)
+    tensors: dict[str, np.ndarray] = {}
+    for fname, keys in by_file.items():
+        with safe_open(files[fname], framework="numpy") as f:
+            for key in keys:
+                tensors[key] = f.get_tensor(found[key][1])
+    return config, params_from_hf(tensors, config, dtype)
+
+
+def params_from_hf(tensors: Mapping[str, np.ndarray], config: Qwen25VLConfig, dtype=jnp.float32) -> Qwen25VLParams:
+    """Builds the params from Hub-named torch-layout arrays (names and shapes already checked)."""
+    return Qwen25VLParams(
+        text=text_params_from_hf(tensors, config.text, dtype),
+        vision=vision_params_from_hf(tensors, config.vision, dtype),
+    )
+
+
+def params_to_hf(params: Qwen25VLParams, config: Qwen25VLConfig) -> dict[str, np.ndarray]:
+    """Hub-named torch-layout host arrays for the whole model."""
+    return {**text_params_to_hf(params.text, config.text), **vision_params_to_hf(params.vision, config.vision)}
+
+
+def save_hf_checkpoint(
+    path: str | os.PathLike, config: Qwen25VLConfig, params: Qwen25VLParams, dtype=None
+) -> str:
+    """Writes ``config.json`` and ``model.safetensors`` (Hub names; cast to ``dtype`` when given, e.g.
+    ``jnp.bfloat16``) into the folder ``path``, replacing it atomically. Returns the path."""
+    path = os.path.abspath(os.fspath(path))
+    tensors = params_to_hf(params, config)
+    if dtype is not None:
+        np_dtype = np.dtype(dtype)
+        tensors = {k: v.astype(np_dtype) for k, v in tensors.items()}
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
+    try:
+        hf = config.to_hf_dict()
+        stored = {np.dtype(v.dtype) for v in tensors.values()}
+        if len(stored) == 1:
+            hf["torch_dtype"] = {np.dtype(np.float32): "float32", np.dtype(ml_dtypes.bfloat16): "bfloat16",
+                                 np.dtype(np.float16): "float16"}.get(stored.pop(), "float32")
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf, f, indent=2)
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.path.join(tmp, SINGLE_FILE),
+                  metadata={"format": "pt"})
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=os.path.basename(path) + ".old-", dir=parent)
+            os.rename(path, os.path.join(old, "x"))
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
