@@ -13,12 +13,17 @@ from models.qwen2_5_vl.config import tiny_config
 from models.qwen2_5_vl.vision import (
     VisionInputError,
     VisionWeightsError,
+    batched_segment_attention,
     init_vision_params,
+    segment_attention,
+    segment_batches,
+    vision_block,
     vision_forward,
     vision_hf_shapes,
     vision_layout,
     vision_params_from_hf,
     vision_params_to_hf,
+    vision_rotary_cos_sin,
     vision_window_index,
 )
 
@@ -71,6 +76,91 @@ def test_layout_real_window_and_segments():
     np.testing.assert_array_equal(lay.cu_window_seqlens, [0, 16, 48, 64, 96, 112])
     # rows move in whole merge groups
     np.testing.assert_array_equal(lay.row_perm.reshape(-1, 4) % 4, np.tile(np.arange(4), (28, 1)))
+
+
+# ----------------------------------------------------------------------------- padded segment batches
+def test_segment_batches_hand_worked():
+    # Unordered, non-contiguous ids: segment 0 = rows 2, 6; segment 1 = rows 3, 4, 5; segment 2 = rows 0, 1.
+    b = segment_batches([2, 2, 0, 1, 1, 1, 0])
+    assert len(b.buckets) == 1 and not b.identity
+    gather, valid = b.buckets[0]
+    np.testing.assert_array_equal(gather, [[2, 6, 2], [3, 4, 5], [0, 1, 0]])  # padding repeats the first row
+    np.testing.assert_array_equal(valid, [[1, 1, 0], [1, 1, 1], [1, 1, 0]])
+    np.testing.assert_array_equal(b.scatter, [6, 7, 0, 3, 4, 5, 1])
+    assert segment_batches(np.repeat([0, 1, 2], 4)).identity
+
+
+def test_segment_batches_split_long_from_short():
+    # Lengths 300, 100, 290, 40: 290 >= 300 / 2 shares the first bucket; 100 opens a second one, which
+    # 40 joins (its longest segment, 100, is short enough that padding beats another batch).
+    ids = np.repeat([0, 1, 2, 3], [300, 100, 290, 40])
+    b = segment_batches(ids)
+    assert [g.shape for g, _ in b.buckets] == [(2, 300), (2, 100)]
+    assert [int(v.sum()) for _, v in b.buckets] == [590, 140]
+    flat = np.concatenate([g.reshape(-1) for g, _ in b.buckets])
+    np.testing.assert_array_equal(flat[b.scatter], np.arange(ids.size))  # scatter inverts gather
+
+
+def _batched_vs_dense_cases():
+    # (grid, forced query chunk budget or None): edge windows, several grids of unequal slice sizes
+    # (two full-attention buckets), and chunked queries.
+    return [
+        (((1, 10, 14), (2, 8, 8)), None),
+        (((1, 20, 36), (2, 16, 16)), None),
+        (((1, 20, 36), (2, 16, 16)), 5000),
+        (((3, 8, 12),), 3000),
+    ]
+
+
+@pytest.mark.parametrize("grid,max_scores", _batched_vs_dense_cases())
+def test_batched_attention_matches_dense_reference(grid, max_scores):
+    lay = vision_layout(grid, CFG)
+    n, h, hd = lay.row_perm.shape[0], CFG.num_heads, CFG.head_dim
+    q, k, v = jax.random.normal(jax.random.PRNGKey(n), (3, n, h, hd))
+    t = lambda a: a.swapaxes(0, 1)
+    kw = {} if max_scores is None else {"max_scores": max_scores}
+    for layer in (0, 1):  # a window block, a full-attention block
+        batches = lay.full_batches if lay.full_layers[layer] else lay.window_batches
+        got = jax.jit(lambda q, k, v: batched_segment_attention(q, k, v, batches, **kw))(q, k, v)
+        ref = t(segment_attention(t(q), t(k), t(v), jnp.asarray(lay.layer_segments[layer])))
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=2e-6, rtol=1e-5)
+    if grid == ((1, 20, 36), (2, 16, 16)):  # slices of 720 and 256 rows: two buckets, not 3 x 720
+        assert [g.shape for g, _ in lay.full_batches.buckets] == [(1, 720), (2, 256)]
+        assert max(g.shape[1] for g, _ in lay.window_batches.buckets) == 64
+
+
+def test_vision_block_batched_equals_dense():
+    params = init_vision_params(CFG, jax.random.PRNGKey(8))
+    bp = jax.tree_util.tree_map(lambda a: a[0], params.blocks)
+    grid = ((1, 10, 14), (2, 8, 8))
+    lay = vision_layout(grid, CFG)
+    n = lay.row_perm.shape[0]
+    x = jax.random.normal(jax.random.PRNGKey(9), (n, CFG.hidden_size))
+    cos, sin = vision_rotary_cos_sin(jnp.asarray(lay.rotary_ids), CFG)
+    block = jax.jit(lambda x, segments: vision_block(bp, x, cos, sin, segments, CFG))
+    for layer, batches in ((0, lay.window_batches), (1, lay.full_batches)):
+        got = jax.jit(lambda x: vision_block(bp, x, cos, sin, batches, CFG))(x)
+        ref = block(x, jnp.asarray(lay.layer_segments[layer]))
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5, rtol=1e-5)
+
+
+def test_window_block_memory_is_linear_in_patches():
+    # 64 x 64 patches = 4096 rows: the dense reference holds [heads, P, P] float32 scores (128 MiB);
+    # the window batches hold [64 windows, heads, 64, 64] (2 MiB).
+    grid = ((1, 64, 64),)
+    lay = vision_layout(grid, CFG)
+    n = lay.row_perm.shape[0]
+    bp = jax.tree_util.tree_map(lambda a: a[0], init_vision_params(CFG, jax.random.PRNGKey(10)).blocks)
+    x = jnp.zeros((n, CFG.hidden_size))
+    cos, sin = vision_rotary_cos_sin(jnp.asarray(lay.rotary_ids), CFG)
+
+    def temp_bytes(segments):
+        f = jax.jit(lambda x: vision_block(bp, x, cos, sin, segments, CFG))
+        return f.lower(x).compile().memory_analysis().temp_size_in_bytes
+
+    dense_scores = CFG.num_heads * n * n * 4
+    assert temp_bytes(jnp.asarray(lay.layer_segments[0])) >= dense_scores
+    assert temp_bytes(lay.window_batches) < dense_scores / 16
 
 
 # ----------------------------------------------------------------------------- HF names
