@@ -1,0 +1,236 @@
+"""One-shot GPU benchmark: Pallas (Triton) ST block-sparse attention vs cuDNN dense causal attention.
+
+For N ~ 8k, 16k, 32k tokens (text + one video of 24x24-token slots + text), bf16, head_dim 128,
+GQA 28 q / 4 kv heads, batch 1: per head-pattern mix, lowers and runs the Pallas GPU kernel, checks
+it against a float32 reference on a slice of query rows, times it against
+``jax.nn.dot_product_attention(..., implementation='cudnn', is_causal=True)`` and times the XLA
+fallback. Prints a markdown table (and writes JSON to $OUT/gpu_kernels.json when OUT is set).
+Every measurement is in try/except: errors are printed and the run goes on.
+
+    python benchmarks/gpu_kernels.py              # on the GPU (< 5 min on an H200)
+    JAX_PLATFORMS=cpu python benchmarks/gpu_kernels.py --smoke   # tiny sizes, interpret mode
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _timing import median_ms  # noqa: E402
+from kernels.block_sparse_attention import block_sparse_attention  # noqa: E402
+from kernels.block_sparse_attention.xla import xla_flop_ratio  # noqa: E402
+from purekv_jax.st_sparse import HeadPattern, STLayout, block_tables, token_ids  # noqa: E402
+from purekv_jax.st_sparse.layout import ID_FIELDS, _pattern_mask_np  # noqa: E402
+
+T0 = time.perf_counter()
+
+
+def log(*a):
+    print(f"[{time.perf_counter() - T0:6.1f}s]", *a, flush=True)
+
+
+def make_layout(n_target, hw, text_before, text_after):
+    h, w = hw
+    t = max(1, (n_target - text_before - text_after) // (h * w))
+    n = text_before + t * h * w + text_after
+    return STLayout(n, ((text_before, t, h, w),))
+
+
+def mixes(hq, hkv):
+    g = hq // hkv
+    per_group = lambda seq: tuple(p for p in seq for _ in range(g))
+    out = {"union": ("union",) * hq, "spatial": ("spatial",) * hq, "temporal": ("temporal",) * hq}
+    if hkv >= 4:   # a calibrated-looking mix, aligned to the GQA groups
+        seq = (["union", "spatial", "spatial", "temporal"] * hkv)[:hkv]
+        out["mix u/s/s/t"] = per_group(seq)
+    return out
+
+
+def flops_sparse(layout, pats, bq, bk, d):
+    """(computed-block FLOPs, mean density over heads) for QK^T + PV."""
+    fl, dens = 0.0, []
+    for p in pats:
+        t = block_tables(layout, p, bq, bk)
+        fl += 4.0 * bq * bk * d * float(t.kv_count.sum())
+        dens.append(t.density)
+    return fl, float(np.mean(dens))
+
+
+def slice_reference(q, k, v, layout, pats, rows):
+    """float32 reference for the given query rows (original order), one mask row-slice per pattern."""
+    ids = token_ids(layout)
+    qi = {f: getattr(ids, f)[rows][:, None] for f in ID_FIELDS}
+    kj = {f: getattr(ids, f)[None, :] for f in ID_FIELDS}
+    b, hq, n, d = q.shape
+    g = hq // k.shape[1]
+    masks = {}
+    outs = []
+    qf, kf, vf = (x.astype(jnp.float32) for x in (q, k, v))
+    for h, p in enumerate(pats):
+        p = HeadPattern.parse(p)
+        if p not in masks:
+            masks[p] = jnp.asarray(_pattern_mask_np(qi, kj, p, layout.spatial_radius,
+                                                    layout.temporal_window))
+        s = jnp.einsum("bqd,bkd->bqk", qf[:, h, rows], kf[:, h // g],
+                       precision=jax.lax.Precision.HIGHEST) * d ** -0.5
+        s = jnp.where(masks[p][None], s, -jnp.inf)
+        outs.append(jnp.einsum("bqk,bkd->bqd", jax.nn.softmax(s, -1), vf[:, h // g],
+                               precision=jax.lax.Precision.HIGHEST))
+    return jnp.stack(outs, 1)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, interpret mode (CPU check)")
+    ap.add_argument("--sizes", default="8192,16384,32768")
+    ap.add_argument("--heads", type=int, default=28)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--slot", default="24x24", help="merged tokens per temporal slot, h x w")
+    ap.add_argument("--blocks", default="128x64,64x64,128x128",
+                    help="Triton block_q x block_k, comma-separated; the first is used at every size, "
+                         "the others only at the first size")
+    ap.add_argument("--num-warps", type=int, default=8)
+    ap.add_argument("--num-stages", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--check-rows", type=int, default=256)
+    ap.add_argument("--no-xla", action="store_true")
+    ap.add_argument("--time-budget", type=float, default=270.0, help="seconds; later rows skipped")
+    args = ap.parse_args(argv)
+
+    interpret = False
+    text_before, text_after = 200, 56
+    if args.smoke:
+        args.sizes, args.heads, args.kv_heads, args.head_dim = "300,520", 4, 2, 64
+        args.slot, args.blocks, args.reps, args.check_rows = "4x6", "32x32,16x32", 1, 64
+        text_before, text_after, interpret = 20, 12, True
+    hq, hkv, d = args.heads, args.kv_heads, args.head_dim
+    slot = tuple(int(x) for x in args.slot.split("x"))
+    blocks = [tuple(int(x) for x in b.split("x")) for b in args.blocks.split(",")]
+    dtype = jnp.bfloat16
+    log(f"jax {jax.__version__}, devices {jax.devices()}, Hq={hq} Hkv={hkv} D={d} bf16, "
+        f"slot {slot}, blocks {blocks}, smoke={args.smoke}")
+
+    results = []
+    for size_no, n_target in enumerate(int(s) for s in args.sizes.split(",")):
+        lay = make_layout(n_target, slot, text_before, text_after)
+        n = lay.seq_len
+        v0 = lay.videos[0]
+        log(f"N={n}: video t={v0.t} h={v0.h} w={v0.w} at {v0.start}")
+        kq, kk, kv = jax.random.split(jax.random.key(n), 3)
+        q = jax.random.normal(kq, (1, hq, n, d), dtype)
+        k = jax.random.normal(kk, (1, hkv, n, d), dtype)
+        v = jax.random.normal(kv, (1, hkv, n, d), dtype)
+        dense_flops = 4.0 * n * n * d * hq / 2  # causal
+
+        row = {"N": n, "grid": [v0.t, v0.h, v0.w], "kind": "cudnn dense causal", "pattern": "-",
+               "density": 1.0}
+        try:
+            t_ = lambda x: x.transpose(0, 2, 1, 3)
+            cud = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+                t_(q), t_(k), t_(v), is_causal=True, implementation="cudnn"))
+            ms = median_ms(cud, (q, k, v), args.reps)
+            row.update(ms=ms, tflops=dense_flops / ms / 1e9, dense_equiv_tflops=dense_flops / ms / 1e9)
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            log("cudnn failed:", row["error"])
+        results.append(row)
+        cudnn_ms = row.get("ms")
+
+        rng = np.random.default_rng(0)
+        rows = np.unique(np.concatenate([rng.choice(n, size=min(n, args.check_rows), replace=False),
+                                         np.arange(max(0, n - 8), n)]))
+        for name, pats in mixes(hq, hkv).items():
+            for bq, bk in (blocks if size_no == 0 else blocks[:1]):
+                if time.perf_counter() - T0 > args.time_budget:
+                    log("time budget spent, skipping", n, name)
+                    continue
+                row = {"N": n, "grid": [v0.t, v0.h, v0.w], "kind": f"pallas triton {bq}x{bk}",
+                       "pattern": name}
+                try:
+                    fl, dens = flops_sparse(lay, pats, bq, bk, d)
+                    row["density"] = dens
+                    f = jax.jit(functools.partial(
+                        block_sparse_attention, layout=lay, head_patterns=pats, backend="triton",
+                        block_q=bq, block_k=bk, interpret=interpret, num_warps=args.num_warps,
+                        num_stages=args.num_stages))
+                    t0 = time.perf_counter()
+                    out = jax.block_until_ready(f(q, k, v))
+                    row["compile_s"] = time.perf_counter() - t0
+                    ref = slice_reference(q, k, v, lay, pats, rows)
+                    row["max_abs_err"] = float(jnp.max(jnp.abs(out[:, :, rows].astype(jnp.float32)
+                                                               - ref)))
+                    row["check_ok"] = bool(row["max_abs_err"] < 5e-2)
+                    if not row["check_ok"]:
+                        log("CHECK FAILED", name, bq, bk, row["max_abs_err"])
+                    ms = median_ms(f, (q, k, v), args.reps, warmup=0)
+                    row.update(ms=ms, tflops=fl / ms / 1e9, dense_equiv_tflops=dense_flops / ms / 1e9)
+                    if cudnn_ms:
+                        row["speedup_vs_cudnn"] = cudnn_ms / ms
+                except Exception as e:  # noqa: BLE001
+                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                    log("triton failed:", name, row["error"])
+                    traceback.print_exc(limit=3)
+                results.append(row)
+                log(row)
+            if args.no_xla or time.perf_counter() - T0 > args.time_budget:
+                continue
+            row = {"N": n, "grid": [v0.t, v0.h, v0.w], "kind": "xla fallback 128x128", "pattern": name}
+            try:
+                f = jax.jit(functools.partial(block_sparse_attention, layout=lay, head_patterns=pats,
+                                              backend="xla", block_q=128, block_k=128))
+                row["density"] = float(np.mean([block_tables(lay, p, 128, 128).density
+                                                for p in pats]))
+                row["flop_ratio"] = float(np.mean([xla_flop_ratio(block_tables(lay, p, 128, 128))
+                                                   for p in pats]))
+                ms = median_ms(f, (q, k, v), max(1, args.reps // 2))
+                row.update(ms=ms, dense_equiv_tflops=dense_flops / ms / 1e9)
+                if cudnn_ms:
+                    row["speedup_vs_cudnn"] = cudnn_ms / ms
+            except Exception as e:  # noqa: BLE001
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                log("xla failed:", name, row["error"])
+            results.append(row)
+            log(row)
+
+    lines = ["| N | video t x h x w | kernel | pattern | density | ms | TFLOP/s (computed) | "
+             "TFLOP/s (dense-equiv.) | speed-up vs cuDNN | max abs err (bf16 vs f32) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda x, f: "-" if x is None else format(x, f)
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['N']} | {'x'.join(map(str, r['grid']))} | {r['kind']} | {r['pattern']} "
+                         f"| {fmt(r.get('density'), '.3f')} | error: {r['error'][:120]} | | | | |")
+            continue
+        lines.append(f"| {r['N']} | {'x'.join(map(str, r['grid']))} | {r['kind']} | {r['pattern']} | "
+                     f"{fmt(r.get('density'), '.3f')} | {fmt(r.get('ms'), '.2f')} | "
+                     f"{fmt(r.get('tflops'), '.1f')} | {fmt(r.get('dense_equiv_tflops'), '.1f')} | "
+                     f"{fmt(r.get('speedup_vs_cudnn'), '.2f')} | {fmt(r.get('max_abs_err'), '.2e')} |")
+    table = "\n".join(lines)
+    print("\n" + table, flush=True)
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        meta = {"jax": jax.__version__, "devices": [str(x) for x in jax.devices()], "heads": hq,
+                "kv_heads": hkv, "head_dim": d, "dtype": "bfloat16", "slot": slot, "smoke": args.smoke}
+        with open(os.path.join(out_dir, "gpu_kernels.json"), "w") as fh:
+            json.dump({"meta": meta, "results": results}, fh, indent=1)
+        with open(os.path.join(out_dir, "gpu_kernels.md"), "w") as fh:
+            fh.write(table + "\n")
+    log("done")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Public entry point: ST block-sparse attention over a layout, per-head patterns, backend switch."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels.block_sparse_attention.common import BACKENDS, check_head_dim
+from kernels.block_sparse_attention.gpu import (check_triton_blocks, mosaic_gpu_block_sparse,
+                                                triton_block_sparse)
+from kernels.block_sparse_attention.xla import xla_block_sparse
+from purekv_jax.st_sparse.blocks import block_tables
+from purekv_jax.st_sparse.layout import (HeadPattern, LayoutError, STLayout, inverse_permutation,
+                                         permutation)
+
+__all__ = ["block_sparse_attention", "resolve_backend", "normalize_patterns", "DEFAULT_BLOCKS"]
+
+# triton 128x128: best or tied of 128x64 / 64x64 / 128x128 on an H200 at 7.7k tokens, the one size
+# where configs were compared (benchmarks/results/gpu_kernels.md)
+DEFAULT_BLOCKS = {"xla": (128, 128), "triton": (128, 128), "tpu": (128, 128), "mosaic_gpu": (128, 128)}
+
+
+class ShapeError(ValueError):
+    pass
+
+
+def resolve_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend != "auto":
+        return backend
+    platform = jax.default_backend()
+    return {"gpu": "triton", "cuda": "triton", "tpu": "tpu"}.get(platform, "xla")
+
+
+def normalize_patterns(head_patterns, num_heads: int) -> tuple[HeadPattern, ...]:
+    if isinstance(head_patterns, (HeadPattern, str, int)):
+        return (HeadPattern.parse(head_patterns),) * num_heads
+    pats = tuple(HeadPattern.parse(p) for p in head_patterns)
+    if len(pats) != num_heads:
+        raise ValueError(f"head_patterns has {len(pats)} entries but q has {num_heads} heads")
+    return pats
+
+
+def _run(backend, q, k, v, tables, scale, interpret, num_warps, num_stages):
+    if backend == "xla":
+        return xla_block_sparse(q, k, v, tables, scale=scale)
+    if backend == "triton":
+        return triton_block_sparse(q, k, v, tables, scale=scale, interpret=interpret,
+                                   num_warps=num_warps, num_stages=num_stages)
+    if backend == "tpu":
+        from kernels.block_sparse_attention.tpu import tpu_block_sparse
+        return tpu_block_sparse(q, k, v, tables, scale=scale, interpret=interpret)
+    return mosaic_gpu_block_sparse(q, k, v, tables)
+
+
+def block_sparse_attention(q, k, v, layout: STLayout, *, head_patterns=HeadPattern.UNION,
+                           backend: str = "auto", block_q: int | None = None,
+                           block_k: int | None = None, scale: float | None = None,
+                           interpret: bool | None = None, permute_temporal: bool = True,
+                           num_warps: int | None = None, num_stages: int = 2):
+    """ST-SpAttn attention, causal on original indices.
+
+    q [B, Hq, N, D]; k, v [B, Hkv, N, D] (Hq a multiple of Hkv); N == layout.seq_len; returns
+    [B, Hq, N, D] in q.dtype. ``head_patterns``: one pattern or one per q head. Heads with the
+    TEMPORAL pattern run on the position-major permutation (rows permuted, output un-permuted) when
+    ``permute_temporal``. ``backend``: "auto" (tpu on TPU, triton on GPU, xla elsewhere), "xla",
+    "triton", "mosaic_gpu" (not implemented), "tpu". ``interpret`` defaults to True on the CPU for
+    the Pallas backends; ``num_warps`` / ``num_stages`` tune the Triton kernel. Static python
+    arguments (layout, patterns, blocks) make this traceable
+    inside jit; tables are built on the host at trace time and cached.
+    """
+    backend = resolve_backend(backend)
+    if not isinstance(layout, STLayout):
+        raise LayoutError(f"layout must be an STLayout, got {type(layout).__name__}")
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ShapeError(f"q, k, v must be [B, H, N, D]; got q {q.shape}, k {k.shape}, v {v.shape}")
+    b, hq, n, d = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[2] != n or k.shape[3] != d:
+        raise ShapeError(f"k {k.shape} and v {v.shape} must be [B={b}, Hkv, N={n}, D={d}]")
+    hkv = k.shape[1]
+    if hq % hkv:
+        raise ShapeError(f"q heads ({hq}) must be a multiple of kv heads ({hkv})")
+    if n != layout.seq_len:
+        raise LayoutError(f"q/k/v hold {n} tokens but the layout describes {layout.seq_len}")
+    check_head_dim(d, backend)
+    dbq, dbk = DEFAULT_BLOCKS[backend]
+    bq, bk = int(block_q or dbq), int(block_k or dbk)
+    if backend == "triton":
+        check_triton_blocks(bq, bk)
+    elif backend == "tpu":
+        from kernels.block_sparse_attention.tpu import check_tpu_blocks
+        check_tpu_blocks(bq, bk)
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    pats = normalize_patterns(head_patterns, hq)
+    g = hq // hkv
+
+    groups: dict[tuple[HeadPattern, bool], list[int]] = {}
+    for h, p in enumerate(pats):
+        groups.setdefault((p, bool(permute_temporal and p.default_permuted)), []).append(h)
+
+    outs, order = [], []
+    for (pat, perm), heads in groups.items():
+        tables = block_tables(layout, pat, bq, bk, permuted=perm)
+        npad = tables.padded_len
+        pad = ((0, 0), (0, 0), (0, npad - n), (0, 0))
+        kv_heads = sorted({h // g for h in heads})
+        aligned = all(set(range(kh * g, kh * g + g)) <= set(heads) for kh in kv_heads)
+        if aligned:   # whole GQA groups: keep GQA
+            qh = np.array([h for kh in kv_heads for h in range(kh * g, kh * g + g)])
+            kvh = np.array(kv_heads)
+        else:         # split groups: repeat the kv head per q head
+            qh = np.array(heads)
+            kvh = qh // g
+        pick = lambda x, idx: x if np.array_equal(idx, np.arange(x.shape[1])) else x[:, idx]
+        qs = jnp.pad(pick(q, qh), pad)
+        ks = jnp.pad(pick(k, kvh), pad)
+        vs = jnp.pad(pick(v, kvh), pad)
+        if perm:
+            p_idx = permutation(layout, npad)
+            qs, ks, vs = qs[:, :, p_idx], ks[:, :, p_idx], vs[:, :, p_idx]
+        o = _run(backend, qs, ks, vs, tables, scale, interpret, num_warps, num_stages)
+        if perm:
+            o = o[:, :, inverse_permutation(layout, npad)]
+        outs.append(o[:, :, :n])
+        order.extend(qh.tolist())
+    out = jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
+    if order != list(range(hq)):
+        inv = np.empty(hq, np.int64)
+        inv[np.array(order)] = np.arange(hq)
+        out = out[:, inv]
+    return out

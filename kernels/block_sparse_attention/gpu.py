@@ -1,0 +1,139 @@
+"""Pallas GPU block-sparse flash attention (Triton backend), and the Mosaic GPU switch.
+
+Grid (query block, batch, q head). Each program loads its query block once and walks its key-block
+list: first the partial blocks (element mask from the per-token ids), then the full blocks (no mask).
+Empty blocks are never visited. Online softmax in float32 (base-2 exponentials), GQA by mapping
+q head h to kv head h // (Hq // Hkv).
+
+jax 0.11 deprecates the Pallas Triton backend ('jax-pallas-triton' DeprecationWarning at lowering)
+and needs a GPU, or an abstract one (jax.sharding.use_abstract_mesh with an AbstractDevice), to
+lower it; it still lowers and runs (H200, jax 0.11.2: benchmarks/results/gpu_kernels.md). Mosaic GPU
+is behind the same switch (backend='mosaic_gpu') and not implemented yet.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from kernels.block_sparse_attention.common import MASK_VALUE, check_head_dim, element_mask
+from purekv_jax.st_sparse.blocks import BlockSizeError, BlockTables
+from purekv_jax.st_sparse.layout import HeadPattern
+
+__all__ = ["triton_block_sparse", "mosaic_gpu_block_sparse", "check_triton_blocks"]
+
+
+def _triton_compiler_params(num_warps, num_stages):
+    try:
+        from jax.experimental.pallas import triton as plgpu
+    except ImportError as e:  # pragma: no cover - jax without the Triton backend
+        raise NotImplementedError(
+            "this jax has no Pallas Triton backend (jax.experimental.pallas.triton); use "
+            "backend='xla'") from e
+    return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def check_triton_blocks(block_q: int, block_k: int):
+    for name, bsz in (("block_q", block_q), ("block_k", block_k)):
+        if bsz < 16 or bsz & (bsz - 1):
+            raise BlockSizeError(f"the Triton kernel needs {name} to be a power of two >= 16, "
+                                 f"got {bsz}")
+
+
+def _kernel(kv_index_ref, kv_count_ref, kv_partial_ref, ids_ref, q_ref, k_ref, v_ref, o_ref, *,
+            block_q, block_k, scale, pattern, radius, window):
+    i = pl.program_id(0)
+    q_start = i * block_q
+    q = q_ref[...]                                          # [bq, D]
+    d = q.shape[-1]
+    qk_scale = scale * math.log2(math.e)
+
+    q_cache = {}
+
+    def get_q(f):
+        if f not in q_cache:
+            q_cache[f] = ids_ref[f, pl.ds(q_start, block_q)][:, None]
+        return q_cache[f]
+
+    def body(j, carry, masked):
+        acc, m_prev, l_prev = carry
+        kb = kv_index_ref[i, j]
+        k_start = pl.multiple_of(kb * block_k, block_k)
+        ks = pl.ds(k_start, block_k)
+        k = k_ref[ks, :]
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.float32) * qk_scale
+        if masked:
+            mask = element_mask(get_q, lambda f: ids_ref[f, ks][None, :], pattern, radius, window)
+            s = jnp.where(mask, s, MASK_VALUE)
+        m_next = jnp.maximum(m_prev, jnp.max(s, axis=-1))
+        corr = jnp.exp2(m_prev - m_next)
+        p = jnp.exp2(s - m_next[:, None])
+        l_next = corr * l_prev + jnp.sum(p, axis=-1)
+        v = v_ref[ks, :]
+        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+        return corr[:, None] * acc + pv, m_next, l_next
+
+    carry = (jnp.zeros((block_q, d), jnp.float32),
+             jnp.full((block_q,), -jnp.inf, jnp.float32),
+             jnp.zeros((block_q,), jnp.float32))
+    n_part = kv_partial_ref[i]
+    n_all = kv_count_ref[i]
+    carry = lax.fori_loop(0, n_part, functools.partial(body, masked=True), carry)
+    carry = lax.fori_loop(n_part, n_all, functools.partial(body, masked=False), carry)
+    acc, _, l = carry
+    o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
+
+
+def triton_block_sparse(q, k, v, tables: BlockTables, *, scale=None, interpret=False, num_warps=None,
+                        num_stages=2):
+    """q [B,Hq,Np,D], k/v [B,Hkv,Np,D] in the tables' order -> [B,Hq,Np,D] in q.dtype."""
+    b, hq, npad, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    check_head_dim(d, "triton")
+    bq, bk = tables.block_q, tables.block_k
+    check_triton_blocks(bq, bk)
+    nq = tables.num_q_blocks
+    scale = d ** -0.5 if scale is None else float(scale)
+    lay = tables.layout
+    if num_warps is None:
+        num_warps = 4 if d <= 64 and bq <= 64 else 8
+    kernel = functools.partial(_kernel, block_q=bq, block_k=bk, scale=scale,
+                               pattern=HeadPattern(tables.pattern), radius=lay.spatial_radius,
+                               window=lay.temporal_window)
+    m = tables.max_blocks
+    whole2 = lambda shape: pl.BlockSpec(shape, lambda i, bb, h: (0,) * len(shape))
+    in_specs = [
+        whole2((nq, m)),                                            # kv_index
+        whole2((nq,)),                                              # kv_count
+        whole2((nq,)),                                              # kv_partial
+        whole2((8, npad)),                                          # ids
+        pl.BlockSpec((None, None, bq, d), lambda i, bb, h: (bb, h, i, 0)),
+        pl.BlockSpec((None, None, npad, d), lambda i, bb, h: (bb, lax.div(h, g), 0, 0)),
+        pl.BlockSpec((None, None, npad, d), lambda i, bb, h: (bb, lax.div(h, g), 0, 0)),
+    ]
+    return pl.pallas_call(
+        kernel,
+        grid=(nq, b, hq),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((None, None, bq, d), lambda i, bb, h: (bb, h, i, 0)),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=_triton_compiler_params(num_warps, num_stages),
+        interpret=interpret,
+        name="st_block_sparse_fwd_triton",
+    )(jnp.asarray(tables.kv_index), jnp.asarray(tables.kv_count), jnp.asarray(tables.kv_partial),
+      jnp.asarray(tables.ids), q, k, v)
+
+
+def mosaic_gpu_block_sparse(*args, **kwargs):
+    raise NotImplementedError(
+        "backend='mosaic_gpu' is not implemented: a Mosaic GPU (warpgroup / TMA pipeline) version "
+        "of the block-sparse kernel is still to be written. Use backend='triton' on GPUs (or "
+        "'xla').")
