@@ -5,6 +5,10 @@
   transformers-5 names (``model.language_model.*``, ``model.visual.*``) are both accepted; bf16 and
   float32 files alike (numpy + ml_dtypes). The tensor names and shapes are checked against the model's
   specs from the safetensors headers *before* any tensor data is read.
+* :func:`inspect_hf_checkpoint` does the config + header checks alone (no tensor data), and
+  :func:`iter_hf_leaves` then builds the params one leaf at a time (a stacked ``[L, ...]`` leaf from its
+  ``L`` per-layer tensors, read one by one), so a converter or a sharded loader never holds the whole
+  model; :func:`hf_leaf_specs` is the leaf <-> Hub-name table they share.
 * :func:`save_hf_checkpoint` writes ``config.json`` + ``model.safetensors`` in the Hub spelling,
   atomically (a temporary folder next to the target, then a rename), loadable by transformers'
   ``Qwen2_5_VLForConditionalGeneration.from_pretrained`` and by :func:`load_hf_checkpoint`.
@@ -12,22 +16,31 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import tempfile
-from typing import Mapping
+from typing import Callable, Iterator, Mapping
 
 import jax.numpy as jnp
-import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, for bf16 safetensors files)
+import ml_dtypes  # registers bfloat16 with numpy, for bf16 safetensors files
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from .config import Qwen25VLConfig
 from .model import Qwen25VLParams
-from .text import text_hf_shapes, text_params_from_hf, text_params_to_hf
-from .vision import vision_hf_shapes, vision_params_from_hf, vision_params_to_hf
+from .text import _HF_LAYER_NAMES, _layer_shapes, text_hf_shapes, text_params_from_hf, text_params_to_hf
+from .vision import (
+    _TOP_HF_NAMES,
+    _block_hf_names,
+    _param_shapes,
+    _to_jax_layout,
+    vision_hf_shapes,
+    vision_params_from_hf,
+    vision_params_to_hf,
+)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -76,9 +89,14 @@ def _weight_files(path: str) -> tuple[dict[str, str], str, dict[str, str]]:
     raise CheckpointError(f"{path}: no weights found (neither {SINGLE_FILE} nor {INDEX_FILE})")
 
 
-def _read_headers(files: Mapping[str, str]) -> dict[str, tuple[str, str, tuple[int, ...]]]:
-    """Hub name -> (file, original name, torch shape), from the safetensors headers only."""
-    found: dict[str, tuple[str, str, tuple[int, ...]]] = {}
+# safetensors dtype codes -> numpy dtypes (the floating types a checkpoint can hold).
+_ST_DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+              "BF16": np.dtype(ml_dtypes.bfloat16)}
+
+
+def _read_headers(files: Mapping[str, str]) -> dict[str, tuple[str, str, tuple[int, ...], str]]:
+    """Hub name -> (file, original name, torch shape, safetensors dtype code), from the headers only."""
+    found: dict[str, tuple[str, str, tuple[int, ...], str]] = {}
     for fname, fpath in files.items():
         with safe_open(fpath, framework="numpy") as f:
             for name in f.keys():
@@ -88,7 +106,8 @@ def _read_headers(files: Mapping[str, str]) -> dict[str, tuple[str, str, tuple[i
                         f"tensor {key!r} appears twice: as {found[key][1]!r} in {found[key][0]} and as "
                         f"{name!r} in {fname}"
                     )
-                found[key] = (fname, name, tuple(f.get_slice(name).get_shape()))
+                sl = f.get_slice(name)
+                found[key] = (fname, name, tuple(sl.get_shape()), sl.get_dtype())
     return found
 
 
@@ -114,14 +133,34 @@ def _check_tensors(found, expected: Mapping[str, tuple[int, ...]], where: str, t
         raise CheckpointError(f"{where}: unexpected tensor(s) not used by this config: {listed}{more}")
 
 
-def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.float32) -> tuple[Qwen25VLConfig, Qwen25VLParams]:
-    """Loads a Hugging Face Qwen2.5-VL checkpoint folder -> ``(config, params)`` with params in ``dtype``.
+@dataclasses.dataclass(frozen=True)
+class HFCheckpoint:
+    """A checked Hugging Face checkpoint folder (config and safetensors headers; no tensor data read).
 
-    Raises :class:`~models.qwen2_5_vl.config.ConfigError` for a bad ``config.json`` and
-    :class:`CheckpointError` for missing weights, missing / unexpected / wrong-shape tensors (each
-    named, with the file and both shapes). With a tied head (``tie_word_embeddings``), a stray
-    ``lm_head.weight`` in the file is ignored (the embedding is used, as transformers does).
-    """
+    ``tensors`` maps every tensor the model uses (Hub name) to ``(file, stored name, torch shape,
+    safetensors dtype code)``; ``files`` maps file names to full paths."""
+
+    path: str
+    config: Qwen25VLConfig
+    files: dict[str, str]
+    tensors: dict[str, tuple[str, str, tuple[int, ...], str]]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data the model uses, as stored."""
+        return sum(int(np.prod(shape, dtype=np.int64)) * _ST_DTYPES.get(code, np.dtype(np.float32)).itemsize
+                   for _, _, shape, code in self.tensors.values())
+
+    @property
+    def stored_dtype(self) -> np.dtype | None:
+        """The one floating dtype every used tensor is stored in, or None when they differ."""
+        codes = {code for _, _, _, code in self.tensors.values()}
+        return _ST_DTYPES.get(codes.pop()) if len(codes) == 1 else None
+
+
+def inspect_hf_checkpoint(path: str | os.PathLike) -> HFCheckpoint:
+    """Reads ``config.json`` and the safetensors headers of ``path`` and checks every tensor's presence and
+    shape against the config (the same errors as :func:`load_hf_checkpoint`); reads no tensor data."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a checkpoint folder")
@@ -130,16 +169,119 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.float32) -> tuple[Qwen
     found = _read_headers(files)
     expected = expected_hf_shapes(config)
     _check_tensors(found, expected, where, config.text.tie_word_embeddings, weight_map)
+    unsupported = sorted({found[n][3] for n in expected} - set(_ST_DTYPES))
+    if unsupported:
+        bad = next(n for n in expected if found[n][3] in unsupported)
+        raise CheckpointError(f"{where}: tensor {found[bad][1]} (in {found[bad][0]}) has dtype {found[bad][3]}; "
+                              f"expected one of {', '.join(_ST_DTYPES)}")
+    return HFCheckpoint(path, config, files, {n: found[n] for n in expected})
 
+
+def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.float32) -> tuple[Qwen25VLConfig, Qwen25VLParams]:
+    """Loads a Hugging Face Qwen2.5-VL checkpoint folder -> ``(config, params)`` with params in ``dtype``.
+
+    Raises :class:`~models.qwen2_5_vl.config.ConfigError` for a bad ``config.json`` and
+    :class:`CheckpointError` for missing weights, missing / unexpected / wrong-shape tensors (each
+    named, with the file and both shapes). With a tied head (``tie_word_embeddings``), a stray
+    ``lm_head.weight`` in the file is ignored (the embedding is used, as transformers does).
+    """
+    ckpt = inspect_hf_checkpoint(path)
     by_file: dict[str, list[str]] = {}
-    for key in expected:
-        by_file.setdefault(found[key][0], []).append(key)
+    for key, (fname, _, _, _) in ckpt.tensors.items():
+        by_file.setdefault(fname, []).append(key)
     tensors: dict[str, np.ndarray] = {}
     for fname, keys in by_file.items():
-        with safe_open(files[fname], framework="numpy") as f:
+        with safe_open(ckpt.files[fname], framework="numpy") as f:
             for key in keys:
-                tensors[key] = f.get_tensor(found[key][1])
-    return config, params_from_hf(tensors, config, dtype)
+                tensors[key] = f.get_tensor(ckpt.tensors[key][1])
+    return ckpt.config, params_from_hf(tensors, ckpt.config, dtype)
+
+
+# ------------------------------------------------------------------------------------- leaf by leaf
+@dataclasses.dataclass(frozen=True)
+class HFLeafSpec:
+    """One params leaf and the Hub tensors it is built from.
+
+    ``path`` is the leaf's field path in :class:`Qwen25VLParams` (e.g. ``("text", "layers", "q_w")``);
+    ``sources`` the Hub names, one per layer for a ``stacked`` leaf (the leading ``[L]`` axis) or a single
+    one; ``to_jax`` turns one torch-layout source into our layout (transpose, patch-embed reshape);
+    ``shape`` is the leaf's full shape in our layout."""
+
+    path: tuple[str, ...]
+    sources: tuple[str, ...]
+    stacked: bool
+    to_jax: Callable[[np.ndarray], np.ndarray]
+    shape: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        return ".".join(self.path)
+
+
+def _identity(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+def _transpose(x: np.ndarray) -> np.ndarray:
+    return x.T
+
+
+def hf_leaf_specs(config: Qwen25VLConfig) -> list[HFLeafSpec]:
+    """The leaf <-> Hub-name table of the whole model, in params order (text, then vision).
+
+    The same mapping as :func:`params_from_hf` (the text and vision halves' name tables and layout
+    functions), one entry per leaf, so a caller can build the params one leaf at a time."""
+    t, v = config.text, config.vision
+    d, L = t.hidden_size, t.num_hidden_layers
+    layer_shapes = _layer_shapes(t)
+    specs = [HFLeafSpec(("text", "embed"), ("model.embed_tokens.weight",), False, _identity, (t.vocab_size, d))]
+    for field, (name, transposed) in _HF_LAYER_NAMES.items():
+        specs.append(HFLeafSpec(("text", "layers", field), tuple(f"model.layers.{i}.{name}" for i in range(L)), True,
+                                _transpose if transposed else _identity, (L, *layer_shapes[field])))
+    specs.append(HFLeafSpec(("text", "norm"), ("model.norm.weight",), False, _identity, (d,)))
+    if not t.tie_word_embeddings:
+        specs.append(HFLeafSpec(("text", "lm_head"), ("lm_head.weight",), False, _transpose, (d, t.vocab_size)))
+    top, blocks = _param_shapes(v)
+    block_names = [_block_hf_names(i) for i in range(v.depth)]
+    for field, name in _TOP_HF_NAMES.items():
+        specs.append(HFLeafSpec(("vision", field), (name,), False,
+                                lambda x, field=field: _to_jax_layout(field, x, v), top[field]))
+    for field, shape in blocks.items():
+        specs.append(HFLeafSpec(("vision", "blocks", field), tuple(names[field] for names in block_names), True,
+                                lambda x, field=field: _to_jax_layout(field, x, v), shape))
+    return specs
+
+
+def read_hf_leaf(ckpt: HFCheckpoint, spec: HFLeafSpec, dtype=None, on_tensor: Callable[[str, int], None] | None = None
+                 ) -> np.ndarray:
+    """One leaf as a host array in ``dtype`` (default: the stored dtype of its first source), read tensor by
+    tensor into a preallocated ``spec.shape`` array (peak: the leaf plus one source tensor).
+
+    ``on_tensor(hub_name, stored_bytes)`` is called after each source tensor is placed (progress)."""
+    first = ckpt.tensors[spec.sources[0]]
+    np_dtype = np.dtype(dtype) if dtype is not None else _ST_DTYPES[first[3]]
+    out = np.empty(spec.shape, np_dtype)
+    for i, name in enumerate(spec.sources):
+        fname, stored, _, _ = ckpt.tensors[name]
+        # Opened per tensor: the file's memory map (resident pages included) goes away with the tensor.
+        with safe_open(ckpt.files[fname], framework="numpy") as f:
+            x = f.get_tensor(stored)
+        nbytes = x.nbytes
+        if spec.stacked:
+            out[i] = spec.to_jax(x)
+        else:
+            out[...] = spec.to_jax(x)
+        del x
+        if on_tensor is not None:
+            on_tensor(name, nbytes)
+    return out
+
+
+def iter_hf_leaves(ckpt: HFCheckpoint, dtype=None, on_tensor: Callable[[str, int], None] | None = None
+                   ) -> Iterator[tuple[HFLeafSpec, np.ndarray]]:
+    """Yields ``(spec, host array)`` for every leaf of :func:`hf_leaf_specs`, one leaf at a time."""
+    for spec in hf_leaf_specs(ckpt.config):
+        yield spec, read_hf_leaf(ckpt, spec, dtype, on_tensor)
 
 
 def params_from_hf(tensors: Mapping[str, np.ndarray], config: Qwen25VLConfig, dtype=jnp.float32) -> Qwen25VLParams:

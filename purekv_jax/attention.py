@@ -1,0 +1,115 @@
+"""Prefill and decode attention paths used by ``generate``.
+
+The prefill's non-scoring layers call :func:`prefill_attention`, which never hands probabilities to
+anyone: ``"dense"`` is the reference's masked softmax (identical numerics to the model's forward),
+``"flash"`` a key-blocked online-softmax scan (O(N * block) memory, never the ``[N, N]`` matrix).
+Other implementations (issue 4's block-sparse ST-SpAttn kernel) plug in with
+:func:`register_prefill_attention`; they receive the layer index so they can apply per-layer patterns.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from models.qwen2_5_vl.layers import dense_attention
+
+#: ``fn(q [B,Hq,N,hd], k [B,Hkv,N,hd], v, valid [B,N], layer) -> [B,Hq,N,hd]`` (causal, padding-aware).
+PrefillAttention = Callable[..., jax.Array]
+
+#: key block of the flash-style path; "auto" uses the dense path up to AUTO_DENSE_MAX tokens.
+FLASH_BLOCK = 128
+AUTO_DENSE_MAX = 512
+
+
+def dense_prefill_attention(q, k, v, valid, layer=None):
+    """Causal, padding-aware dense attention (the model's own ``dense_attention``)."""
+    n = q.shape[2]
+    mask = jnp.tril(jnp.ones((n, n), bool))[None, None] & valid[:, None, None, :]
+    return dense_attention(q, k, v, mask)
+
+
+def flash_prefill_attention(q, k, v, valid, layer=None, block: int | None = None):
+    """Causal, padding-aware attention as an online softmax over key blocks (float32 statistics).
+
+    Memory O(N * block) per head instead of O(N^2); the probabilities are never materialised.
+    """
+    b, hq, n, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    block = min(FLASH_BLOCK if block is None else block, n)
+    nb = -(-n // block)
+    pad = nb * block - n
+    if pad:
+        k = jnp.pad(k, ((0, 0), (0, 0), (0, pad), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, 0), (0, pad), (0, 0)))
+        valid = jnp.pad(valid, ((0, 0), (0, pad)))
+    qg = q.reshape(b, hkv, g, n, d)
+    kb = k.reshape(b, hkv, nb, block, d).transpose(2, 0, 1, 3, 4)
+    vb = v.reshape(b, hkv, nb, block, d).transpose(2, 0, 1, 3, 4)
+    validb = valid.reshape(b, nb, block).transpose(1, 0, 2)
+    qpos = jnp.arange(n)
+    scale = d**-0.5
+
+    def body(carry, xs):
+        m, l, acc = carry
+        kj, vj, valj, j = xs
+        s = jnp.einsum("bhgqd,bhkd->bhgqk", qg, kj, preferred_element_type=jnp.float32) * scale
+        kpos = j * block + jnp.arange(block)
+        mask = (kpos[None, :] <= qpos[:, None])[None, None, None] & valj[:, None, None, None, :]
+        s = jnp.where(mask, s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.where(mask, jnp.exp(s - m_safe[..., None]), 0.0)
+        alpha = jnp.where(jnp.isfinite(m), jnp.exp(m - m_safe), 0.0)
+        l = alpha * l + jnp.sum(p, axis=-1)
+        acc = alpha[..., None] * acc + jnp.einsum(
+            "bhgqk,bhkd->bhgqd", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32
+        )
+        return (m_new, l, acc), None
+
+    init = (
+        jnp.full((b, hkv, g, n), -jnp.inf, jnp.float32),
+        jnp.zeros((b, hkv, g, n), jnp.float32),
+        jnp.zeros((b, hkv, g, n, d), jnp.float32),
+    )
+    (_, l, acc), _ = jax.lax.scan(body, init, (kb, vb, validb, jnp.arange(nb)))
+    out = acc / jnp.where(l > 0, l, 1.0)[..., None]
+    return out.reshape(b, hq, n, d).astype(q.dtype)
+
+
+_PREFILL_IMPLS: dict[str, PrefillAttention] = {
+    "dense": dense_prefill_attention,
+    "flash": flash_prefill_attention,
+}
+
+
+def register_prefill_attention(name: str, fn: PrefillAttention) -> None:
+    """Makes ``fn`` selectable as ``generate(..., attention=name)`` (e.g. a block-sparse kernel)."""
+    _PREFILL_IMPLS[name] = fn
+
+
+def prefill_attention_impl(name: "str | PrefillAttention", n: int) -> PrefillAttention:
+    """The implementation called ``name`` (or ``name`` itself when it is a callable, e.g. a kernel closed
+    over a static per-prompt layout); ``"auto"`` is dense up to :data:`AUTO_DENSE_MAX` tokens, flash above.
+
+    Note for layout-aware kernels: ``generate`` runs the prefill left-padded to a bucket of ``N`` tokens,
+    so a row with ``n`` real tokens occupies positions ``[N - n, N)``.
+    """
+    if callable(name):
+        return name
+    if name == "auto":
+        name = "dense" if n <= AUTO_DENSE_MAX else "flash"
+    if name not in _PREFILL_IMPLS:
+        raise ValueError(f"attention={name!r} is not one of {sorted(_PREFILL_IMPLS) + ['auto']}")
+    return _PREFILL_IMPLS[name]
+
+
+def decode_attention(q, k_cache, v_cache, valid):
+    """One new query per row over the cache: ``q [B,Hq,1,hd]``, ``k_cache``/``v_cache`` ``[B,Hkv,C,hd]``,
+    ``valid [B,Hkv,C]`` (per KV head) -> ``[B,Hq,1,hd]``."""
+    g = q.shape[1] // k_cache.shape[1]
+    mask = jnp.repeat(valid, g, axis=1)[:, :, None, :]
+    return dense_attention(q, k_cache, v_cache, mask)

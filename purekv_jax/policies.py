@@ -1,0 +1,297 @@
+"""KV-cache compression policies: score functions and the shared keep-set.
+
+Every policy is a small frozen dataclass with a ``score(ctx) -> [B, Hkv, N]`` float32 method (higher =
+more important); :func:`keep_set` turns any score into the kept indices per layer and KV head, the same
+way for every policy: the observation window (the last ``window`` real tokens), the first ``sink`` real
+tokens, and the top ``budget - window - sink`` of the rest by score, sorted ascending. Ties go to the
+lower index. Padded positions are never kept; a row with fewer real tokens than the budget keeps all of
+them.
+
+Layout assumed by the window-query scores (:class:`SnapKV`, :class:`H2O`): the prompt is *right-aligned*
+(left padding), so the window queries of every row are the last ``window`` positions. ``generate``
+re-aligns right-padded input on the host. :func:`keep_set` itself works with any padding.
+
+Policies (METHOD.md "Baselines"): :class:`Full` (keep all), :class:`RandomScore`, :class:`StreamingLLM`
+(sinks + most recent), :class:`SnapKV` (window attention score), PyramidKV (:class:`SnapKV` with
+:func:`pyramid_budgets`), :class:`H2O` (accumulated attention over all queries; evaluation only), and
+:class:`CLIE` on top of any score-based one (the anchor's base score times the owned layer's value norms).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from fractions import Fraction
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+#: name of the ``jax.named_scope`` around every computation of attention probabilities for scoring;
+#: tests look for it in the prefill's jaxpr (CLIE: only anchor / own-score layers may contain it).
+SCORE_SCOPE = "purekv_score_probs"
+
+
+class PolicyError(ValueError):
+    """A policy used where it cannot work (e.g. H2O without full attention probabilities)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreContext:
+    """What a layer hands its score function.
+
+    q ``[B, Hq, N, hd]`` (rotary applied), k / v ``[B, Hkv, N, hd]``, valid ``[B, N]`` (real tokens),
+    layer (traced int32 scalar), probs: the full causal attention probabilities ``[B, Hq, N, N]``
+    float32 when the layer computed them (only for :class:`H2O`), else ``None``.
+    """
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    layer: Any
+    probs: jax.Array | None = None
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def real_rank(valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(rank [B, N], count [B, 1])``: each position's index among the row's real tokens (-1 for
+    padding) and the row's number of real tokens."""
+    v = valid.astype(jnp.int32)
+    rank = jnp.cumsum(v, axis=-1) - 1
+    return jnp.where(valid, rank, -1), jnp.sum(v, axis=-1, keepdims=True)
+
+
+def forced_mask(valid: jax.Array, window: int, sink: int) -> jax.Array:
+    """``[B, N]`` True at the first ``sink`` and the last ``window`` real tokens of each row."""
+    rank, count = real_rank(valid)
+    return valid & ((rank < sink) | (rank >= count - window))
+
+
+def pool1d(x: jax.Array, kind: str, kernel_size: int) -> jax.Array:
+    """1-D pooling along the last axis, stride 1, "same" length, zero padding counted (torch's
+    ``avg_pool1d(..., padding=k//2)`` with ``count_include_pad=True``, as SnapKV does)."""
+    if kind == "none" or kernel_size == 1:
+        return x
+    pad = kernel_size // 2
+    dims, strides = (1,) * (x.ndim - 1) + (kernel_size,), (1,) * x.ndim
+    padding = ((0, 0),) * (x.ndim - 1) + ((pad, pad),)
+    if kind == "avg":
+        return jax.lax.reduce_window(x, 0.0, jax.lax.add, dims, strides, padding) / kernel_size
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, dims, strides, padding)
+
+
+def _masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
+    """float32 softmax over the last axis; fully masked rows give zeros."""
+    scores = jnp.where(mask, scores, -jnp.inf)
+    m = jnp.max(scores, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.where(mask, jnp.exp(scores - m), 0.0)
+    d = jnp.sum(p, axis=-1, keepdims=True)
+    return p / jnp.where(d > 0, d, 1.0)
+
+
+def window_attention_scores(q: jax.Array, k: jax.Array, valid: jax.Array, window: int) -> jax.Array:
+    """SnapKV's raw window score ``[B, Hkv, N]`` float32 for a right-aligned prompt.
+
+    Softmax (float32) of the last ``window`` queries over all causal real keys, summed over the (real)
+    window queries, averaged over the query heads of each KV group. Cost O(window * N) per head; the
+    probabilities exist only inside this function (named scope :data:`SCORE_SCOPE`).
+    """
+    with jax.named_scope(SCORE_SCOPE):
+        b, hq, n, d = q.shape
+        hkv = k.shape[1]
+        w = min(window, n)
+        qw = q[:, :, n - w :].reshape(b, hkv, hq // hkv, w, d)
+        s = jnp.einsum("bhgqd,bhkd->bhgqk", qw, k, preferred_element_type=jnp.float32) * (d**-0.5)
+        qpos = jnp.arange(n - w, n)
+        causal = jnp.arange(n)[None, :] <= qpos[:, None]  # [w, N]
+        qvalid = valid[:, n - w :]  # [B, w]
+        mask = causal[None] & valid[:, None, :] & qvalid[:, :, None]  # [B, w, N]
+        p = _masked_softmax(s, mask[:, None, None])
+        return jnp.mean(jnp.sum(p, axis=3), axis=2)
+
+
+def full_attention_probs(q: jax.Array, k: jax.Array, valid: jax.Array) -> jax.Array:
+    """Causal, padding-aware float32 attention probabilities ``[B, Hq, N, N]`` (the O(N^2) matrix
+    that H2O needs; named scope :data:`SCORE_SCOPE`)."""
+    with jax.named_scope(SCORE_SCOPE):
+        b, hq, n, d = q.shape
+        hkv = k.shape[1]
+        qg = q.reshape(b, hkv, hq // hkv, n, d)
+        s = jnp.einsum("bhgqd,bhkd->bhgqk", qg, k, preferred_element_type=jnp.float32) * (d**-0.5)
+        mask = jnp.tril(jnp.ones((n, n), bool))[None] & valid[:, None, :] & valid[:, :, None]
+        return _masked_softmax(s, mask[:, None, None]).reshape(b, hq, n, n)
+
+
+def _zero_window(score: jax.Array, valid: jax.Array, window: int) -> jax.Array:
+    """Zeroes the window positions (always kept anyway) before pooling, so that pooling near the window
+    edge sees zero padding, as SnapKV pools over the prefix only."""
+    rank, count = real_rank(valid)
+    in_window = (rank >= count - window)[:, None, :]
+    return jnp.where(in_window, 0.0, score)
+
+
+# ------------------------------------------------------------------------------------------ policies
+@dataclasses.dataclass(frozen=True)
+class Full:
+    """Keep every prompt entry (the full cache). Not a score policy: ``generate(policy=None)``."""
+
+    def score(self, ctx: ScoreContext) -> jax.Array:
+        b, hkv, n, _ = ctx.k.shape
+        return jnp.zeros((b, hkv, n), jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomScore:
+    """Uniform random scores, independent per layer (``fold_in(seed, layer)``), row and KV head."""
+
+    seed: int = 0
+
+    def score(self, ctx: ScoreContext) -> jax.Array:
+        b, hkv, n, _ = ctx.k.shape
+        key = jax.random.fold_in(jax.random.PRNGKey(self.seed), ctx.layer)
+        return jax.random.uniform(key, (b, hkv, n), jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamingLLM:
+    """StreamingLLM: the sinks (forced by the keep-set) plus the most recent tokens; the score is the
+    token's index among the row's real tokens (recency)."""
+
+    def score(self, ctx: ScoreContext) -> jax.Array:
+        rank, _ = real_rank(ctx.valid)
+        b, hkv, n, _ = ctx.k.shape
+        return jnp.broadcast_to(rank.astype(jnp.float32)[:, None, :], (b, hkv, n))
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapKV:
+    """SnapKV: window attention of the last ``window`` queries over all causal keys (float32 softmax),
+    summed over the window queries, averaged over the query heads of each KV group, then pooled along
+    the sequence (``avg``, kernel 7 by default). With layer-decreasing budgets it is PyramidKV."""
+
+    window: int = 32
+    pooling: str = "avg"
+    kernel_size: int = 7
+
+    def score(self, ctx: ScoreContext) -> jax.Array:
+        s = window_attention_scores(ctx.q, ctx.k, ctx.valid, self.window)
+        return pool1d(_zero_window(s, ctx.valid, self.window), self.pooling, self.kernel_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class H2O:
+    """H2O-style heavy hitters: attention accumulated over *all* (real, causal) queries, averaged over
+    the query heads of each KV group.
+
+    Evaluation only: it needs the full ``[N, N]`` attention probabilities of every scoring layer, so a
+    layer using it cannot run a flash / block-sparse kernel. ``generate`` computes them densely for
+    those layers and raises if asked for a flash path; :meth:`score` raises without them.
+    """
+
+    def score(self, ctx: ScoreContext) -> jax.Array:
+        if ctx.probs is None:
+            raise PolicyError(
+                "H2O needs the full attention probabilities [B, Hq, N, N] of the layer (evaluation only); "
+                "this layer ran without them (a flash-style attention path?)"
+            )
+        b, hq, n, _ = ctx.probs.shape
+        hkv = ctx.k.shape[1]
+        acc = jnp.sum(ctx.probs, axis=2)  # over queries -> [B, Hq, N]
+        return jnp.mean(acc.reshape(b, hkv, hq // hkv, n), axis=2)
+
+
+ScorePolicy = Full | RandomScore | StreamingLLM | SnapKV | H2O
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIE:
+    """Cross-Layer Importance Estimation (METHOD.md): an owned layer ranks its entries by the anchor's
+    score ``s_a [B, Hkv, N]`` times its own value norms ``||v_l||_2`` (``value_norm=True``). It never
+    computes attention probabilities."""
+
+    value_norm: bool = True
+
+    def owned_score(self, carried: jax.Array, v: jax.Array) -> jax.Array:
+        if not self.value_norm:
+            return carried
+        vf = v.astype(jnp.float32)
+        return carried * jnp.sqrt(jnp.sum(vf * vf, axis=-1))
+
+
+# ------------------------------------------------------------------------------------------ keep-set
+def keep_set(
+    score: jax.Array,
+    valid: jax.Array,
+    *,
+    slots: int,
+    budget: int | jax.Array,
+    window: int,
+    sink: int,
+) -> tuple[jax.Array, jax.Array]:
+    """Indices to keep per row and KV head, and whether each slot holds a kept real token.
+
+    Args:
+      score: ``[B, H, N]`` float32, higher = more important.
+      valid: ``[B, N]`` bool, real tokens (any padding pattern).
+      slots: static number of output slots (``>= budget``).
+      budget: entries kept (static int, or a traced scalar for per-layer budgets inside a scan).
+      window, sink: always kept (the last ``window`` and the first ``sink`` real tokens).
+
+    Returns:
+      ``idx [B, H, slots]`` int32 and ``kept [B, H, slots]`` bool. The kept indices come first, sorted
+      ascending; the remaining slots (row shorter than the budget, or ``budget < slots``) follow, marked
+      ``kept=False``. Among non-forced tokens the top scores win, ties to the lower index.
+    """
+    n = score.shape[-1]
+    forced = forced_mask(valid, window, sink)[:, None, :]
+    key = jnp.where(forced, jnp.inf, jnp.where(valid[:, None, :], score.astype(jnp.float32), -jnp.inf))
+    key = jnp.where(jnp.isnan(key), -jnp.inf, key)
+    _, top = jax.lax.top_k(key, slots)  # ties: lower index first
+    rank = jnp.arange(slots, dtype=jnp.int32)
+    is_valid = jnp.take_along_axis(jnp.broadcast_to(valid[:, None, :], key.shape), top, axis=-1)
+    keep = (rank < budget) & is_valid
+    order = jnp.sort(jnp.where(keep, top, top + n), axis=-1)
+    kept = order < n
+    return jnp.where(kept, order, order - n).astype(jnp.int32), kept
+
+
+def keep_all(valid: jax.Array, n_heads: int) -> tuple[jax.Array, jax.Array]:
+    """The full policy's keep-set: every real token, ascending, then the padding slots (``kept=False``)."""
+    b, n = valid.shape
+    pos = jnp.arange(n, dtype=jnp.int32)
+    order = jnp.sort(jnp.where(valid, pos, pos + n), axis=-1)
+    kept = order < n
+    idx = jnp.where(kept, order, order - n)
+    return (jnp.broadcast_to(idx[:, None], (b, n_heads, n)), jnp.broadcast_to(kept[:, None], (b, n_heads, n)))
+
+
+def keep_set_reference(score: np.ndarray, valid: np.ndarray, budget: int, window: int, sink: int) -> list:
+    """Host reference of :func:`keep_set` for one ``[N]`` row / head: the sorted list of kept indices."""
+    idx = np.flatnonzero(valid)
+    forced = set(idx[:sink].tolist()) | set(idx[max(len(idx) - window, 0) :].tolist())
+    rest = [int(i) for i in idx if int(i) not in forced]
+    rest.sort(key=lambda i: (-float(score[i]), i))
+    return sorted(list(forced) + rest[: max(budget - len(forced), 0)])
+
+
+def pyramid_budgets(n_layers: int, budget: int, window: int, sink: int, beta: float = 20.0) -> tuple[int, ...]:
+    """PyramidKV's layer-decreasing budgets with the same total (``n_layers * budget``).
+
+    The selectable part ``e = budget - window - sink`` is spread as an arithmetic sequence from
+    ``2e - e/beta`` (layer 0) down to ``e/beta`` (last layer) (PyramidKV's schedule, applied above the
+    always-kept window and sinks); floors, with the remainder added to the lowest layers, keep the
+    sequence non-increasing and the total exact.
+    """
+    e = budget - window - sink
+    if n_layers == 1 or e <= 0:
+        return (budget,) * n_layers
+    e_min = Fraction(e) / Fraction(beta)
+    e_max = 2 * e - e_min
+    step = (e_max - e_min) / (n_layers - 1)
+    floors = [math.floor(e_max - i * step) for i in range(n_layers)]
+    rem = n_layers * e - sum(floors)  # 0 <= rem < n_layers
+    floors = [f + (1 if i < rem else 0) for i, f in enumerate(floors)]
+    return tuple(window + sink + f for f in floors)
