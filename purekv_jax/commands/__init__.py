@@ -1,0 +1,1 @@
+"""Sub-commands of the ``purekv`` command line that live outside ``cli.py``."""

