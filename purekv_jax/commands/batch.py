@@ -1,0 +1,150 @@
+"""``purekv batch``: a JSONL file of requests through a checkpoint, in static-shape batches, on a device mesh.
+
+The format of the requests and of the results, the bucketing and the resume rule are in
+:mod:`purekv_jax.batch`; the mesh and the sharding rule in :mod:`purekv_jax.sharding`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from purekv_jax.commands.generate import POLICIES, _anchors, _budget, _pixels, one_line, one_line_errors
+
+EPILOG = """\
+requests (one JSON object a line):
+  {"id": "q1", "prompt": "Describe the video.", "video": "clip.mp4"}
+  {"id": "q2", "prompt": "What is shown?", "images": ["a.jpg", "b.jpg"], "policy": {"name": "snapkv", "budget": 0.3}}
+  {"id": "q3", "input_ids": [151644, 872, 198], "policy": "full", "max_new_tokens": 16}
+
+Each result (or error record, for a missing file, a prompt that is too long, a bad field) is appended to
+--out as its batch finishes. Rerunning the same command skips the ids already in --out, so a crashed or
+killed run is finished by running it again; every request is written exactly once.
+
+examples:
+  purekv batch --model ~/models/qwen25vl-7b-orbax --requests in.jsonl --out out.jsonl --batch-size 8
+  purekv batch --model ~/models/qwen25vl-72b-orbax --requests in.jsonl --out out.jsonl --mesh data=4,model=2
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 purekv batch ... --mesh data=4,model=2   # CPU test"""
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Registers ``batch`` on the ``purekv`` sub-command action ``sub``."""
+    p = sub.add_parser(
+        "batch", help="run a JSONL file of requests in batches (resumable; optionally on a device mesh)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Read requests (id, prompt, image / video paths, policy overrides) from a JSONL file, group "
+                    "them into\nstatic-shape buckets, generate in batches and append one JSON record per request "
+                    "to --out.",
+        epilog=EPILOG,
+    )
+    one_line_errors(p)
+    io = p.add_argument_group("files and devices")
+    io.add_argument("--model", required=True, metavar="DIR",
+                    help="checkpoint folder (Hugging Face or `purekv convert` orbax), with tokenizer.json")
+    io.add_argument("--requests", required=True, metavar="IN.jsonl", help="requests, one JSON object a line")
+    io.add_argument("--out", required=True, metavar="OUT.jsonl", help="results, appended (resumable)")
+    io.add_argument("--mesh", default=None, metavar="SPEC",
+                    help="device mesh, e.g. data=4,model=2 (batch over data; heads and MLP over model); "
+                         "default: one device")
+    io.add_argument("--dtype", choices=("auto", "float32", "bf16"), default="auto",
+                    help="params dtype (default auto: as stored)")
+    io.add_argument("--summary-json", default=None, metavar="PATH", help="also write the run's summary as JSON")
+    io.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    b = p.add_argument_group("batching")
+    b.add_argument("--batch-size", type=int, default=8, metavar="N", help="requests per batch (default 8)")
+    b.add_argument("--prompt-bucket", type=int, default=64, metavar="N",
+                   help="prompt lengths are rounded up to a multiple of N (default 64)")
+    b.add_argument("--max-pending", type=int, default=None, metavar="N",
+                   help="run the fullest bucket when more than N requests wait (default 4 x batch size)")
+    b.add_argument("--max-prompt-tokens", type=int, default=None, metavar="N",
+                   help="longer prompts become error records (default: only the model's positions limit)")
+
+    media = p.add_argument_group("media sampling")
+    media.add_argument("--fps", type=float, default=None, help="video frames sampled per second")
+    media.add_argument("--max-frames", type=int, default=None, metavar="N", help="at most N frames per video")
+    media.add_argument("--max-pixels", type=_pixels, default=None, metavar="PX", help="pixel cap per image / frame")
+    media.add_argument("--min-pixels", type=_pixels, default=None, metavar="PX", help="pixel floor per image / frame")
+    media.add_argument("--system", default=None, metavar="TEXT", help="system prompt for 'prompt' requests")
+
+    kv = p.add_argument_group("KV cache (defaults for requests without 'policy')")
+    kv.add_argument("--policy", default="purekv", metavar="NAME", help="one of: " + ", ".join(POLICIES))
+    kv.add_argument("--budget", type=str, default="0.2", metavar="B", help="fraction in (0, 1] or a count (0.2)")
+    kv.add_argument("--window", type=int, default=32, metavar="W", help="observation window (32)")
+    kv.add_argument("--sink", type=int, default=4, metavar="N", help="first tokens always kept (4)")
+    kv.add_argument("--anchors", type=_anchors, default=(2,), metavar="L[,L...]", help="CLIE anchor layers (2)")
+    kv.add_argument("--st-sparse", action="store_true", help="ST-SpAttn sparse prefill for video tokens")
+
+    gen = p.add_argument_group("decoding")
+    gen.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="per request (default 64)")
+    gen.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
+    gen.add_argument("--top-k", type=int, default=None, metavar="K")
+    gen.add_argument("--top-p", type=float, default=None, metavar="P")
+    gen.add_argument("--seed", type=int, default=0, metavar="N")
+    p.set_defaults(func=run)
+    return p
+
+
+def settings_from_args(args: argparse.Namespace):
+    from purekv_jax.batch import BatchSettings
+    from purekv_jax.commands.generate import build_policy
+
+    budget = _budget(args.budget)
+    build_policy(args.policy, budget, args.window, args.sink, args.anchors, args.st_sparse, args.seed)  # checks
+    return BatchSettings(
+        policy=args.policy, budget=budget, window=args.window, sink=args.sink, anchors=tuple(args.anchors),
+        st_sparse=args.st_sparse, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
+        prompt_bucket=args.prompt_bucket, max_prompt_tokens=args.max_prompt_tokens, max_pending=args.max_pending,
+        system=args.system, fps=args.fps, max_frames=args.max_frames, max_pixels=args.max_pixels,
+        min_pixels=args.min_pixels,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``purekv batch`` command; user errors -> one line on stderr and exit status 2."""
+    prog = "purekv batch"
+    try:
+        from purekv_jax import sharding as S
+
+        S.initialize_distributed()  # multi-host jobs: before any device is touched
+        settings = settings_from_args(args)
+        from purekv_jax.commands.generate import check_checkpoint_folder, eos_ids, make_processor
+
+        check_checkpoint_folder(args.model)
+        if not os.path.isfile(args.requests):
+            raise FileNotFoundError(f"--requests {args.requests}: no such file")
+        from models.qwen2_5_vl import Qwen25VLConfig
+        from purekv_jax.checkpoint import load_checkpoint
+
+        config = Qwen25VLConfig.from_json(args.model)
+        mesh = S.make_mesh(args.mesh) if args.mesh else None
+        proc = make_processor(args.model, fps=args.fps, max_frames=args.max_frames, max_pixels=args.max_pixels,
+                              min_pixels=args.min_pixels)
+        dtype = None if args.dtype == "auto" else args.dtype
+        shardings = None if mesh is None else S.sharding_for_leaf(config, mesh)
+        config, params = load_checkpoint(args.model, dtype=dtype, shardings=shardings)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+
+    from purekv_jax.batch import run_batch
+
+    where = "1 device" if mesh is None else f"mesh {S.mesh_str(mesh)} ({mesh.size} devices)"
+    print(f"{prog}: {args.model} on {where}; batch size {settings.batch_size}", file=sys.stderr, flush=True)
+    try:
+        summary = run_batch(params, config, proc, args.requests, args.out, settings, mesh=mesh,
+                            eos=eos_ids(args.model, config), progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; rerun the same command to finish (done ids are skipped)", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    print(f"{prog}: {summary.format()}", file=sys.stderr)
+    if args.summary_json:
+        with open(args.summary_json, "w") as f:
+            json.dump(summary.as_dict(), f, indent=2)
+    return 0
