@@ -60,11 +60,28 @@ class PureKVConfig:
         the first anchor use their own base score. Requires a score-based base (not ``"random"``).
       anchor_layers: 0-based anchor layers, strictly increasing (default ``(2,)``).
       value_norm: multiply the carried score by ``||v_l||_2`` in owned layers (CLIE's weighting).
-      st_sparse: placeholder for ST-SpAttn (issue 4): spatial-temporal block-sparse prefill attention
-        for video tokens in the layers above the last anchor. Not implemented yet; ``True`` raises.
+      st_sparse: ST-SpAttn (METHOD.md): video query rows attend through the block-sparse
+        spatial-temporal mask in prefill layers ``>= st_start`` (text, image and system-prompt rows stay
+        dense); a prompt without video is unaffected. Alone (``cross_layer=False, budget=1.0``) or with CLIE.
+      st_start: first ST layer; ``None`` = the layer after the last of ``anchor_layers`` (also when
+        ``cross_layer=False``: the anchors then only fix this default).
+      head_patterns: static per-layer, per-q-head patterns (calibration's output): a tuple with one entry
+        per decoder layer, each ``None`` (union) or a tuple of ``"spatial"`` / ``"temporal"`` /
+        ``"union"`` / ``"dense"`` (or :class:`HeadPattern`), one per q head. Entries below ``st_start``
+        are ignored. ``None`` = union for every head (METHOD.md's default without calibration).
+      head_patterns_file: a JSON written by ``purekv calibrate`` (read when ``head_patterns`` is None).
+      st_block_q / st_block_k: kernel block sizes (``None``: the backend's default, 128 x 128).
+      st_backend: ``"auto"`` (Triton on GPU, Mosaic on TPU, the XLA gathered-block fallback elsewhere),
+        ``"xla"``, ``"triton"``, ``"tpu"``.
+      spatial_radius / temporal_window: optional limits of the spatial (|dy|, |dx| <= r) and temporal
+        (the last T slots) patterns.
       seed: seed of the ``"random"`` policy.
       pyramid_beta: PyramidKV's ``beta`` (ratio of the mean to the smallest selectable budget).
       budget_multiple: the budget count is rounded up to a multiple of this (compile-bucketing).
+      adaptive_heads: AdaKV-style budgets per KV head within a layer (SnapKV base only): one top-k over all
+        heads of the layer for ``Hkv * budget`` entries; the cache keeps a fixed shape of
+        ``adaptive_cap * budget`` slots per head (bucketed, clipped to the prompt) with a validity mask.
+      adaptive_cap: the most a head may hold, as a multiple of the per-head budget.
     """
 
     budget: float | int = 0.2
@@ -77,9 +94,28 @@ class PureKVConfig:
     anchor_layers: tuple[int, ...] = (2,)
     value_norm: bool = True
     st_sparse: bool = False
+    st_start: int | None = None
+    head_patterns: tuple | None = None
+    head_patterns_file: str | None = None
+    st_block_q: int | None = None
+    st_block_k: int | None = None
+    st_backend: str = "auto"
+    spatial_radius: int | None = None
+    temporal_window: int | None = None
     seed: int = 0
     pyramid_beta: float = 20.0
     budget_multiple: int = 16
+    adaptive_heads: bool = False
+    adaptive_cap: float = 2.0
+
+    @classmethod
+    def paper(cls, budget: float | int = 0.2, **overrides) -> "PureKVConfig":
+        """The paper's single-anchor CLIE as METHOD.md describes it (SnapKV window score at anchor layer 2,
+        value norms above it, window 32, 4 sinks, avg pooling 7), pinned independently of the defaults."""
+        kw = dict(budget=budget, base="snapkv", cross_layer=True, anchor_layers=(2,), value_norm=True,
+                  window=32, sink=4, pooling="avg", kernel_size=7, adaptive_heads=False)
+        kw.update(overrides)
+        return cls(**kw)
 
     def __post_init__(self):
         b = self.budget
@@ -123,12 +159,87 @@ class PureKVConfig:
                     "PureKVConfig.base='random' is not score-based, so CLIE cannot carry it upward; "
                     "set cross_layer=False"
                 )
-        if self.st_sparse:
-            raise PureKVConfigError("PureKVConfig.st_sparse=True: ST-SpAttn is not implemented yet (issue 4)")
+        self._check_st()
         if self.pyramid_beta <= 1.0:
             raise PureKVConfigError(f"PureKVConfig.pyramid_beta={self.pyramid_beta} must be > 1")
         if self.budget_multiple < 1:
             raise PureKVConfigError(f"PureKVConfig.budget_multiple={self.budget_multiple} must be >= 1")
+        if self.adaptive_heads and (self.base != "snapkv" or not self.adaptive_cap >= 1.0):
+            raise PureKVConfigError(
+                f"PureKVConfig.adaptive_heads=True needs base='snapkv' (scores comparable across heads) and "
+                f"adaptive_cap >= 1, got base={self.base!r}, adaptive_cap={self.adaptive_cap}")
+
+    # ------------------------------------------------------------------------------------- ST-SpAttn
+    def _check_st(self):
+        from .st_sparse.prefill import load_head_patterns, normalize_layer_patterns
+
+        if self.st_start is not None and (isinstance(self.st_start, bool) or int(self.st_start) < 0):
+            raise PureKVConfigError(f"PureKVConfig.st_start={self.st_start!r} must be an int >= 0 or None")
+        for name in ("st_block_q", "st_block_k"):
+            val = getattr(self, name)
+            if val is not None and int(val) < 1:
+                raise PureKVConfigError(f"PureKVConfig.{name}={val} must be >= 1 or None")
+        for name in ("spatial_radius", "temporal_window"):
+            val = getattr(self, name)
+            if val is not None and int(val) < 0:
+                raise PureKVConfigError(f"PureKVConfig.{name}={val} must be >= 0 or None")
+        if self.st_backend not in ("auto", "xla", "triton", "tpu"):
+            raise PureKVConfigError(f"PureKVConfig.st_backend={self.st_backend!r} is not one of "
+                                    f"('auto', 'xla', 'triton', 'tpu')")
+        pats = self.head_patterns
+        if pats is None and self.head_patterns_file is not None:
+            try:
+                pats = load_head_patterns(self.head_patterns_file)
+            except ValueError as e:
+                raise PureKVConfigError(f"PureKVConfig.head_patterns_file: {e}") from None
+        if pats is not None:
+            try:
+                pats = normalize_layer_patterns(pats)
+            except ValueError as e:
+                raise PureKVConfigError(f"PureKVConfig.head_patterns: {e}") from None
+        object.__setattr__(self, "head_patterns", pats)
+
+    def st_first_layer(self) -> int:
+        """``st_start``, or the layer after the last anchor."""
+        if self.st_start is not None:
+            return int(self.st_start)
+        return (max(self.anchor_layers) + 1) if self.anchor_layers else 0
+
+    def st_layer_patterns(self, text_cfg: "TextConfig") -> tuple:
+        """Per layer: ``None`` (no ST: layers below ``st_start``) or a tuple of ``HeadPattern`` per q head.
+        Validates ``st_start`` and ``head_patterns`` against the model (and the H2O combination)."""
+        from .st_sparse.layout import HeadPattern
+
+        n_layers, hq = text_cfg.num_hidden_layers, text_cfg.num_attention_heads
+        start = self.st_first_layer()
+        if start >= n_layers:
+            raise PureKVConfigError(
+                f"PureKVConfig.st_start={start} (first ST-SpAttn layer) is out of range for a model with "
+                f"{n_layers} layers (valid: 0..{n_layers - 1})")
+        pats = self.head_patterns
+        if pats is not None and len(pats) != n_layers:
+            raise PureKVConfigError(
+                f"PureKVConfig.head_patterns has {len(pats)} layer entries but the model has {n_layers} layers")
+        out = []
+        for l in range(n_layers):
+            if l < start:
+                out.append(None)
+                continue
+            p = None if pats is None else pats[l]
+            if p is None:
+                p = (HeadPattern.UNION,) * hq
+            if len(p) != hq:
+                raise PureKVConfigError(
+                    f"PureKVConfig.head_patterns[{l}] has {len(p)} entries but the model has {hq} q heads")
+            out.append(tuple(p))
+        if self.base == "h2o":
+            own_hi = max(self.anchor_layers) + 1 if self.cross_layer else n_layers
+            if start < own_hi:
+                raise PureKVConfigError(
+                    f"base='h2o' computes dense attention probabilities in layers 0..{own_hi - 1}, which "
+                    f"overlaps the ST-SpAttn layers (from st_start={start}); use cross_layer=True with "
+                    f"st_start above the anchors")
+        return tuple(out)
 
     # ------------------------------------------------------------------------------------- resolution
     def budget_count(self, prompt_len: int) -> int:
@@ -177,6 +288,9 @@ class PureKVConfig:
         else:
             budgets = (count,) * n_layers
         slots = min(max(budgets), padded_len)
+        if self.adaptive_heads:  # AdaKV: a head may hold up to adaptive_cap x the per-head budget
+            m = self.budget_multiple
+            slots = min(-(-math.ceil(self.adaptive_cap * max(budgets)) // m) * m, padded_len)
         budgets = tuple(min(b, slots) for b in budgets)
         return KVPlan(
             budgets=budgets,
@@ -187,6 +301,7 @@ class PureKVConfig:
             window=self.window,
             sink=self.sink,
             prunes=slots < padded_len or any(b < slots for b in budgets),
+            head_adaptive=self.adaptive_heads and count < prompt_len,
         )
 
 
@@ -234,6 +349,7 @@ class KVPlan:
     window: int
     sink: int
     prunes: bool = True
+    head_adaptive: bool = False  # AdaKV-style per-head budgets (``policies.keep_set(adaptive=True)``)
 
     @classmethod
     def full(cls, n_layers: int, padded_len: int) -> "KVPlan":

@@ -39,6 +39,7 @@ from models.qwen2_5_vl.text import TextParams, layer_out, layer_qkv, lm_logits, 
 
 from . import cache as C
 from . import policies as P
+from . import sharding as S
 from .attention import decode_attention, prefill_attention_impl
 from .config import KVPlan, PureKVConfig, Segment
 from .sampling import sample_tokens
@@ -76,7 +77,8 @@ def _compiled(name: str, fn, statics: dict, args: tuple, donate: tuple[int, ...]
     """AOT-compiles ``fn(*args, **statics)`` once per (statics, argument shapes); returns
     ``(compiled, compile_seconds or 0.0 when cached, memory_analysis)``."""
     leaves, treedef = jax.tree.flatten(args)
-    key = (name, tuple(sorted(statics.items())), treedef, tuple((l.shape, str(l.dtype)) for l in leaves))
+    key = (name, tuple(sorted(statics.items())), treedef,
+           tuple((l.shape, str(l.dtype), getattr(l, "sharding", None)) for l in leaves))  # (a mesh compiles anew)
     hit = _COMPILED.get(key)
     if hit is not None:
         return hit[0], 0.0, hit[1]
@@ -172,7 +174,8 @@ def _prefill(
                     if kind == "anchor":
                         carried = score
                 idx, kept = P.keep_set(
-                    score, valid, slots=plan.slots, budget=budgets[l], window=plan.window, sink=plan.sink
+                    score, valid, slots=plan.slots, budget=budgets[l], window=plan.window, sink=plan.sink,
+                    adaptive=plan.head_adaptive,
                 )
             kk, vv = C.keep_indices(k, v, idx)
             cache = C.write_layer(cache, l, kk, vv, kept)
@@ -383,6 +386,11 @@ def generate(
             f"cannot run with attention={attention!r}"
         )
     prefill_attention_impl(attention, padded)  # validates the name
+    st_attn = None
+    if policy is not None and policy.st_sparse:  # ST-SpAttn: a layout-aware prefill attention (issue 4)
+        from .st_sparse.prefill import st_prefill_attention
+        st_attn = st_prefill_attention(policy, config, ids_al, valid, video_grid, attention)
+        attention = attention if st_attn is None else st_attn
     n_tokens = _round_up(max_new_tokens, new_tokens_bucket)
     need = plan.slots + max_new_tokens - 1
     if cache_capacity is None:
@@ -411,6 +419,9 @@ def generate(
         None if pixel_values is None else jnp.asarray(pixel_values, dtype),
         None if pixel_values_videos is None else jnp.asarray(pixel_values_videos, dtype),
     )
+    mesh = S.params_mesh(params)  # params on a mesh: the batch goes over its "data" axis (issue 7)
+    if mesh is not None:
+        args = (args[0], *S.shard_batch_args(args[1:], (0, 1, 0, 0, 0, None, None), mesh))
     statics = dict(config=config, plan=plan, capacity=capacity, attention=attention,
                    image_grid=image_grid, video_grid=video_grid, fused=bool(fused_prefill))
     prefill, prefill_compile_s, mem = _compiled("prefill", _prefill, statics, args)
@@ -447,6 +458,7 @@ def generate(
         "capacity": capacity,
         "prefill_peak_bytes": None if mem is None else _peak_bytes(mem),
         "prefill_temp_bytes": None if mem is None else int(mem.temp_size_in_bytes),
+        "st_layers": () if st_attn is None else st_attn.st_layers,
     }
     return GenerateResult(tokens=tokens[:, :max_new_tokens], stats=stats, cache=cache if return_cache else None)
 

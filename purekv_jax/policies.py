@@ -230,6 +230,7 @@ def keep_set(
     budget: int | jax.Array,
     window: int,
     sink: int,
+    adaptive: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Indices to keep per row and KV head, and whether each slot holds a kept real token.
 
@@ -239,6 +240,9 @@ def keep_set(
       slots: static number of output slots (``>= budget``).
       budget: entries kept (static int, or a traced scalar for per-layer budgets inside a scan).
       window, sink: always kept (the last ``window`` and the first ``sink`` real tokens).
+      adaptive: AdaKV-style per-head budgets (:func:`adaptive_select`): one top-k over all KV heads of the
+        layer for ``H * budget`` entries in total, each head holding at most ``slots`` of them (the cache
+        keeps its fixed shape; a head's unused slots are marked ``kept=False``).
 
     Returns:
       ``idx [B, H, slots]`` int32 and ``kept [B, H, slots]`` bool. The kept indices come first, sorted
@@ -249,13 +253,30 @@ def keep_set(
     forced = forced_mask(valid, window, sink)[:, None, :]
     key = jnp.where(forced, jnp.inf, jnp.where(valid[:, None, :], score.astype(jnp.float32), -jnp.inf))
     key = jnp.where(jnp.isnan(key), -jnp.inf, key)
-    _, top = jax.lax.top_k(key, slots)  # ties: lower index first
+    if adaptive:
+        key = adaptive_select(key, budget, slots)
+    top_key, top = jax.lax.top_k(key, slots)  # ties: lower index first
     rank = jnp.arange(slots, dtype=jnp.int32)
     is_valid = jnp.take_along_axis(jnp.broadcast_to(valid[:, None, :], key.shape), top, axis=-1)
-    keep = (rank < budget) & is_valid
+    keep = ((top_key > -jnp.inf) if adaptive else (rank < budget)) & is_valid
     order = jnp.sort(jnp.where(keep, top, top + n), axis=-1)
     kept = order < n
     return jnp.where(kept, order, order - n).astype(jnp.int32), kept
+
+
+def adaptive_select(key: jax.Array, budget: int | jax.Array, slots: int) -> jax.Array:
+    """AdaKV-style selection across the KV heads of a layer: ``key [B, H, N]`` (forced entries ``+inf``,
+    padding ``-inf``) -> the same keys with every entry outside the layer-wide top ``H * budget`` set to
+    ``-inf``. Heads whose scores are concentrated give entries to heads whose scores are spread; the total
+    equals the uniform per-head budget. One top-k over ``H * min(slots, N)`` candidates; ties go to the lower
+    head, then the lower index. No attention matrix is involved."""
+    b, h, n = key.shape
+    flat = key.reshape(b, h * n)
+    kk = h * min(slots, n)
+    vals, top = jax.lax.top_k(flat, kk)
+    sel = (jnp.arange(kk) < h * budget)[None] & (vals > -jnp.inf)
+    mask = jnp.zeros((b, h * n), bool).at[jnp.arange(b)[:, None], top].set(sel)
+    return jnp.where(mask.reshape(b, h, n), key, -jnp.inf)
 
 
 def keep_all(valid: jax.Array, n_heads: int) -> tuple[jax.Array, jax.Array]:

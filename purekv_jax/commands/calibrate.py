@@ -1,0 +1,99 @@
+"""``purekv calibrate``: per-layer, per-head ST-SpAttn patterns for a model, written to a JSON file.
+
+    purekv calibrate --model DIR --video clip.mp4 [--video more.mp4 ...] --out patterns.json
+
+For every video: the prompt (the chat template around the video and ``--prompt``) runs through a dense
+prefill; in each layer ``>= st_start`` ``--num-rows`` video query rows are sampled and each candidate
+pattern's output is compared with dense attention per q head
+(:func:`purekv_jax.st_sparse.prefill.calibrate_model`). Errors are averaged over the videos and the
+lowest-error pattern kept (ties to the cheaper one). Use the file with
+``PureKVConfig(st_sparse=True, head_patterns_file="patterns.json")``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+
+def prepare_inputs(model_dir: str, video: str, prompt: str, args: argparse.Namespace) -> dict:
+    """The processor's inputs for one video prompt (a hook: tests replace it)."""
+    from purekv_jax.processing import Qwen25VLProcessor, user_message
+
+    overrides = {}
+    if args.fps is not None:
+        overrides["fps"] = args.fps
+    if args.max_frames is not None:
+        overrides["max_frames"] = args.max_frames
+    if args.max_pixels is not None:
+        overrides["video_max_pixels"] = args.max_pixels
+    proc = Qwen25VLProcessor.from_pretrained(model_dir, **overrides)
+    out = proc(messages=user_message(prompt, videos=[video]))
+    out.pop("attention_mask", None)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from purekv_jax.checkpoint import load_checkpoint
+    from purekv_jax.config import PureKVConfig
+    from purekv_jax.st_sparse.prefill import calibrate_model, choose_patterns, save_head_patterns
+
+    anchors = tuple(int(a) for a in args.anchor_layers.split(",") if a.strip()) if args.anchor_layers else (2,)
+    policy = PureKVConfig(st_sparse=True, anchor_layers=anchors, st_start=args.st_start,
+                          spatial_radius=args.spatial_radius, temporal_window=args.temporal_window)
+    t0 = time.perf_counter()
+    config, params = load_checkpoint(args.model, dtype=args.dtype)
+    print(f"loaded {args.model}: {config.text.num_hidden_layers} layers, {config.text.num_attention_heads} q heads "
+          f"({time.perf_counter() - t0:.1f} s)")
+    errs, res = [], None
+    for video in args.video:
+        inputs = prepare_inputs(args.model, video, args.prompt, args)
+        t0 = time.perf_counter()
+        res = calibrate_model(params, config, inputs["input_ids"], policy=policy, num_rows=args.num_rows,
+                              seed=args.seed, pixel_values=inputs.get("pixel_values"),
+                              image_grid_thw=inputs.get("image_grid_thw"),
+                              pixel_values_videos=inputs.get("pixel_values_videos"),
+                              video_grid_thw=inputs.get("video_grid_thw"),
+                              second_per_grid_ts=inputs.get("second_per_grid_ts"))
+        errs.append(res.errors)
+        v = res.layout.videos
+        print(f"{video}: {inputs['input_ids'].shape[1]} tokens, video grid(s) {[(x.t, x.h, x.w) for x in v]}, "
+              f"{res.rows_per_layer} rows per layer ({time.perf_counter() - t0:.1f} s)")
+    errors = np.mean(np.stack(errs), axis=0)
+    pats = choose_patterns(errors, res.candidates, args.rel_tol, args.atol)
+    save_head_patterns(args.out, pats, errors=errors, candidates=res.candidates, st_start=res.st_start,
+                       num_videos=len(args.video), videos=list(args.video), num_rows=args.num_rows,
+                       seed=args.seed, spatial_radius=args.spatial_radius,
+                       temporal_window=args.temporal_window, model=str(args.model))
+    counts = {}
+    for p in pats:
+        for x in p or ():
+            counts[x.name.lower()] = counts.get(x.name.lower(), 0) + 1
+    print(f"wrote {args.out}: layers {res.st_start}..{len(pats) - 1}, head patterns {counts}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    """Registers ``calibrate`` on an ``argparse`` sub-parsers object."""
+    p = sub.add_parser("calibrate", help="calibrate per-head ST-SpAttn patterns on video prompts",
+                       description=__doc__.split("\n\n")[0] + ".",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="checkpoint folder (HF or orbax, with the tokenizer files)")
+    p.add_argument("--video", required=True, action="append", help="a video file (repeat for more)")
+    p.add_argument("--out", default="st_head_patterns.json", help="JSON to write (default st_head_patterns.json)")
+    p.add_argument("--prompt", default="Describe this video.", help="the text after the video")
+    p.add_argument("--num-rows", type=int, default=256, help="video query rows sampled per layer (default 256)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--anchor-layers", default="2", help="CLIE anchors, comma-separated (fix st_start's default)")
+    p.add_argument("--st-start", type=int, default=None, help="first ST layer (default: after the last anchor)")
+    p.add_argument("--spatial-radius", type=int, default=None)
+    p.add_argument("--temporal-window", type=int, default=None)
+    p.add_argument("--rel-tol", type=float, default=0.0, help="prefer a cheaper pattern within this relative error")
+    p.add_argument("--atol", type=float, default=1e-5, help="errors closer than this are ties (default 1e-5)")
+    p.add_argument("--dtype", choices=("bf16", "float32"), default="float32")
+    p.add_argument("--fps", type=float, default=None, help="video sampling fps (default: the processor's)")
+    p.add_argument("--max-frames", type=int, default=None)
+    p.add_argument("--max-pixels", type=int, default=None, help="per-frame pixel limit")
+    p.set_defaults(func=run)

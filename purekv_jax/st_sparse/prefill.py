@@ -1,0 +1,343 @@
+"""ST-SpAttn in the model's prefill, and model-level head calibration.
+
+``generate(..., policy=PureKVConfig(st_sparse=True, ...))`` builds, on the host, one :class:`STLayout`
+per prompt row from the (left-padded) token ids and the video grids, and hands the prefill an
+:class:`STPrefillAttention`: a hashable callable ``fn(q, k, v, valid, layer)`` (the prefill attention
+protocol of :mod:`purekv_jax.attention`) that runs the block-sparse kernel in layers ``>= st_start``
+and the plain prefill attention (dense / flash) below.
+
+Batches. ``generate`` left-pads every row to the bucket ``N``: a row with ``n`` real tokens holds them at
+``[N - n, N)``. Each row gets its own layout (video starts counted from its first real token). Rows
+with the same offset and the same layout share one kernel call on the slice ``[N - n, N)``; rows with
+different layouts are handled per row (one kernel call per distinct layout: more code to compile, same
+results). Rows without video use the plain attention in every layer. Padding query rows get zeros,
+exactly what the dense path gives a query that sees no valid key.
+
+Calibration (:func:`calibrate_model`): a dense prefill of one prompt, layer by layer; in each layer
+``>= st_start`` sample video query rows (a different sample per layer), compare each candidate
+pattern's output with dense attention per q head (O(rows * N), no N x N matrix), keep the lowest error.
+The result is static data for ``PureKVConfig.head_patterns`` (:func:`save_head_patterns` /
+:func:`load_head_patterns` / ``PureKVConfig(head_patterns_file=...)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from purekv_jax.st_sparse.layout import HeadPattern, LayoutError, STLayout, VideoSpan
+
+__all__ = [
+    "STPrefillAttention", "row_layouts", "st_prefill_attention", "normalize_layer_patterns",
+    "load_head_patterns", "save_head_patterns", "CalibrationResult", "calibrate_model", "choose_patterns",
+    "HEAD_PATTERNS_FORMAT",
+]
+
+HEAD_PATTERNS_FORMAT = "purekv-st-head-patterns/1"
+
+
+# --------------------------------------------------------------------------------- static patterns
+def normalize_layer_patterns(pats) -> tuple:
+    """``[layer] -> None | [head] -> pattern`` (names, ints or HeadPattern) to a hashable tuple."""
+    if isinstance(pats, (str, bytes)) or not hasattr(pats, "__iter__"):
+        raise ValueError(f"expected one entry per decoder layer (a list), got {pats!r}")
+    out = []
+    for l, entry in enumerate(pats):
+        if entry is None:
+            out.append(None)
+            continue
+        if isinstance(entry, (str, bytes, int)) or not hasattr(entry, "__iter__"):
+            raise ValueError(f"layer {l}: expected None or one pattern per q head, got {entry!r}")
+        try:
+            out.append(tuple(HeadPattern.parse(p) for p in entry))
+        except ValueError as e:
+            raise ValueError(f"layer {l}: {e}") from None
+    return tuple(out)
+
+
+def save_head_patterns(path, head_patterns, *, errors=None, candidates=None, **meta) -> None:
+    """Writes calibrated patterns as JSON (pattern names; ``null`` for layers without ST)."""
+    pats = normalize_layer_patterns(head_patterns)
+    doc: dict[str, Any] = {
+        "format": HEAD_PATTERNS_FORMAT,
+        "head_patterns": [None if p is None else [x.name.lower() for x in p] for p in pats],
+    }
+    if candidates is not None:
+        doc["candidates"] = [HeadPattern.parse(c).name.lower() for c in candidates]
+    if errors is not None:
+        e = np.asarray(errors, np.float64)
+        doc["errors"] = [None if not np.isfinite(el).all() else el.round(6).tolist() for el in e]
+    doc.update(meta)
+    tmp = f"{os.fspath(path)}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def load_head_patterns(path) -> tuple:
+    """Reads a JSON written by :func:`save_head_patterns` (or a bare list of per-layer lists)."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"head patterns file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"head patterns file {path} is not valid JSON: {e}") from None
+    if isinstance(doc, dict):
+        if "head_patterns" not in doc:
+            raise ValueError(f"head patterns file {path} has no 'head_patterns' field")
+        doc = doc["head_patterns"]
+    try:
+        return normalize_layer_patterns(doc)
+    except ValueError as e:
+        raise ValueError(f"head patterns file {path}: {e}") from None
+
+
+# --------------------------------------------------------------------------------- layouts
+def _merged_grids(config, video_grid) -> list[tuple[int, int, int]]:
+    m = config.vision.spatial_merge_size
+    out = []
+    for n, (t, h, w) in enumerate(video_grid or ()):
+        if h % m or w % m:
+            raise LayoutError(f"video {n}: grid (t, h, w) = {(t, h, w)} is not divisible by the spatial "
+                              f"merge size {m}")
+        out.append((int(t), int(h) // m, int(w) // m))
+    return out
+
+
+def row_layouts(config, ids, valid, video_grid, *, spatial_radius=None, temporal_window=None):
+    """Per row ``(offset, STLayout | None)``: ``offset`` is the row's first real token; the layout covers
+    the real tokens ``[offset, N)`` (``None`` for a row without video). Videos are assigned to rows in
+    order (the ``video_grid_thw`` convention); every video's tokens must be contiguous and match its
+    merged grid, else :class:`LayoutError`."""
+    ids, valid = np.asarray(ids), np.asarray(valid, bool)
+    grids = _merged_grids(config, video_grid)
+    k = 0
+    out = []
+    for r in range(ids.shape[0]):
+        real = np.flatnonzero(valid[r])
+        off = int(real[0])
+        if not np.array_equal(real, np.arange(off, ids.shape[1])):
+            raise LayoutError(f"row {r}: the real tokens must be one block at the end (left padding)")
+        pos = np.flatnonzero(ids[r, off:] == config.video_token_id)
+        spans, i = [], 0
+        while i < pos.size:
+            if k >= len(grids):
+                raise LayoutError(f"row {r}: more video tokens than the {len(grids)} video grid(s) describe")
+            t, h, w = grids[k]
+            span = pos[i:i + t * h * w]
+            if span.size < t * h * w or span[-1] - span[0] != t * h * w - 1:
+                run = int(np.argmax(np.append(np.diff(span), 0) != 1)) + 1
+                raise LayoutError(
+                    f"row {r}, video {k}: merged grid (t, h, w) = {(t, h, w)} needs {t * h * w} contiguous "
+                    f"video tokens from offset {int(span[0])}, but the prompt holds a run of {run}")
+            spans.append(VideoSpan(int(span[0]), t, h, w))
+            i += t * h * w
+            k += 1
+        n = ids.shape[1] - off
+        out.append((off, STLayout(n, tuple(spans), spatial_radius, temporal_window) if spans else None))
+    if k != len(grids):
+        raise LayoutError(f"{len(grids)} video grid(s) given but the prompt holds {k} video(s)")
+    return out
+
+
+# --------------------------------------------------------------------------------- prefill attention
+@dataclasses.dataclass(frozen=True)
+class STPrefillAttention:
+    """``fn(q, k, v, valid, layer)`` for the prefill: block-sparse ST attention in the layers with a
+    pattern tuple, ``base`` attention elsewhere (hashable: a static jit argument).
+
+    groups: ``(rows, offset, layout)``: rows sharing one layout, whose real tokens are ``[offset, N)``.
+    dense_rows: rows without video (``base`` attention in every layer).
+    layer_patterns: per layer, ``None`` (``base``) or a tuple of HeadPattern per q head.
+    """
+
+    groups: tuple
+    dense_rows: tuple
+    layer_patterns: tuple
+    base: Any = "auto"
+    backend: str = "auto"
+    block_q: int | None = None
+    block_k: int | None = None
+
+    @property
+    def st_layers(self) -> tuple[int, ...]:
+        return tuple(l for l, p in enumerate(self.layer_patterns) if p is not None)
+
+    def _st(self, pats, q, k, v, valid, layer, base_fn):
+        from kernels.block_sparse_attention import block_sparse_attention
+        import jax.numpy as jnp
+
+        b, _, n, _ = q.shape
+        out = None
+        for rows, off, lay in self.groups:
+            whole = rows == tuple(range(b))
+            r = np.asarray(rows)
+            qs, ks, vs = (x if whole else x[r] for x in (q, k, v))
+            o = block_sparse_attention(qs[:, :, off:], ks[:, :, off:], vs[:, :, off:], lay, head_patterns=pats,
+                                       backend=self.backend, block_q=self.block_q, block_k=self.block_k)
+            if off:
+                o = jnp.pad(o, ((0, 0), (0, 0), (off, 0), (0, 0)))
+            if whole:
+                return o.astype(q.dtype)
+            out = (jnp.zeros_like(q) if out is None else out).at[r].set(o.astype(q.dtype))
+        if self.dense_rows:
+            r = np.asarray(self.dense_rows)
+            out = out.at[r].set(base_fn(q[r], k[r], v[r], valid[r], layer))
+        return out
+
+    def __call__(self, q, k, v, valid, layer=None):
+        import jax.numpy as jnp
+
+        from purekv_jax.attention import prefill_attention_impl
+
+        base_fn = prefill_attention_impl(self.base, q.shape[2])
+        sets = sorted({p for p in self.layer_patterns if p is not None})
+        if not sets:
+            return base_fn(q, k, v, valid, layer)
+        if layer is None:
+            raise ValueError("STPrefillAttention needs the layer index")
+        branch = [0 if p is None else 1 + sets.index(p) for p in self.layer_patterns]
+        if isinstance(layer, (int, np.integer)):
+            i = branch[int(layer)]
+            return base_fn(q, k, v, valid, layer) if i == 0 else self._st(sets[i - 1], q, k, v, valid, layer, base_fn)
+        fns = [lambda q, k, v, valid, layer: base_fn(q, k, v, valid, layer)]
+        fns += [functools.partial(self._st, p, base_fn=base_fn) for p in sets]
+        idx = jnp.asarray(branch, jnp.int32)[layer]
+        return jax.lax.switch(idx, fns, q, k, v, valid, layer)
+
+
+def st_prefill_attention(policy, config, ids, valid, video_grid, base="auto"):
+    """The :class:`STPrefillAttention` for a left-padded batch, or ``None`` when no row holds a video
+    (ST-SpAttn then changes nothing: the prefill runs exactly as without it)."""
+    layer_patterns = policy.st_layer_patterns(config.text)  # validates even when no row holds a video
+    lays = row_layouts(config, ids, valid, video_grid, spatial_radius=policy.spatial_radius,
+                       temporal_window=policy.temporal_window)
+    if all(lay is None for _, lay in lays):
+        return None
+    groups: dict = {}
+    dense = []
+    for r, (off, lay) in enumerate(lays):
+        if lay is None:
+            dense.append(r)
+        else:
+            groups.setdefault((off, lay), []).append(r)
+    return STPrefillAttention(
+        groups=tuple((tuple(rows), off, lay) for (off, lay), rows in groups.items()),
+        dense_rows=tuple(dense),
+        layer_patterns=layer_patterns,
+        base=base,
+        backend=policy.st_backend,
+        block_q=policy.st_block_q,
+        block_k=policy.st_block_k,
+    )
+
+
+# --------------------------------------------------------------------------------- calibration
+@dataclasses.dataclass
+class CalibrationResult:
+    """head_patterns: per layer ``None`` (below st_start) or a tuple of HeadPattern per q head;
+    errors: ``[layers, candidates, q heads]`` relative errors (NaN below st_start)."""
+
+    head_patterns: tuple
+    errors: np.ndarray
+    candidates: tuple
+    st_start: int
+    layout: STLayout
+    rows_per_layer: int
+
+    def config(self, policy):
+        """``policy`` with these patterns (``dataclasses.replace``)."""
+        return dataclasses.replace(policy, st_sparse=True, head_patterns=self.head_patterns,
+                                   head_patterns_file=None)
+
+
+def choose_patterns(errors, candidates, rel_tol: float = 0.0, atol: float = 0.0) -> tuple:
+    """Per layer (NaN rows -> None) the candidate with the lowest error per head; ties (and anything
+    within ``best * (1 + rel_tol) + atol``) go to the earliest (cheapest) candidate."""
+    errors = np.asarray(errors)
+    cands = tuple(HeadPattern.parse(c) for c in candidates)
+    out = []
+    for el in errors:
+        if not np.isfinite(el).all():
+            out.append(None)
+            continue
+        best = el.min(axis=0)
+        out.append(tuple(cands[int(np.nonzero(el[:, h] <= best[h] * (1.0 + rel_tol) + atol)[0][0])]
+                         for h in range(el.shape[1])))
+    return tuple(out)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "attention"))
+def _calib_layer(lp, x, cos, sin, valid, *, cfg, attention):
+    from models.qwen2_5_vl.text import layer_out, layer_qkv
+    from purekv_jax.attention import prefill_attention_impl
+
+    q, k, v = layer_qkv(lp, x, cos, sin, cfg)
+    attn = prefill_attention_impl(attention, x.shape[1])(q, k, v, valid, None)
+    return layer_out(lp, x, attn, cfg), q, k, v
+
+
+def calibrate_model(params, config, input_ids, *, pixel_values=None, image_grid_thw=None,
+                    pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, policy=None,
+                    num_rows: int = 256, seed: int = 0, candidates=None, rel_tol: float = 0.0,
+                    atol: float = 0.0, attention: str = "auto") -> CalibrationResult:
+    """Calibrates the per-layer, per-head ST patterns on one prompt (``input_ids [1, N]``, no padding).
+
+    Runs the dense prefill layer by layer (``attention``: "auto" / "dense" / "flash"); in every layer
+    ``>= policy.st_first_layer()`` samples ``num_rows`` video query rows (seed ``seed + layer``) and
+    scores each candidate pattern (default: temporal, spatial, union; cheapest first) against dense
+    attention per q head (``pattern_errors``). ``policy`` (default ``PureKVConfig(st_sparse=True)``)
+    supplies ``st_start``, ``spatial_radius`` and ``temporal_window``. ``rel_tol`` / ``atol``: see
+    :func:`choose_patterns` (errors below float noise are ties, which go to the cheaper pattern).
+    """
+    import jax.numpy as jnp
+
+    from models.qwen2_5_vl.merge import check_feature_counts
+    from models.qwen2_5_vl.model import _n_features, embed_inputs, static_grid
+    from models.qwen2_5_vl.rope_index import get_rope_index
+    from models.qwen2_5_vl.text import mrope_cos_sin
+    from purekv_jax.config import PureKVConfig
+    from purekv_jax.st_sparse.calibrate import DEFAULT_CANDIDATES, pattern_errors, sample_video_rows
+
+    policy = PureKVConfig(st_sparse=True) if policy is None else policy
+    candidates = tuple(HeadPattern.parse(c) for c in (DEFAULT_CANDIDATES if candidates is None else candidates))
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2 or ids.shape[0] != 1:
+        raise ValueError(f"calibrate_model takes one prompt, input_ids [1, N]; got shape {ids.shape}")
+    cfg = config.text
+    n_layers = cfg.num_hidden_layers
+    policy.st_layer_patterns(cfg)  # validates st_start against the model
+    start = policy.st_first_layer()
+    image_grid, video_grid = static_grid(image_grid_thw), static_grid(video_grid_thw)
+    if video_grid is None:
+        raise ValueError("calibrate_model needs a video prompt (pixel_values_videos and video_grid_thw)")
+    check_feature_counts(config, ids, _n_features(image_grid, config), _n_features(video_grid, config))
+    valid = np.ones(ids.shape, bool)
+    ((_, layout),) = row_layouts(config, ids, valid, video_grid, spatial_radius=policy.spatial_radius,
+                                 temporal_window=policy.temporal_window)
+
+    dtype = params.text.embed.dtype
+    embed = jax.jit(embed_inputs, static_argnums=(1, 4, 6))
+    x = embed(params, config, jnp.asarray(ids, jnp.int32),
+              None if pixel_values is None else jnp.asarray(pixel_values, dtype), image_grid,
+              jnp.asarray(pixel_values_videos, dtype), video_grid)
+    pos, _ = get_rope_index(config, ids, image_grid, video_grid, second_per_grid_ts, valid.astype(np.int32))
+    cos, sin = mrope_cos_sin(jnp.asarray(pos, jnp.int32), cfg)
+    valid_j = jnp.asarray(valid)
+    errors = np.full((n_layers, len(candidates), cfg.num_attention_heads), np.nan, np.float64)
+    for l in range(n_layers):
+        lp = jax.tree.map(lambda p: p[l], params.text.layers)
+        x, q, k, v = _calib_layer(lp, x, cos, sin, valid_j, cfg=cfg, attention=attention)
+        if l >= start:
+            rows = sample_video_rows(layout, num_rows, seed + l)
+            errors[l] = pattern_errors(q, k, v, layout, rows, candidates)
+    return CalibrationResult(choose_patterns(errors, candidates, rel_tol, atol), errors, candidates, start, layout,
+                             min(num_rows, layout.num_video_tokens))
