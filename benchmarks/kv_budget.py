@@ -79,8 +79,8 @@ def main() -> None:
               f"{mib(s['prefill_peak_bytes'] - weights):>9} "
               f"{mib(s['prefill_temp_bytes']):>9} {statistics.median(prefill):>9.3f} "
               f"{1e3 * statistics.median(steps):>8.3f} {1e3 * min(steps):>7.3f} {s['prefill_compile_s'] + s['decode_compile_s']:>9.2f}")
-    print("PureKV = PureKVConfig(budget=f) defaults (SnapKV score at anchor layer 2, CLIE + value norms above, "
-          "window 32, sink 4); F = fused_prefill (one layer loop + lax.cond instead of one loop per segment).")
+    print("PureKV = PureKVConfig(budget=f) defaults (at the time of the recorded table: SnapKV score at anchor "
+          "layer 2, CLIE + value norms above; now per-layer SnapKV, see docs/retrieval.md; window 32, sink 4); F = fused_prefill (one layer loop + lax.cond instead of one loop per segment).")
     print("KV kept: prompt K+V after prefill, all layers. alloc: the cache arrays (budget + new-token room). "
           "peak: XLA memory analysis of the compiled prefill (args incl. weights + outputs + temps - aliases); "
           "-weights: the same without the weights. step: median (min) over repeats of decode time / decode steps. "

@@ -1,8 +1,10 @@
 """``PureKVConfig``: the user-facing KV-compression configuration, and its static resolution.
 
-``PureKVConfig`` is what a user writes (``PureKVConfig(budget=0.2)`` is PureKV with the defaults of
-``../shared/METHOD.md``: SnapKV window score at anchor layer 2, CLIE with value norms above it, 32-token
-window, 4 sink tokens, average pooling with kernel 7). :meth:`PureKVConfig.resolve` turns it, together
+``PureKVConfig`` is what a user writes. ``PureKVConfig(budget=0.2)`` is the library's default policy, chosen
+by measurement on a real LM (``docs/retrieval.md``): every layer ranks its entries by its own SnapKV window
+score (``cross_layer=False``; window attention only, O(window * N), flash-compatible), 32-token window, 4 sink
+tokens, average pooling with kernel 7. The paper's single-anchor CLIE (anchor layer 2, value norms above it)
+is :meth:`PureKVConfig.paper` (= ``PureKVConfig(cross_layer=True)``: anchors ``(2,)``, value norms on). :meth:`PureKVConfig.resolve` turns it, together
 with the model's :class:`~models.qwen2_5_vl.config.TextConfig` and the (bucketed) prompt length, into a
 :class:`KVPlan`: static per-layer budgets, the number of cache slots, the layer segments of the prefill
 (own-score / anchor / owned layers) and the policy objects. Every user error is raised there, before
@@ -58,6 +60,8 @@ class PureKVConfig:
       cross_layer: CLIE. Anchor layers compute the base score; every layer above an anchor (up to the
         next anchor) ranks its entries by the anchor's score times its own value norms. Layers below
         the first anchor use their own base score. Requires a score-based base (not ``"random"``).
+        Default ``False`` (per-layer scores): on the real LM's needle retrieval the paper's single anchor
+        loses the fact almost always (docs/retrieval.md); ``PureKVConfig.paper()`` turns it on.
       anchor_layers: 0-based anchor layers, strictly increasing (default ``(2,)``).
       value_norm: multiply the carried score by ``||v_l||_2`` in owned layers (CLIE's weighting).
       st_sparse: ST-SpAttn (METHOD.md): video query rows attend through the block-sparse
@@ -90,7 +94,7 @@ class PureKVConfig:
     pooling: str = "avg"
     kernel_size: int = 7
     base: str = "snapkv"
-    cross_layer: bool = True
+    cross_layer: bool = False  # per-layer SnapKV by default (docs/retrieval.md); True = the paper's CLIE
     anchor_layers: tuple[int, ...] = (2,)
     value_norm: bool = True
     st_sparse: bool = False

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from purekv_jax import checkpoint
+from purekv_jax.config import PureKVConfig
 from purekv_jax.cli import main
 from purekv_jax.commands.tiny import TINY_VOCAB_SIZE, write_tiny_model
 
@@ -179,7 +180,7 @@ BAD = {
                                   r"--budget 20 is below the --window 32 \+ --sink 4 = 36 tokens"),
     "budget fraction below window": (["--video", VIDEO, "--budget", "0.02"],
                                      r"--budget 0.02 keeps \d+ of the prompt's \d+ tokens, below the --window 32"),
-    "anchor beyond the model": (["--video", VIDEO, "--anchors", "5"], r"--anchors 5: the model has 3 layers"),
+    "anchor beyond the model": (["--video", VIDEO, "--policy", "clie", "--anchors", "5"], r"--anchors 5: the model has 3 layers"),
     "st-sparse beyond the model": (["--video", VIDEO, "--st-sparse"],
                                    r"--st-sparse: ST-SpAttn would start at layer 3 .* the model has 3 layers"),
     "st-start without st-sparse": (["--video", VIDEO, "--st-start", "1"], r"add --st-sparse"),
@@ -219,7 +220,8 @@ def test_policy_mapping():
     from purekv_jax.commands.generate import build_policy
 
     assert build_policy("full", 0.2) is None
-    assert build_policy("purekv", 0.2).cross_layer and build_policy("purekv", 512).budget == 512
+    assert build_policy("purekv", 0.2) == PureKVConfig(budget=0.2)  # the library default
+    assert build_policy("purekv", 512).budget == 512
     clie = build_policy("clie", 0.3, anchors=(1, 3))
     assert clie.cross_layer and clie.anchor_layers == (1, 3) and clie.base == "snapkv"
     for base in ("snapkv", "pyramid", "streaming", "random", "h2o"):

@@ -120,8 +120,8 @@ def test_harness_caches_equal_generate_caches(tiny):
     n = 128
     pks = [PureKVConfig(budget=0.3, base="h2o", cross_layer=False),
            PureKVConfig(budget=0.3, base="pyramid", cross_layer=False, pyramid_beta=4.0),
-           PureKVConfig(budget=0.3, anchor_layers=(1,), window=16, sink=2),
-           PureKVConfig(budget=0.3, anchor_layers=(0, 3), value_norm=False, pooling="max", kernel_size=3),
+           PureKVConfig(budget=0.3, cross_layer=True, anchor_layers=(1,), window=16, sink=2),
+           PureKVConfig(budget=0.3, cross_layer=True, anchor_layers=(0, 3), value_norm=False, pooling="max", kernel_size=3),
            PureKVConfig(budget=0.3, base="snapkv", cross_layer=False, adaptive_heads=True)]
     an = analyse_prompt(params, config.text, ids[:n], pks)
     for pk in pks:
@@ -138,7 +138,7 @@ def test_harness_caches_equal_generate_caches(tiny):
 def test_batched_continuation_equals_token_by_token_decode(tiny):
     config, params, ids = tiny
     cfg, n, t = config.text, 128, 12
-    pk = PureKVConfig(budget=0.3, anchor_layers=(1,), window=16, sink=2)
+    pk = PureKVConfig(budget=0.3, cross_layer=True, anchor_layers=(1,), window=16, sink=2)
     an = analyse_prompt(params, cfg, ids[:n], [pk])
     cache, _, _, plan = policy_cache(an, cfg, pk)
     batched = np.asarray(continuation_logits(params, cache, jnp.asarray(ids[None, n : n + t]), cfg=cfg))[0]

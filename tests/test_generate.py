@@ -147,10 +147,11 @@ def model4():
 SMALL = dict(window=8, sink=2, budget_multiple=8)
 POLICIES = {
     "purekv": PureKVConfig(budget=1.0, **SMALL),
+    "clie": PureKVConfig(budget=1.0, cross_layer=True, **SMALL),
     "snapkv": PureKVConfig(budget=1.0, cross_layer=False, **SMALL),
-    "pyramid_clie": PureKVConfig(budget=1.0, base="pyramid", anchor_layers=(1, 3), **SMALL),
+    "pyramid_clie": PureKVConfig(budget=1.0, base="pyramid", cross_layer=True, anchor_layers=(1, 3), **SMALL),
     "h2o": PureKVConfig(budget=1.0, base="h2o", cross_layer=False, **SMALL),
-    "h2o_clie": PureKVConfig(budget=1.0, base="h2o", **SMALL),
+    "h2o_clie": PureKVConfig(budget=1.0, base="h2o", cross_layer=True, **SMALL),
     "streaming": PureKVConfig(budget=1.0, base="streaming", cross_layer=False, **SMALL),
     "random": PureKVConfig(budget=1.0, base="random", cross_layer=False, **SMALL),
 }
@@ -184,7 +185,8 @@ def test_compressed_cache_is_subset_of_full_prefill(model4):
     rng = np.random.default_rng(22)
     ids, mask = _batch(cfg, rng, [120, 70])
     full = G.generate(params, cfg, ids, mask, max_new_tokens=1, return_cache=True).cache
-    for pol in (PureKVConfig(budget=0.3, **SMALL), PureKVConfig(budget=0.3, base="pyramid", **SMALL)):
+    for pol in (PureKVConfig(budget=0.3, cross_layer=True, **SMALL),
+                PureKVConfig(budget=0.3, base="pyramid", cross_layer=True, **SMALL)):
         res = G.generate(params, cfg, ids, mask, policy=pol, max_new_tokens=1, return_cache=True)
         c, budgets = res.cache, res.stats["budgets"]
         assert res.stats["kv_bytes_kept"] < res.stats["kv_bytes_full"]
@@ -236,7 +238,7 @@ def test_clie_scores_only_at_anchor_layers(model4, attention):
     cfg, params = model4
     ids = random_text_ids(np.random.default_rng(23), (1, 100), cfg)
     window = 8
-    pol = PureKVConfig(budget=0.3, window=window, sink=2, anchor_layers=(1,))
+    pol = PureKVConfig(budget=0.3, window=window, sink=2, cross_layer=True, anchor_layers=(1,))
     plan, jaxpr = G.prefill_jaxpr(params, cfg, ids, pol, attention=attention)
     kinds = [s.kind for s in plan.segments]
     assert kinds == ["own", "anchor", "owned"]
@@ -293,7 +295,7 @@ def test_bad_input_errors_before_any_work(model4):
     with pytest.raises(PureKVConfigError, match="smaller than window \\+ sink"):
         G.generate(params, cfg, ids, policy=PureKVConfig(budget=0.1))
     with pytest.raises(PureKVConfigError, match="out of range"):
-        G.generate(params, cfg, ids, policy=PureKVConfig(budget=0.9, anchor_layers=(1, 4)))
+        G.generate(params, cfg, ids, policy=PureKVConfig(budget=0.9, cross_layer=True, anchor_layers=(1, 4)))
     with pytest.raises(G.GenerateError, match="max_position_embeddings"):
         G.generate(params, cfg, ids, max_new_tokens=cfg.text.max_position_embeddings)
     with pytest.raises(G.GenerateError, match="cache_capacity=40"):

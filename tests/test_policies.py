@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from models.qwen2_5_vl import tiny_config
 from purekv_jax import cache as C
 from purekv_jax import policies as P
-from purekv_jax.config import PureKVConfig, PureKVConfigError, plan_segments
+from purekv_jax.config import PureKVConfig, PureKVConfigError, Segment, plan_segments
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -192,15 +192,16 @@ def test_config_validation():
     with pytest.raises(PureKVConfigError, match="not one of"):
         PureKVConfig(base="magic")
     with pytest.raises(PureKVConfigError, match="not score-based"):
-        PureKVConfig(base="random")
+        PureKVConfig(base="random", cross_layer=True)
     with pytest.raises(PureKVConfigError, match="strictly increasing"):
-        PureKVConfig(anchor_layers=(3, 2))
+        PureKVConfig(cross_layer=True, anchor_layers=(3, 2))
     text = tiny_config(num_hidden_layers=4).text
     with pytest.raises(PureKVConfigError, match="out of range"):
-        PureKVConfig(anchor_layers=(2, 4)).resolve(text, 500)
+        PureKVConfig(cross_layer=True, anchor_layers=(2, 4)).resolve(text, 500)
     with pytest.raises(PureKVConfigError, match="smaller than window"):
         PureKVConfig(budget=0.05).resolve(text, 500)
-    plan = PureKVConfig(budget=0.2).resolve(text, 500)
+    plan = PureKVConfig.paper(budget=0.2).resolve(text, 500)
+    assert PureKVConfig(budget=0.2).resolve(text, 500).segments == (Segment("own", 0, 4),)  # the default: per-layer
     assert plan.budgets == (112,) * 4 and plan.slots == 112  # ceil(100) -> multiple of 16
     assert [(s.kind, s.lo, s.hi) for s in plan.segments] == [("own", 0, 2), ("anchor", 2, 3), ("owned", 3, 4)]
     assert [(s.kind, s.lo, s.hi) for s in plan_segments(8, (1, 4))] == [

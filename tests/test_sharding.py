@@ -123,7 +123,7 @@ SCRIPT = textwrap.dedent(r"""
     policies = {
         "full": None,
         "snapkv": PureKVConfig(budget=32, window=8, sink=2, cross_layer=False),
-        "clie": PureKVConfig(budget=32, window=8, sink=2, anchor_layers=(1,)),
+        "clie": PureKVConfig(budget=32, window=8, sink=2, cross_layer=True, anchor_layers=(1,)),
     }
     kw = dict(max_new_tokens=8, new_tokens_bucket=8, cache_capacity=72, eos_token_id=(), return_cache=True)
     spec = lambda x: str(x.sharding.spec)

@@ -144,7 +144,7 @@ def test_st_with_clie_image_and_video(model4):
     rng = np.random.default_rng(2)
     rows = [[6, ("image", (1, 4, 6)), 4, ("video", (4, 8, 8)), 9]]
     ids, mask, mm = _batch(cfg, rng, rows)
-    pol = PureKVConfig(budget=0.5, st_sparse=True, **SMALL)
+    pol = PureKVConfig(budget=0.5, st_sparse=True, cross_layer=True, **SMALL)
     n = -(-ids.shape[1] // 64) * 64
     ids_al, valid = G._realign(ids, mask.astype(bool), n, 0)
     ((off, lay),) = row_layouts(cfg, ids_al, valid, ((4, 8, 8),))
@@ -161,7 +161,7 @@ def test_text_only_is_exactly_dense(model4):
     cfg, params = model4
     rng = np.random.default_rng(3)
     ids, mask, _ = _batch(cfg, rng, [[50], [33]])
-    for base in (dict(budget=1.0, cross_layer=False), dict(budget=0.4)):
+    for base in (dict(budget=1.0, cross_layer=False), dict(budget=0.4, cross_layer=True)):
         pol = PureKVConfig(st_sparse=True, **base, **SMALL)
         got = G.generate(params, cfg, ids, mask, policy=pol, max_new_tokens=N_NEW, return_cache=True)
         ref = G.generate(params, cfg, ids, mask, policy=dataclasses.replace(pol, st_sparse=False),

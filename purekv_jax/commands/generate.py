@@ -30,8 +30,9 @@ MIB = 1 << 20
 #: ``--policy`` names -> one-line help. The base names map to ``PureKVConfig(base=..., cross_layer=False)``.
 POLICIES = {
     "full": "the full KV cache, nothing dropped (baseline)",
-    "purekv": "the library's default PureKV policy: PureKVConfig(budget=...) (SnapKV score at the anchor "
-              "layer carried upward by CLIE with value norms)",
+    "purekv": "the library's default policy, PureKVConfig(budget=...), chosen by measurement on a real LM "
+              "(docs/retrieval.md): every layer's own SnapKV window score (flash-compatible); add --st-sparse "
+              "for the ST-SpAttn prefill",
     "clie": "the paper's CLIE: SnapKV window score at the --anchors layers, carried to the layers above "
             "(times value norms)",
     "snapkv": "SnapKV: every layer ranks its entries by the observation window's attention",

@@ -1,0 +1,316 @@
+"""Needle retrieval on the real LM (issue 8): does a compressed cache keep the fact a question needs?
+
+A prompt of exactly ``N`` tokens in SmolLM2's chat format::
+
+    <|im_start|>system ... <|im_end|>\\n<|im_start|>user\\n
+    [real text (Shakespeare / Britannica) ... FACT ... real text]            <- the fact at depth 20-90%
+    \\n\\nWhat is the secret code (a four-digit number)?<|im_end|>\\n<|im_start|>assistant\\nThe secret code is
+
+with FACT = ``"\\nThe secret code is 4817.\\n"`` (a seeded 4-digit code). The answer (greedy, <= 8 tokens) is
+decoded from each policy's compressed cache; accuracy = the code appears in the decoded answer.
+
+Method (as the perplexity harness, ``harness.py``): one dense **analysis prefill** per batch of prompts keeps
+every layer's keys / values, every needed base score (the project's policy objects) and the last position's
+logits. Pruning never changes the prefill's hidden states, so each policy's cache is exactly what
+``generate``'s active prefill writes (``resolve`` -> per-layer scores (own / anchor / CLIE-owned) ->
+``policies.keep_set``, AdaKV included) and the first answer token is the full model's. The remaining tokens
+come from ``generate``'s own decode program (``generation._decode``) on that cache.
+``tests/test_retrieval.py`` checks the answers against ``generate`` itself.
+
+Command: ``python -m purekv_jax.fidelity.retrieval --prompts 30 --out docs/retrieval``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.qwen2_5_vl.layers import dense_attention, rms_norm
+from models.qwen2_5_vl.text import TextConfig, TextParams, layer_out, layer_qkv, lm_logits, mrope_cos_sin
+
+from .. import cache as C
+from .. import policies as P
+from ..config import KVPlan, PureKVConfig
+from .data import DEFAULT_SOURCES, read_text
+from .harness import layer_scores, score_policies_needed as base_policies
+
+SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+USER = "<|im_start|>user\n"
+FACT = "\nThe secret code is {code}.\n"
+#: the question tails tried (question, end of the user turn, start of the assistant turn); the first is the
+#: one the full cache answers best (docs/retrieval.md gives each one's full-cache accuracy).
+QUESTIONS = (
+    "\n\nWhat is the secret code (a four-digit number)?<|im_end|>\n<|im_start|>assistant\nThe secret code is",
+    "\n\nWhat is the secret code?<|im_end|>\n<|im_start|>assistant\nThe secret code is",
+    "\n\nWhat is the secret code mentioned in the text above?<|im_end|>\n<|im_start|>assistant\nThe secret code is",
+    "\n\nWhat is the secret code?<|im_end|>\n<|im_start|>assistant\n",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalPrompt:
+    ids: np.ndarray  # [N] int32
+    code: str
+    depth: float  # fact position / context length
+    fact_pos: int  # token index of the fact's first token
+    source: str
+    question_len: int  # tokens after the context (question + chat suffix)
+
+
+def question_ids(tokenizer, question: str = QUESTIONS[0]) -> list[int]:
+    return tokenizer.encode(question)
+
+
+def make_prompts(tokenizer, n_tokens: int, n_prompts: int, seed: int = 0, question: str = QUESTIONS[0],
+                 sources=DEFAULT_SOURCES) -> list[RetrievalPrompt]:
+    """``n_prompts`` prompts of exactly ``n_tokens`` tokens; code, depth and text offset drawn from ``seed``."""
+    rng = np.random.default_rng([seed, n_tokens])
+    head = tokenizer.encode(SYSTEM + USER)
+    tail = question_ids(tokenizer, question)
+    out = []
+    for i in range(n_prompts):
+        rel = sources[i % len(sources)]
+        text = read_text(rel)
+        code = str(int(rng.integers(1000, 10000)))
+        depth = float(rng.uniform(0.2, 0.9))
+        fact = tokenizer.encode(FACT.format(code=code))
+        n_ctx = n_tokens - len(head) - len(tail) - len(fact)
+        chars = 8 * n_ctx
+        start = int(rng.integers(len(text) // 10, len(text) - chars))
+        start = text.find("\n", start) + 1 or start
+        ctx = tokenizer.encode(text[start : start + chars])[:n_ctx]
+        if len(ctx) < n_ctx:
+            raise ValueError(f"{rel}: too few tokens at offset {start}")
+        cut = int(round(depth * n_ctx))
+        ids = np.asarray(head + ctx[:cut] + fact + ctx[cut:] + tail, np.int32)
+        assert len(ids) == n_tokens
+        out.append(RetrievalPrompt(ids=ids, code=code, depth=cut / n_ctx, fact_pos=len(head) + cut,
+                                   source=rel, question_len=len(tail)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ device parts
+@functools.partial(jax.jit, static_argnames=("cfg", "score_policies"))
+def retrieval_prefill(params: TextParams, ids: jax.Array, *, cfg: TextConfig, score_policies: tuple):
+    """Dense prefill of ``ids [B, N]`` -> ``(k, v [L, B, Hkv, N, hd], scores (one [L, B, Hkv, N] per policy),
+    last-position logits [B, V])`` (``harness.analysis_prefill`` plus the logits)."""
+    b, n = ids.shape
+    x = jnp.take(params.embed, ids, axis=0)
+    pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None], (b, n))
+    cos, sin = mrope_cos_sin(pos, cfg)
+    valid = jnp.ones((b, n), bool)
+    mask = jnp.tril(jnp.ones((n, n), bool))[None, None]
+
+    def body(x, xs):
+        lp, l = xs
+        q, k, v = layer_qkv(lp, x, cos, sin, cfg)
+        attn = dense_attention(q, k, v, mask)
+        ctx = P.ScoreContext(q=q, k=k, v=v, valid=valid, layer=l)
+        return layer_out(lp, x, attn, cfg), (k, v, tuple(pol.score(ctx) for pol in score_policies))
+
+    x, (k, v, scores) = jax.lax.scan(body, x, (params.layers, jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)))
+    logits = lm_logits(params, rms_norm(x[:, -1:], params.norm, cfg.rms_norm_eps))[:, 0]
+    return k, v, scores, logits
+
+
+@functools.partial(jax.jit, static_argnames=("slots", "capacity", "window", "sink", "adaptive"))
+def build_cache(scores, k, v, budgets, *, slots: int, capacity: int, window: int, sink: int, adaptive: bool):
+    """Every layer's keep-set (``policies.keep_set``, AdaKV when ``adaptive``) -> a cache with room to decode."""
+    n_layers, b, _, n, _ = k.shape
+    valid = jnp.ones((b, n), bool)
+    idx, kept = jax.vmap(lambda s, bud: P.keep_set(s, valid, slots=slots, budget=bud, window=window, sink=sink,
+                                                   adaptive=adaptive))(scores, budgets)
+    return C.from_keep(k, v, idx, kept, capacity=capacity, next_position=jnp.full((b,), n, jnp.int32)), idx, kept
+
+
+def decode_answers(params, config, cache, logits, max_new: int):
+    """Greedy tokens ``[B, max_new]`` from ``cache`` with ``generate``'s decode program."""
+    from ..generation import _compiled, _decode
+
+    eos = tuple(config.eos_token_id)
+    dargs = (params, cache, logits, jnp.int32(max_new), jax.random.PRNGKey(0))
+    st = dict(cfg=config.text, n_tokens=max_new, temperature=0.0, top_k=None, top_p=None, eos=eos, pad_id=eos[0])
+    fn, _, _ = _compiled("decode", _decode, st, dargs, donate=(1,))
+    tokens, _, _ = fn(*dargs)
+    return np.asarray(tokens)
+
+
+def policy_answers(params, config, an: dict, pk: PureKVConfig | None, max_new: int):
+    """``(tokens [B, max_new], kept fraction, fact kept fraction)`` for one policy on an analysed batch."""
+    cfg = config.text
+    k, v, table, logits = an["k"], an["v"], an["table"], an["logits"]
+    n = k.shape[3]
+    if pk is None:
+        plan = KVPlan.full(cfg.num_hidden_layers, n)
+        scores = jnp.zeros(k.shape[:4], jnp.float32)
+        adaptive = False
+    else:
+        plan = pk.resolve(cfg, n)
+        scores = layer_scores(plan, table, v)
+        adaptive = plan.head_adaptive
+    cache, idx, kept = build_cache(scores, k, v, jnp.asarray(plan.budgets, jnp.int32), slots=plan.slots,
+                                   capacity=plan.slots + max_new, window=plan.window, sink=plan.sink,
+                                   adaptive=adaptive)
+    kept_np = np.asarray(kept).sum() / (cfg.num_hidden_layers * k.shape[2] * n * k.shape[1])
+    toks = decode_answers(params, config, cache, logits, max_new)  # (donates the cache)
+    # fraction of (layer, head) caches holding every token of the fact (per row)
+    hold = np.zeros((cfg.num_hidden_layers, k.shape[1], k.shape[2], n), bool)
+    np.put_along_axis(hold, np.asarray(idx), np.asarray(kept), axis=-1)
+    return toks, float(kept_np), hold
+
+
+# ------------------------------------------------------------------------------------------ policies
+def policy_grid(n_layers: int, question_len: int) -> dict[str, callable]:
+    """name -> ``make(budget) -> PureKVConfig | None``; every one flash-compatible except none (H2O is left
+    out: it needs the N x N matrix)."""
+    every = lambda k, vn=True: (lambda b: PureKVConfig.paper(b, anchor_layers=tuple(range(0, n_layers, k)),
+                                                              value_norm=vn))
+    snap = lambda **kw: (lambda b: PureKVConfig.paper(b, cross_layer=False, **kw))
+    return {
+        "full": lambda b: None,
+        "streaming": lambda b: PureKVConfig.paper(b, base="streaming", cross_layer=False),
+        "snapkv": snap(),
+        "pyramidkv": lambda b: PureKVConfig.paper(b, base="pyramid", cross_layer=False),
+        "clie (paper, anchor 2)": lambda b: PureKVConfig.paper(b),
+        "clie anchor 2, no vnorm": lambda b: PureKVConfig.paper(b, value_norm=False),
+        "clie anchor 8": lambda b: PureKVConfig.paper(b, anchor_layers=(8,)),
+        "clie anchor 15": lambda b: PureKVConfig.paper(b, anchor_layers=(15,)),
+        "clie anchor 15, no vnorm": lambda b: PureKVConfig.paper(b, anchor_layers=(15,), value_norm=False),
+        "clie every 2": every(2),
+        "clie every 2, no vnorm": every(2, False),
+        "clie every 4": every(4),
+        "snapkv adakv": snap(adaptive_heads=True),
+        "snapkv qwin": snap(window=question_len),
+        "snapkv adakv qwin": snap(adaptive_heads=True, window=question_len),
+        "clie every 2 adakv": lambda b: PureKVConfig.paper(b, anchor_layers=tuple(range(0, n_layers, 2)),
+                                                          adaptive_heads=True),
+        "default PureKVConfig()": lambda b: dataclasses.replace(PureKVConfig(), budget=b),
+    }
+
+
+def run_retrieval(params, config, tokenizer, lengths=(1024, 2048), budgets=(0.1, 0.2, 0.4), prompts: int = 30,
+                  batch: int = 6, max_new: int = 8, seed: int = 0, names=None, question: str = QUESTIONS[0],
+                  log=print) -> dict:
+    t_start = time.perf_counter()
+    cfg = config.text
+    rows: dict = {}
+    answers: dict = {}
+    for n in lengths:
+        ps = make_prompts(tokenizer, n, prompts, seed=seed, question=question)
+        grid_all = policy_grid(cfg.num_hidden_layers, ps[0].question_len)
+        grid = {k: v for k, v in grid_all.items() if names is None or k in names or k == "full"}
+        entries = [(name, b, make(b)) for name, make in grid.items() for b in ((1.0,) if name == "full" else budgets)]
+        pols = base_policies([c for _, _, c in entries])
+        for s in range(0, len(ps), batch):
+            chunk = ps[s : s + batch]
+            ids = jnp.asarray(np.stack([p.ids for p in chunk]), jnp.int32)
+            k, v, scores, logits = retrieval_prefill(params, ids, cfg=cfg, score_policies=pols)
+            an = dict(k=k, v=v, table=dict(zip(pols, scores)), logits=logits)
+            for name, b, pk in entries:
+                toks, kept_frac, hold = policy_answers(params, config, an, pk, max_new)
+                row = rows.setdefault((n, name, b), {"n_prompt": n, "policy": name, "budget": b, "correct": [],
+                                                      "fact_kept": [], "kept_fraction": []})
+                row["kept_fraction"].append(kept_frac)
+                for r, p in enumerate(chunk):
+                    text = tokenizer.decode(toks[r])
+                    row["correct"].append(bool(p.code in text))
+                    fl = len(tokenizer.encode(FACT.format(code=p.code)))
+                    # code digits sit at fact_pos+6 .. fact_pos+fl-3 (after "\nThe secret code is", before ".\n")
+                    row["fact_kept"].append(float(hold[:, r, :, p.fact_pos + 6 : p.fact_pos + fl - 2].all(-1).mean()))
+                    answers.setdefault(f"{n}/{name}/{b}", []).append(text)
+            log(f"[retrieval] N={n} prompts {s + 1}-{s + len(chunk)} done, {time.perf_counter() - t_start:.0f} s")
+    results = []
+    for row in rows.values():
+        results.append({**{k_: row[k_] for k_ in ("n_prompt", "policy", "budget")},
+                        "accuracy": float(np.mean(row["correct"])), "correct": row["correct"],
+                        "code_kept": float(np.mean(row["fact_kept"])),
+                        "kept_fraction": float(np.mean(row["kept_fraction"]))})
+    return {"settings": dict(lengths=list(lengths), budgets=list(budgets), prompts=prompts, max_new=max_new,
+                             seed=seed, question=question),
+            "results": results, "answers": answers, "total_s": round(time.perf_counter() - t_start, 1)}
+
+
+def markdown(out: dict) -> str:
+    budgets = out["settings"]["budgets"]
+    lines = []
+    for n in out["settings"]["lengths"]:
+        res = [r for r in out["results"] if r["n_prompt"] == n]
+        full = next(r for r in res if r["policy"] == "full")
+        k = len(full["correct"])
+        lines += [f"### Prompt {n} tokens ({k} prompts; full cache: {full['accuracy']:.2f})", "",
+                  "| policy | " + " | ".join(f"{int(b * 100)}% acc (code kept)" for b in budgets) + " |",
+                  "| --- |" + " --- |" * len(budgets)]
+        names = list(dict.fromkeys(r["policy"] for r in res if r["policy"] != "full"))
+        for name in names:
+            cells = []
+            for b in budgets:
+                r = next((r for r in res if r["policy"] == name and r["budget"] == b), None)
+                cells.append("--" if r is None else f"{r['accuracy']:.2f} ({r['code_kept']:.2f})")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--prompts", type=int, default=30)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.2, 0.4])
+    ap.add_argument("--batch", type=int, default=6)
+    ap.add_argument("--question", type=int, default=0, help="index into QUESTIONS")
+    ap.add_argument("--policies", nargs="*", default=None)
+    ap.add_argument("--out", default="docs/retrieval")
+    ap.add_argument("--tag", default="retrieval")
+    a = ap.parse_args(argv)
+    from . import load_model
+
+    config, params, tok = load_model()
+    out = run_retrieval(params, config, tok, tuple(a.lengths), tuple(a.budgets), a.prompts, a.batch,
+                        question=QUESTIONS[a.question], names=a.policies)
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, f"{a.tag}.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    md = markdown(out)
+    with open(os.path.join(a.out, f"{a.tag}.md"), "w") as f:
+        f.write(md)
+    print(md)
+    print(f"total {out['total_s']} s")
+
+
+if __name__ == "__main__":
+    main()
+
+
+def plot(jsons: list[str], png: str) -> None:
+    """Accuracy against budget, one panel per prompt length, one line per policy (full cache dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    outs = [json.load(open(p)) for p in jsons]
+    fig, axes = plt.subplots(1, len(outs), figsize=(6 * len(outs), 4.5), squeeze=False)
+    for ax, out in zip(axes[0], outs):
+        n = out["settings"]["lengths"][0]
+        res = out["results"]
+        cmap = plt.get_cmap("tab20")
+        for i, name in enumerate(dict.fromkeys(r["policy"] for r in res)):
+            rs = sorted((r for r in res if r["policy"] == name), key=lambda r: r["budget"])
+            if name == "full":
+                ax.axhline(rs[0]["accuracy"], color="k", ls="--", label="full cache")
+                continue
+            ax.plot([r["budget"] * 100 for r in rs], [r["accuracy"] for r in rs], marker="o", label=name, color=cmap(i % 20))
+        ax.set(title=f"needle retrieval, {n}-token prompts ({len(res[0]['correct'])} prompts)",
+               xlabel="KV budget (% of prompt)", ylabel="accuracy", ylim=(-0.02, 1.02))
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
