@@ -78,7 +78,7 @@ def test_small_retrieval_full_answers_and_full_budget_identical(lm):
     # the harness's caches are generate's: same answers for a compressing AdaKV policy and the full cache
     pk = PureKVConfig.paper(0.2, cross_layer=False, adaptive_heads=True)
     gen = generate(params, config, ids, policy=pk, max_new_tokens=8).tokens
-    k, v, scores, logits = R.retrieval_prefill(params, jnp.asarray(ids, jnp.int32), cfg=config.text,
+    k, v, scores, logits = R.analysis_prefill(params, jnp.asarray(ids, jnp.int32), cfg=config.text,
                                                score_policies=(pk.base_policy(),))
     an = dict(k=k, v=v, table={pk.base_policy(): scores[0]}, logits=logits)
     np.testing.assert_array_equal(R.policy_answers(params, config, an, pk, 8)[0], gen)

@@ -131,8 +131,9 @@ def score_policies_needed(configs) -> tuple:
 
 @functools.partial(jax.jit, static_argnames=("cfg", "score_policies"))
 def analysis_prefill(params: TextParams, ids: jax.Array, *, cfg: TextConfig, score_policies: tuple):
-    """Dense prefill of ``ids [B, N]`` -> ``(k, v [L, B, Hkv, N, hd], scores: tuple of [L, B, Hkv, N])``,
-    one score per policy of ``score_policies`` (the project's policy objects, each on its layer's context)."""
+    """Dense prefill of ``ids [B, N]`` -> ``(k, v [L, B, Hkv, N, hd], scores: tuple of [L, B, Hkv, N],
+    last-position logits [B, V])``, one score per policy of ``score_policies`` (the project's policy objects,
+    each on its layer's context)."""
     b, n = ids.shape
     x = jnp.take(params.embed, ids, axis=0)
     pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None], (b, n))
@@ -152,22 +153,25 @@ def analysis_prefill(params: TextParams, ids: jax.Array, *, cfg: TextConfig, sco
             scores.append(pol.score(ctx))
         return layer_out(lp, x, attn, cfg), (k, v, tuple(scores))
 
-    _, (k, v, scores) = jax.lax.scan(body, x, (params.layers, jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)))
-    return k, v, scores
+    x, (k, v, scores) = jax.lax.scan(body, x, (params.layers, jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)))
+    logits = lm_logits(params, rms_norm(x[:, -1:], params.norm, cfg.rms_norm_eps))[:, 0]
+    return k, v, scores, logits
 
 
-@functools.partial(jax.jit, static_argnames=("slots", "window", "sink", "adaptive"))
-def build_cache(scores, k, v, budgets, *, slots: int, window: int, sink: int, adaptive: bool = False):
+@functools.partial(jax.jit, static_argnames=("slots", "window", "sink", "adaptive", "capacity"))
+def build_cache(scores, k, v, budgets, *, slots: int, window: int, sink: int, adaptive: bool = False,
+                capacity: int | None = None):
     """Keep-sets of every layer (``policies.keep_set`` on ``scores [L, B, Hkv, N]`` with per-layer
     ``budgets [L]``; ``adaptive``: AdaKV-style per-head budgets) -> ``(cache, idx [L, B, Hkv, slots], kept)``;
-    the cache's next position is ``N``."""
+    the cache has ``capacity`` slots (default ``slots``; more leaves room to decode), next position ``N``."""
     n_layers, b, _, n, _ = k.shape
     valid = jnp.ones((b, n), bool)
     idx, kept = jax.vmap(lambda s, bud: P.keep_set(s, valid, slots=slots, budget=bud, window=window, sink=sink,
                                      adaptive=adaptive))(
         scores, budgets
     )
-    cache = C.from_keep(k, v, idx, kept, capacity=slots, next_position=jnp.full((b,), n, jnp.int32))
+    cache = C.from_keep(k, v, idx, kept, capacity=slots if capacity is None else capacity,
+                        next_position=jnp.full((b,), n, jnp.int32))
     return cache, idx, kept
 
 
@@ -252,7 +256,7 @@ class PromptAnalysis:
 
 def analyse_prompt(params, cfg: TextConfig, prompt_ids: np.ndarray, configs) -> PromptAnalysis:
     pols = score_policies_needed(configs)
-    k, v, scores = analysis_prefill(params, jnp.asarray(prompt_ids[None], jnp.int32), cfg=cfg, score_policies=pols)
+    k, v, scores, _ = analysis_prefill(params, jnp.asarray(prompt_ids[None], jnp.int32), cfg=cfg, score_policies=pols)
     return PromptAnalysis(k=k, v=v, table=dict(zip(pols, scores)), n_prompt=int(prompt_ids.shape[0]))
 
 
@@ -338,7 +342,6 @@ def run_fidelity(params: TextParams, cfg: TextConfig, tokenizer, settings: Fidel
     spearman: dict[str, dict[str, list]] = {}
     overlap: dict[str, dict[str, list]] = {}
     timings: dict[str, float] = {"analysis_s": 0.0, "continuation_s": 0.0, "cache_s": 0.0}
-    snap_spec = next(s for s in MAIN_POLICIES if s.name == "snapkv")
     sp_spec = next(s for s in main if s.name == settings.spearman_policy)
 
     for n in settings.lengths:

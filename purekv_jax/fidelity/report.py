@@ -26,7 +26,7 @@ def _table(results, n: int, names: list[str], budgets: list[float]) -> list[str]
     head = "| policy | " + " | ".join(f"{_pct(b)} ppl | {_pct(b)} top-1 | {_pct(b)} KL" for b in budgets) + " |"
     lines = [head, "|" + " --- |" * (1 + 3 * len(budgets))]
     if full is not None:
-        lines.append(f"| full | " + " | ".join(f"{full['ppl']:.3f} | 1.000 | 0" for _ in budgets) + " |")
+        lines.append("| full | " + " | ".join(f"{full['ppl']:.3f} | 1.000 | 0" for _ in budgets) + " |")
     for name in names:
         if name == "full":
             continue

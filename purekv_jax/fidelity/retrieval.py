@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 import time
@@ -33,14 +32,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.qwen2_5_vl.layers import dense_attention, rms_norm
-from models.qwen2_5_vl.text import TextConfig, TextParams, layer_out, layer_qkv, lm_logits, mrope_cos_sin
 
-from .. import cache as C
-from .. import policies as P
 from ..config import KVPlan, PureKVConfig
 from .data import DEFAULT_SOURCES, read_text
-from .harness import layer_scores, score_policies_needed as base_policies
+from .harness import analysis_prefill, build_cache, layer_scores, score_policies_needed as base_policies
 
 SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 USER = "<|im_start|>user\n"
@@ -98,39 +93,6 @@ def make_prompts(tokenizer, n_tokens: int, n_prompts: int, seed: int = 0, questi
 
 
 # ------------------------------------------------------------------------------------------ device parts
-@functools.partial(jax.jit, static_argnames=("cfg", "score_policies"))
-def retrieval_prefill(params: TextParams, ids: jax.Array, *, cfg: TextConfig, score_policies: tuple):
-    """Dense prefill of ``ids [B, N]`` -> ``(k, v [L, B, Hkv, N, hd], scores (one [L, B, Hkv, N] per policy),
-    last-position logits [B, V])`` (``harness.analysis_prefill`` plus the logits)."""
-    b, n = ids.shape
-    x = jnp.take(params.embed, ids, axis=0)
-    pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None], (b, n))
-    cos, sin = mrope_cos_sin(pos, cfg)
-    valid = jnp.ones((b, n), bool)
-    mask = jnp.tril(jnp.ones((n, n), bool))[None, None]
-
-    def body(x, xs):
-        lp, l = xs
-        q, k, v = layer_qkv(lp, x, cos, sin, cfg)
-        attn = dense_attention(q, k, v, mask)
-        ctx = P.ScoreContext(q=q, k=k, v=v, valid=valid, layer=l)
-        return layer_out(lp, x, attn, cfg), (k, v, tuple(pol.score(ctx) for pol in score_policies))
-
-    x, (k, v, scores) = jax.lax.scan(body, x, (params.layers, jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)))
-    logits = lm_logits(params, rms_norm(x[:, -1:], params.norm, cfg.rms_norm_eps))[:, 0]
-    return k, v, scores, logits
-
-
-@functools.partial(jax.jit, static_argnames=("slots", "capacity", "window", "sink", "adaptive"))
-def build_cache(scores, k, v, budgets, *, slots: int, capacity: int, window: int, sink: int, adaptive: bool):
-    """Every layer's keep-set (``policies.keep_set``, AdaKV when ``adaptive``) -> a cache with room to decode."""
-    n_layers, b, _, n, _ = k.shape
-    valid = jnp.ones((b, n), bool)
-    idx, kept = jax.vmap(lambda s, bud: P.keep_set(s, valid, slots=slots, budget=bud, window=window, sink=sink,
-                                                   adaptive=adaptive))(scores, budgets)
-    return C.from_keep(k, v, idx, kept, capacity=capacity, next_position=jnp.full((b,), n, jnp.int32)), idx, kept
-
-
 def decode_answers(params, config, cache, logits, max_new: int):
     """Greedy tokens ``[B, max_new]`` from ``cache`` with ``generate``'s decode program."""
     from ..generation import _compiled, _decode
@@ -212,7 +174,7 @@ def run_retrieval(params, config, tokenizer, lengths=(1024, 2048), budgets=(0.1,
         for s in range(0, len(ps), batch):
             chunk = ps[s : s + batch]
             ids = jnp.asarray(np.stack([p.ids for p in chunk]), jnp.int32)
-            k, v, scores, logits = retrieval_prefill(params, ids, cfg=cfg, score_policies=pols)
+            k, v, scores, logits = analysis_prefill(params, ids, cfg=cfg, score_policies=pols)
             an = dict(k=k, v=v, table=dict(zip(pols, scores)), logits=logits)
             for name, b, pk in entries:
                 toks, kept_frac, hold = policy_answers(params, config, an, pk, max_new)

@@ -18,7 +18,7 @@ import functools
 
 import numpy as np
 
-from purekv_jax.st_sparse.layout import (HeadPattern, LayoutError, STLayout, TokenIds, round_up,
+from purekv_jax.st_sparse.layout import (HeadPattern, LayoutError, STLayout, round_up,
                                          token_ids)
 
 __all__ = ["BlockSizeError", "BlockTables", "block_counts", "classify_blocks", "block_tables",
