@@ -1,8 +1,9 @@
-"""One-shot GPU benchmark: Pallas (Triton) ST block-sparse attention vs cuDNN dense causal attention.
+"""One-shot GPU benchmark: Pallas (Triton, Mosaic GPU) ST block-sparse attention vs cuDNN dense causal
+attention.
 
 For N ~ 8k, 16k, 32k tokens (text + one video of 24x24-token slots + text), bf16, head_dim 128,
-GQA 28 q / 4 kv heads, batch 1: per head-pattern mix, lowers and runs the Pallas GPU kernel, checks
-it against a float32 reference on a slice of query rows, times it against
+GQA 28 q / 4 kv heads, batch 1: per head-pattern mix, lowers and runs the Pallas GPU kernels (Triton,
+then Mosaic GPU), checks them against a float32 reference on a slice of query rows, times them against
 ``jax.nn.dot_product_attention(..., implementation='cudnn', is_causal=True)`` and times the XLA
 fallback. Prints a markdown table (and writes JSON to $OUT/gpu_kernels.json when OUT is set).
 Every measurement is in try/except: errors are printed and the run goes on.
@@ -102,6 +103,8 @@ def main(argv=None):
     ap.add_argument("--blocks", default="128x64,64x64,128x128",
                     help="Triton block_q x block_k, comma-separated; the first is used at every size, "
                          "the others only at the first size")
+    ap.add_argument("--mosaic-blocks", default="64x128,128x128",
+                    help="Mosaic GPU block_q x block_k, as --blocks ('' for none)")
     ap.add_argument("--num-warps", type=int, default=8)
     ap.add_argument("--num-stages", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
@@ -115,13 +118,15 @@ def main(argv=None):
     if args.smoke:
         args.sizes, args.heads, args.kv_heads, args.head_dim = "300,520", 4, 2, 64
         args.slot, args.blocks, args.reps, args.check_rows = "4x6", "32x32,16x32", 1, 64
+        args.mosaic_blocks = "64x64"
         text_before, text_after, interpret = 20, 12, True
     hq, hkv, d = args.heads, args.kv_heads, args.head_dim
     slot = tuple(int(x) for x in args.slot.split("x"))
-    blocks = [tuple(int(x) for x in b.split("x")) for b in args.blocks.split(",")]
+    parse_blocks = lambda text: [tuple(int(x) for x in b.split("x")) for b in text.split(",") if b]
+    blocks, mosaic_blocks = parse_blocks(args.blocks), parse_blocks(args.mosaic_blocks)
     dtype = jnp.bfloat16
     log(f"jax {jax.__version__}, devices {jax.devices()}, Hq={hq} Hkv={hkv} D={d} bf16, "
-        f"slot {slot}, blocks {blocks}, smoke={args.smoke}")
+        f"slot {slot}, blocks {blocks}, mosaic blocks {mosaic_blocks}, smoke={args.smoke}")
 
     results = []
     for size_no, n_target in enumerate(int(s) for s in args.sizes.split(",")):
@@ -152,20 +157,22 @@ def main(argv=None):
         rng = np.random.default_rng(0)
         rows = np.unique(np.concatenate([rng.choice(n, size=min(n, args.check_rows), replace=False),
                                          np.arange(max(0, n - 8), n)]))
+        triton_tune = dict(num_warps=args.num_warps, num_stages=args.num_stages)
+        runs = [("triton", b, triton_tune) for b in (blocks if size_no == 0 else blocks[:1])]
+        runs += [("mosaic_gpu", b, {}) for b in (mosaic_blocks if size_no == 0 else mosaic_blocks[:1])]
         for name, pats in mixes(hq, hkv).items():
-            for bq, bk in (blocks if size_no == 0 else blocks[:1]):
+            for backend, (bq, bk), tune in runs:
                 if time.perf_counter() - T0 > args.time_budget:
                     log("time budget spent, skipping", n, name)
                     continue
-                row = {"N": n, "grid": [v0.t, v0.h, v0.w], "kind": f"pallas triton {bq}x{bk}",
+                row = {"N": n, "grid": [v0.t, v0.h, v0.w], "kind": f"pallas {backend} {bq}x{bk}",
                        "pattern": name}
                 try:
                     fl, dens = flops_sparse(lay, pats, bq, bk, d)
                     row["density"] = dens
                     f = jax.jit(functools.partial(
-                        block_sparse_attention, layout=lay, head_patterns=pats, backend="triton",
-                        block_q=bq, block_k=bk, interpret=interpret, num_warps=args.num_warps,
-                        num_stages=args.num_stages))
+                        block_sparse_attention, layout=lay, head_patterns=pats, backend=backend,
+                        block_q=bq, block_k=bk, interpret=interpret, **tune))
                     t0 = time.perf_counter()
                     out = jax.block_until_ready(f(q, k, v))
                     row["compile_s"] = time.perf_counter() - t0
@@ -181,7 +188,7 @@ def main(argv=None):
                         row["speedup_vs_cudnn"] = cudnn_ms / ms
                 except Exception as e:  # noqa: BLE001
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-                    log("triton failed:", name, row["error"])
+                    log(f"{backend} failed:", name, row["error"])
                     traceback.print_exc(limit=3)
                 results.append(row)
                 log(row)

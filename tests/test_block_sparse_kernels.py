@@ -124,7 +124,5 @@ def test_bad_inputs():
         block_sparse_attention(q, jnp.concatenate([k] * 3, 1), jnp.concatenate([v] * 3, 1), LAYOUT)
     with pytest.raises(ValueError, match="head_patterns has 3 entries"):
         block_sparse_attention(q, k, v, LAYOUT, head_patterns=("union",) * 3, backend="xla")
-    with pytest.raises(NotImplementedError, match="mosaic_gpu"):
-        block_sparse_attention(q, k, v, LAYOUT, backend="mosaic_gpu")
     with pytest.raises(ValueError, match="unknown backend"):
         block_sparse_attention(q, k, v, LAYOUT, backend="cuda")

@@ -10,7 +10,11 @@ What lowers without the device (jax 0.10.2 and 0.11.2):
   check. Mosaic's own layout passes and the TPU compile run only on a TPU, so VMEM/layout problems
   would only show there.
 - XLA fallback: exports for both.
-- Mosaic GPU: not implemented (NotImplementedError).
+- Mosaic GPU kernel -> platforms=['cuda']: lowers to a `mosaic_gpu_v2` custom call with no disabled
+  safety check and no (abstract) GPU device, on jax 0.10.2 and 0.11.2. The Pallas -> Mosaic GPU
+  lowering runs here (register layouts, WGMMA / TMA shape and swizzle rules, the SMEM budget: e.g.
+  mismatched WGMMA swizzles and a 320 KB SMEM request were caught this way); PTX / SASS, register
+  allocation and asynchronous hazards only show on the device.
 - jax >= 0.11: the Triton lowering asks for the GPU's compute capability; from a CPU-only machine it
   raises "No supported GPU devices found" unless an abstract GPU device is set with
   jax.sharding.use_abstract_mesh(AbstractMesh(..., abstract_device=AbstractDevice('NVIDIA H200',
@@ -33,6 +37,7 @@ from purekv_jax.st_sparse import STLayout
 LAYOUT = STLayout(1000, ((40, 4, 12, 16),))
 PATS = ("union", "temporal", "spatial", "dense")
 TRITON_CC = "__gpu$xla.gpu.triton"
+MOSAIC_GPU_CC = "mosaic_gpu_v2"
 JAX_011 = tuple(int(x) for x in jax.__version__.split(".")[:2]) >= (0, 11)
 ignore_triton_deprecation = pytest.mark.filterwarnings(
     "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
@@ -102,6 +107,9 @@ def test_xla_fallback_exports(platform):
     assert exp.platforms == (platform,)
 
 
-def test_mosaic_gpu_not_implemented():
-    with pytest.raises(NotImplementedError, match="mosaic_gpu"):
-        _export("mosaic_gpu", "cuda")
+@pytest.mark.parametrize("dtype,d,blocks", [(jnp.bfloat16, 128, (64, 128)),
+                                            (jnp.float16, 64, (128, 64))])
+def test_mosaic_gpu_exports_for_cuda_without_gpu(dtype, d, blocks):
+    exp = _export("mosaic_gpu", "cuda", dtype, d, *blocks, abstract_gpu=False)
+    assert MOSAIC_GPU_CC in exp.mlir_module() and exp.platforms == ("cuda",)
+    assert len(exp.mlir_module_serialized) > 0

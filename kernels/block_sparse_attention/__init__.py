@@ -1,12 +1,18 @@
-"""Block-sparse (ST-SpAttn) flash attention: Pallas GPU (Triton) / TPU kernels, XLA fallback, reference."""
+"""Block-sparse (ST-SpAttn) flash attention: Pallas GPU (Triton, Mosaic GPU) / TPU kernels, XLA
+fallback, reference."""
 
 from kernels.block_sparse_attention.api import (DEFAULT_BLOCKS, block_sparse_attention,
                                                 normalize_patterns, resolve_backend)
 from kernels.block_sparse_attention.common import (BACKENDS, PALLAS_HEAD_DIMS, HeadDimError,
                                                    element_mask)
-from kernels.block_sparse_attention.gpu import mosaic_gpu_block_sparse, triton_block_sparse
+from kernels.block_sparse_attention.gpu import triton_block_sparse
 from kernels.block_sparse_attention.reference import dense_masked_attention, reference_attention
 from kernels.block_sparse_attention.xla import xla_block_sparse
+
+
+def mosaic_gpu_block_sparse(*args, **kwargs):
+    from kernels.block_sparse_attention.mosaic_gpu import mosaic_gpu_block_sparse as f
+    return f(*args, **kwargs)
 
 
 def tpu_block_sparse(*args, **kwargs):

@@ -8,8 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels.block_sparse_attention.common import BACKENDS, check_head_dim
-from kernels.block_sparse_attention.gpu import (check_triton_blocks, mosaic_gpu_block_sparse,
-                                                triton_block_sparse)
+from kernels.block_sparse_attention.gpu import check_triton_blocks, triton_block_sparse
 from kernels.block_sparse_attention.xla import xla_block_sparse
 from purekv_jax.st_sparse.blocks import block_tables
 from purekv_jax.st_sparse.layout import (HeadPattern, LayoutError, STLayout, inverse_permutation,
@@ -18,8 +17,9 @@ from purekv_jax.st_sparse.layout import (HeadPattern, LayoutError, STLayout, inv
 __all__ = ["block_sparse_attention", "resolve_backend", "normalize_patterns", "DEFAULT_BLOCKS"]
 
 # triton 128x128: best or tied of 128x64 / 64x64 / 128x128 on an H200 at 7.7k tokens, the one size
-# where configs were compared (benchmarks/results/gpu_kernels.md)
-DEFAULT_BLOCKS = {"xla": (128, 128), "triton": (128, 128), "tpu": (128, 128), "mosaic_gpu": (128, 128)}
+# where configs were compared (benchmarks/results/gpu_kernels.md). mosaic_gpu 64x128: one warpgroup
+# per query block holds the 64 x 128 scores and two 64 x D accumulators in registers (not timed yet)
+DEFAULT_BLOCKS = {"xla": (128, 128), "triton": (128, 128), "tpu": (128, 128), "mosaic_gpu": (64, 128)}
 
 
 class ShapeError(ValueError):
@@ -53,7 +53,8 @@ def _run(backend, q, k, v, tables, scale, interpret, num_warps, num_stages):
     if backend == "tpu":
         from kernels.block_sparse_attention.tpu import tpu_block_sparse
         return tpu_block_sparse(q, k, v, tables, scale=scale, interpret=interpret)
-    return mosaic_gpu_block_sparse(q, k, v, tables)
+    from kernels.block_sparse_attention.mosaic_gpu import mosaic_gpu_block_sparse
+    return mosaic_gpu_block_sparse(q, k, v, tables, scale=scale, interpret=interpret)
 
 
 def block_sparse_attention(q, k, v, layout: STLayout, *, head_patterns=HeadPattern.UNION,
@@ -67,9 +68,10 @@ def block_sparse_attention(q, k, v, layout: STLayout, *, head_patterns=HeadPatte
     [B, Hq, N, D] in q.dtype. ``head_patterns``: one pattern or one per q head. Heads with the
     TEMPORAL pattern run on the position-major permutation (rows permuted, output un-permuted) when
     ``permute_temporal``. ``backend``: "auto" (tpu on TPU, triton on GPU, xla elsewhere), "xla",
-    "triton", "mosaic_gpu" (not implemented), "tpu". ``interpret`` defaults to True on the CPU for
-    the Pallas backends; ``num_warps`` / ``num_stages`` tune the Triton kernel. Static python
-    arguments (layout, patterns, blocks) make this traceable
+    "triton", "mosaic_gpu" (Hopper TMA + WGMMA kernel, bf16 / f16 only; not the GPU default because
+    it has not been timed on hardware yet), "tpu". ``interpret`` defaults to True on the CPU for the
+    Pallas backends (for mosaic_gpu: the Mosaic GPU interpreter); ``num_warps`` / ``num_stages``
+    tune the Triton kernel. Static python arguments (layout, patterns, blocks) make this traceable
     inside jit; tables are built on the host at trace time and cached.
     """
     backend = resolve_backend(backend)
@@ -93,6 +95,11 @@ def block_sparse_attention(q, k, v, layout: STLayout, *, head_patterns=HeadPatte
     elif backend == "tpu":
         from kernels.block_sparse_attention.tpu import check_tpu_blocks
         check_tpu_blocks(bq, bk)
+    elif backend == "mosaic_gpu":
+        from kernels.block_sparse_attention.mosaic_gpu import (check_mosaic_gpu_blocks,
+                                                               check_mosaic_gpu_dtype)
+        check_mosaic_gpu_blocks(bq, bk)
+        check_mosaic_gpu_dtype(q, k, v)
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     pats = normalize_patterns(head_patterns, hq)

@@ -1,4 +1,4 @@
-"""Pallas GPU block-sparse flash attention (Triton backend), and the Mosaic GPU switch.
+"""Pallas GPU block-sparse flash attention, Triton backend (Mosaic GPU: mosaic_gpu.py).
 
 Grid (query block, batch, q head). Each program loads its query block once and walks its key-block
 list: first the partial blocks (element mask from the per-token ids), then the full blocks (no mask).
@@ -7,8 +7,8 @@ q head h to kv head h // (Hq // Hkv).
 
 jax 0.11 deprecates the Pallas Triton backend ('jax-pallas-triton' DeprecationWarning at lowering)
 and needs a GPU, or an abstract one (jax.sharding.use_abstract_mesh with an AbstractDevice), to
-lower it; it still lowers and runs (H200, jax 0.11.2: benchmarks/results/gpu_kernels.md). Mosaic GPU
-is behind the same switch (backend='mosaic_gpu') and not implemented yet.
+lower it; it still lowers and runs (H200, jax 0.11.2: benchmarks/results/gpu_kernels.md). The
+Mosaic GPU (TMA + WGMMA) version is behind the same switch (backend='mosaic_gpu', mosaic_gpu.py).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from kernels.block_sparse_attention.common import MASK_VALUE, check_head_dim, el
 from purekv_jax.st_sparse.blocks import BlockSizeError, BlockTables
 from purekv_jax.st_sparse.layout import HeadPattern
 
-__all__ = ["triton_block_sparse", "mosaic_gpu_block_sparse", "check_triton_blocks"]
+__all__ = ["triton_block_sparse", "check_triton_blocks"]
 
 
 def _triton_compiler_params(num_warps, num_stages):
@@ -131,9 +131,3 @@ def triton_block_sparse(q, k, v, tables: BlockTables, *, scale=None, interpret=F
     )(jnp.asarray(tables.kv_index), jnp.asarray(tables.kv_count), jnp.asarray(tables.kv_partial),
       jnp.asarray(tables.ids), q, k, v)
 
-
-def mosaic_gpu_block_sparse(*args, **kwargs):
-    raise NotImplementedError(
-        "backend='mosaic_gpu' is not implemented: a Mosaic GPU (warpgroup / TMA pipeline) version "
-        "of the block-sparse kernel is still to be written. Use backend='triton' on GPUs (or "
-        "'xla').")
