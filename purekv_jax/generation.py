@@ -42,6 +42,7 @@ from . import policies as P
 from . import sharding as S
 from .attention import decode_attention, prefill_attention_impl
 from .config import KVPlan, PureKVConfig, Segment
+from .observation import question_window_lengths
 from .sampling import sample_tokens
 
 
@@ -107,6 +108,7 @@ def _prefill(
     input_ids,
     positions,
     valid,
+    window_len,
     next_position,
     rope_delta,
     pixel_values,
@@ -121,6 +123,9 @@ def _prefill(
     fused: bool = False,
 ):
     """-> (cache with every layer's kept prompt entries, last-position logits ``[B, V]`` float32).
+
+    ``window_len [B]`` int32: each row's observation window (the question-aligned one when
+    ``plan.question_window``; it is traced, so questions of any length share the compiled program).
 
     ``fused=False``: one ``lax.scan`` per plan segment (own / anchor / owned layers), so owned layers'
     loop bodies hold no scoring code at all. ``fused=True``: one ``lax.scan`` over all layers, the
@@ -162,7 +167,8 @@ def _prefill(
             if kind == "full":
                 idx, kept = P.keep_all(valid, hkv)
             else:
-                own = lambda: plan.base.score(P.ScoreContext(q=q, k=k, v=v, valid=valid, layer=l, probs=probs))
+                own = lambda: plan.base.score(P.ScoreContext(q=q, k=k, v=v, valid=valid, layer=l, probs=probs,
+                                                             window_len=window_len))
                 if kind == "owned":
                     score = plan.clie.owned_score(carried, v)
                 elif kind == "fused":  # one loop for all layers; owned layers take the branch without scoring
@@ -174,7 +180,8 @@ def _prefill(
                     if kind == "anchor":
                         carried = score
                 idx, kept = P.keep_set(
-                    score, valid, slots=plan.slots, budget=budgets[l], window=plan.window, sink=plan.sink,
+                    score, valid, slots=plan.slots, budget=budgets[l],
+                    window=window_len if plan.question_window else plan.window, sink=plan.sink,
                     adaptive=plan.head_adaptive,
                 )
             kk, vv = C.keep_indices(k, v, idx)
@@ -300,6 +307,7 @@ def generate(
     attention="auto",
     fused_prefill: bool = True,
     return_cache: bool = False,
+    question_len=None,
 ) -> GenerateResult:
     """Generates ``max_new_tokens`` tokens per row with a (compressed) KV cache.
 
@@ -323,6 +331,11 @@ def generate(
         (default: less temporary memory and half the compile time, measured in
         ``benchmarks/kv_budget.py``) instead of one loop per segment (see :func:`_prefill`).
       return_cache: also return the final cache.
+      question_len: the number of trailing prompt tokens that form the question (with the chat markup
+        after it): an int, or one per row. With the default policy (``question_window``) the observation
+        window of each row is its question (at most ``policy.window`` tokens). ``None``: the tokens after
+        the row's last ``<|vision_end|>`` (video / image questions), else the fixed window
+        (:mod:`purekv_jax.observation`).
 
     Returns:
       :class:`GenerateResult` with ``tokens [B, max_new_tokens]`` and ``stats`` (``kv_bytes_full``,
@@ -386,6 +399,10 @@ def generate(
             f"cannot run with attention={attention!r}"
         )
     prefill_attention_impl(attention, padded)  # validates the name
+    window_len = np.full((ids.shape[0],), plan.window, np.int32)
+    if plan.question_window:
+        window_len = question_window_lengths(ids_al, valid, window=plan.window, question_len=question_len,
+                                             vision_end_id=config.vision_end_token_id)
     st_attn = None
     if policy is not None and policy.st_sparse:  # ST-SpAttn: a layout-aware prefill attention (issue 4)
         from .st_sparse.prefill import st_prefill_attention
@@ -414,6 +431,7 @@ def generate(
         jnp.asarray(ids_al, jnp.int32),
         jnp.asarray(pos, jnp.int32),
         jnp.asarray(valid),
+        jnp.asarray(window_len),
         jnp.asarray(lengths, jnp.int32),
         jnp.asarray(rope_delta, jnp.int32),
         None if pixel_values is None else jnp.asarray(pixel_values, dtype),
@@ -421,7 +439,7 @@ def generate(
     )
     mesh = S.params_mesh(params)  # params on a mesh: the batch goes over its "data" axis (issue 7)
     if mesh is not None:
-        args = (args[0], *S.shard_batch_args(args[1:], (0, 1, 0, 0, 0, None, None), mesh))
+        args = (args[0], *S.shard_batch_args(args[1:], (0, 1, 0, 0, 0, 0, None, None), mesh))
     statics = dict(config=config, plan=plan, capacity=capacity, attention=attention,
                    image_grid=image_grid, video_grid=video_grid, fused=bool(fused_prefill))
     prefill, prefill_compile_s, mem = _compiled("prefill", _prefill, statics, args)
@@ -486,4 +504,5 @@ def prefill_jaxpr(params, config: Qwen25VLConfig, input_ids, policy: PureKVConfi
                            image_grid=None, video_grid=None, fused=fused)
     lengths = jnp.full((ids.shape[0],), n, jnp.int32)
     return plan, jax.make_jaxpr(fn)(_text_params(params), jnp.asarray(ids_al, jnp.int32), jnp.asarray(pos, jnp.int32),
-                                    jnp.asarray(valid), lengths, jnp.zeros_like(lengths), None, None)
+                                    jnp.asarray(valid), jnp.full_like(lengths, plan.window), lengths,
+                                    jnp.zeros_like(lengths), None, None)

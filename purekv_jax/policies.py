@@ -3,7 +3,9 @@
 Every policy is a small frozen dataclass with a ``score(ctx) -> [B, Hkv, N]`` float32 method (higher =
 more important); :func:`keep_set` turns any score into the kept indices per layer and KV head, the same
 way for every policy: the observation window (the last ``window`` real tokens), the first ``sink`` real
-tokens, and the top ``budget - window - sink`` of the rest by score, sorted ascending. Ties go to the
+tokens, and the top ``budget - window - sink`` of the rest by score, sorted ascending. ``window`` is a static
+int or a per-row ``[B]`` int32 array (the question-aligned window: each row's question, at most the static
+window; see :mod:`purekv_jax.observation`). Ties go to the
 lower index. Padded positions are never kept; a row with fewer real tokens than the budget keeps all of
 them.
 
@@ -43,7 +45,8 @@ class ScoreContext:
 
     q ``[B, Hq, N, hd]`` (rotary applied), k / v ``[B, Hkv, N, hd]``, valid ``[B, N]`` (real tokens),
     layer (traced int32 scalar), probs: the full causal attention probabilities ``[B, Hq, N, N]``
-    float32 when the layer computed them (only for :class:`H2O`), else ``None``.
+    float32 when the layer computed them (only for :class:`H2O`), else ``None``; window_len ``[B]`` int32:
+    each row's question-aligned observation window (``None``: the policy's static window).
     """
 
     q: jax.Array
@@ -52,6 +55,7 @@ class ScoreContext:
     valid: jax.Array
     layer: Any
     probs: jax.Array | None = None
+    window_len: jax.Array | None = None
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -63,10 +67,21 @@ def real_rank(valid: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.where(valid, rank, -1), jnp.sum(v, axis=-1, keepdims=True)
 
 
-def forced_mask(valid: jax.Array, window: int, sink: int) -> jax.Array:
-    """``[B, N]`` True at the first ``sink`` and the last ``window`` real tokens of each row."""
+def _per_row(window: int | jax.Array) -> int | jax.Array:
+    """A static window as is; a per-row ``[B]`` window as ``[B, 1]`` (broadcasts against ``[B, N]``)."""
+    return window if isinstance(window, int) else jnp.asarray(window, jnp.int32).reshape(-1, 1)
+
+
+def in_window(valid: jax.Array, window: int | jax.Array) -> jax.Array:
+    """``[B, N]`` True at the last ``window`` real tokens of each row (``window``: int or ``[B]``)."""
     rank, count = real_rank(valid)
-    return valid & ((rank < sink) | (rank >= count - window))
+    return valid & (rank >= count - _per_row(window))
+
+
+def forced_mask(valid: jax.Array, window: int | jax.Array, sink: int) -> jax.Array:
+    """``[B, N]`` True at the first ``sink`` and the last ``window`` real tokens of each row."""
+    rank, _ = real_rank(valid)
+    return (valid & (rank < sink)) | in_window(valid, window)
 
 
 def pool1d(x: jax.Array, kind: str, kernel_size: int) -> jax.Array:
@@ -92,12 +107,15 @@ def _masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
     return p / jnp.where(d > 0, d, 1.0)
 
 
-def window_attention_scores(q: jax.Array, k: jax.Array, valid: jax.Array, window: int) -> jax.Array:
+def window_attention_scores(q: jax.Array, k: jax.Array, valid: jax.Array, window: int,
+                            window_len: jax.Array | None = None) -> jax.Array:
     """SnapKV's raw window score ``[B, Hkv, N]`` float32 for a right-aligned prompt.
 
     Softmax (float32) of the last ``window`` queries over all causal real keys, summed over the (real)
-    window queries, averaged over the query heads of each KV group. Cost O(window * N) per head; the
-    probabilities exist only inside this function (named scope :data:`SCORE_SCOPE`).
+    window queries, averaged over the query heads of each KV group. ``window_len [B]`` (<= ``window``)
+    narrows each row's window to its last ``window_len`` real queries (the question-aligned window).
+    Cost O(window * N) per head; the probabilities exist only inside this function (named scope
+    :data:`SCORE_SCOPE`).
     """
     with jax.named_scope(SCORE_SCOPE):
         b, hq, n, d = q.shape
@@ -107,7 +125,7 @@ def window_attention_scores(q: jax.Array, k: jax.Array, valid: jax.Array, window
         s = jnp.einsum("bhgqd,bhkd->bhgqk", qw, k, preferred_element_type=jnp.float32) * (d**-0.5)
         qpos = jnp.arange(n - w, n)
         causal = jnp.arange(n)[None, :] <= qpos[:, None]  # [w, N]
-        qvalid = valid[:, n - w :]  # [B, w]
+        qvalid = (valid if window_len is None else in_window(valid, window_len))[:, n - w :]  # [B, w]
         mask = causal[None] & valid[:, None, :] & qvalid[:, :, None]  # [B, w, N]
         p = _masked_softmax(s, mask[:, None, None])
         return jnp.mean(jnp.sum(p, axis=3), axis=2)
@@ -125,12 +143,11 @@ def full_attention_probs(q: jax.Array, k: jax.Array, valid: jax.Array) -> jax.Ar
         return _masked_softmax(s, mask[:, None, None]).reshape(b, hq, n, n)
 
 
-def _zero_window(score: jax.Array, valid: jax.Array, window: int) -> jax.Array:
+def _zero_window(score: jax.Array, valid: jax.Array, window: int | jax.Array) -> jax.Array:
     """Zeroes the window positions (always kept anyway) before pooling, so that pooling near the window
     edge sees zero padding, as SnapKV pools over the prefix only."""
     rank, count = real_rank(valid)
-    in_window = (rank >= count - window)[:, None, :]
-    return jnp.where(in_window, 0.0, score)
+    return jnp.where((rank >= count - _per_row(window))[:, None, :], 0.0, score)
 
 
 # ------------------------------------------------------------------------------------------ policies
@@ -170,15 +187,18 @@ class StreamingLLM:
 class SnapKV:
     """SnapKV: window attention of the last ``window`` queries over all causal keys (float32 softmax),
     summed over the window queries, averaged over the query heads of each KV group, then pooled along
-    the sequence (``avg``, kernel 7 by default). With layer-decreasing budgets it is PyramidKV."""
+    the sequence (``avg``, kernel 7 by default). With layer-decreasing budgets it is PyramidKV.
+    ``question_window``: each row's window is its question (``ctx.window_len``, at most ``window``)."""
 
     window: int = 32
     pooling: str = "avg"
     kernel_size: int = 7
+    question_window: bool = False
 
     def score(self, ctx: ScoreContext) -> jax.Array:
-        s = window_attention_scores(ctx.q, ctx.k, ctx.valid, self.window)
-        return pool1d(_zero_window(s, ctx.valid, self.window), self.pooling, self.kernel_size)
+        wl = None if ctx.window_len is None or not self.question_window else jnp.minimum(ctx.window_len, self.window)
+        s = window_attention_scores(ctx.q, ctx.k, ctx.valid, self.window, wl)
+        return pool1d(_zero_window(s, ctx.valid, self.window if wl is None else wl), self.pooling, self.kernel_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,7 +248,7 @@ def keep_set(
     *,
     slots: int,
     budget: int | jax.Array,
-    window: int,
+    window: int | jax.Array,
     sink: int,
     adaptive: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
@@ -239,7 +259,8 @@ def keep_set(
       valid: ``[B, N]`` bool, real tokens (any padding pattern).
       slots: static number of output slots (``>= budget``).
       budget: entries kept (static int, or a traced scalar for per-layer budgets inside a scan).
-      window, sink: always kept (the last ``window`` and the first ``sink`` real tokens).
+      window, sink: always kept (the last ``window`` and the first ``sink`` real tokens); ``window`` is a
+        static int or a per-row ``[B]`` int32 array.
       adaptive: AdaKV-style per-head budgets (:func:`adaptive_select`): one top-k over all KV heads of the
         layer for ``H * budget`` entries in total, each head holding at most ``slots`` of them (the cache
         keeps its fixed shape; a head's unused slots are marked ``kept=False``).

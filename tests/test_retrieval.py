@@ -26,8 +26,20 @@ def test_default_config_is_the_documented_one():
 
 def test_paper_classmethod_is_single_anchor_clie():
     p = PureKVConfig.paper(0.1)
-    assert (p.budget, p.base, p.cross_layer, p.anchor_layers, p.value_norm, p.window, p.sink, p.adaptive_heads) == (
-        0.1, "snapkv", True, (2,), True, 32, 4, False)
+    assert (p.budget, p.base, p.cross_layer, p.anchor_layers, p.value_norm, p.window, p.sink, p.adaptive_heads,
+            p.question_window, p.pooling, p.kernel_size) == (0.1, "snapkv", True, (2,), True, 32, 4, False, False,
+                                                             "avg", 7)
+
+
+def test_default_is_the_retrieval_row_the_docs_name():
+    from purekv_jax.fidelity.retrieval import policy_grid
+
+    with open(os.path.join(ROOT, "docs", "retrieval.md"), encoding="utf-8") as f:
+        assert "| **default**: snapkv + question window + pool 15 |" in f.read()
+    grid = policy_grid(30)
+    for b in (0.1, 0.2, 0.4):
+        assert grid["snapkv qwin, pool 15"](b) == PureKVConfig(budget=b) == grid["default PureKVConfig()"](b)
+        assert grid["snapkv"](b) != PureKVConfig(budget=b)  # the baseline stays SnapKV as published
 
 
 def test_adaptive_keep_set_total_and_forced():
@@ -83,3 +95,12 @@ def test_small_retrieval_full_answers_and_full_budget_identical(lm):
     an = dict(k=k, v=v, table={pk.base_policy(): scores[0]}, logits=logits)
     np.testing.assert_array_equal(R.policy_answers(params, config, an, pk, 8)[0], gen)
     np.testing.assert_array_equal(R.policy_answers(params, config, an, None, 8)[0], full)
+    # the default (question-aligned window, from generate's question_len) == the harness's per-row windows
+    qlen = [p.question_len for p in prompts]
+    gen_q = generate(params, config, ids, policy=PureKVConfig(budget=0.2), question_len=qlen, max_new_tokens=8).tokens
+    d = PureKVConfig(budget=0.2)
+    wl = jnp.asarray(qlen, jnp.int32)
+    k, v, scores, logits = R.analysis_prefill(params, jnp.asarray(ids, jnp.int32), wl, cfg=config.text,
+                                               score_policies=(d.base_policy(),))
+    an = dict(k=k, v=v, table={d.base_policy(): scores[0]}, logits=logits, window_len=wl)
+    np.testing.assert_array_equal(R.policy_answers(params, config, an, d, 8)[0], gen_q)

@@ -31,11 +31,13 @@ MIB = 1 << 20
 POLICIES = {
     "full": "the full KV cache, nothing dropped (baseline)",
     "purekv": "the library's default policy, PureKVConfig(budget=...), chosen by measurement on a real LM "
-              "(docs/retrieval.md): every layer's own SnapKV window score (flash-compatible); add --st-sparse "
-              "for the ST-SpAttn prefill",
+              "(docs/retrieval.md): every layer's own SnapKV window score (flash-compatible), the window aligned "
+              "to the question (the prompt text after the video / image, at most --window tokens), avg pooling "
+              "15; add "
+              "--st-sparse for the ST-SpAttn prefill",
     "clie": "the paper's CLIE: SnapKV window score at the --anchors layers, carried to the layers above "
             "(times value norms)",
-    "snapkv": "SnapKV: every layer ranks its entries by the observation window's attention",
+    "snapkv": "SnapKV: every layer ranks its entries by the attention of the last --window prompt tokens",
     "pyramid": "PyramidKV: SnapKV scores with budgets decreasing from the bottom layers to the top",
     "streaming": "StreamingLLM: the first --sink tokens plus the most recent ones",
     "random": "random entries (plus the window and the sinks); a control",
@@ -256,8 +258,11 @@ def build_policy(name: str, budget: float | int, window: int = 32, sink: int = 4
         extra = {} if tuple(anchors) == (2,) else dict(anchor_layers=tuple(anchors))
         return PureKVConfig(**common, **extra)
     if name == "clie":
-        return PureKVConfig(**common, base="snapkv", cross_layer=True, anchor_layers=tuple(anchors), value_norm=True)
-    return PureKVConfig(**common, base=name, cross_layer=False, anchor_layers=tuple(anchors))
+        return PureKVConfig(**common, base="snapkv", cross_layer=True, anchor_layers=tuple(anchors), value_norm=True,
+                            question_window=False, kernel_size=7)
+    # the baselines as published: a fixed window of the last --window tokens, SnapKV's avg pooling 7
+    return PureKVConfig(**common, base=name, cross_layer=False, anchor_layers=tuple(anchors), question_window=False,
+                        kernel_size=7)
 
 
 def policy_label(name: str, policy) -> str:

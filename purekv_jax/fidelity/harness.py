@@ -57,7 +57,9 @@ class PolicySpec:
 
 
 def _cfg(**kw):
-    return lambda budget, n_layers: PureKVConfig(budget=budget, **kw)
+    """A baseline as published (``PureKVConfig.paper``'s pinned window 32, 4 sinks, avg pooling 7, fixed window;
+    independent of the library default) with ``kw`` changed."""
+    return lambda budget, n_layers: PureKVConfig.paper(budget, **{"cross_layer": False, **kw})
 
 
 def _clie(**over):
@@ -105,6 +107,14 @@ ABLATIONS: tuple[PolicySpec, ...] = (
     PolicySpec("snapkv_sink0", _cfg(base="snapkv", cross_layer=False, sink=0), "ablation", "SnapKV, no sinks"),
     PolicySpec("snapkv_pool_max7", _cfg(base="snapkv", cross_layer=False, pooling="max"), "ablation",
                "SnapKV, max pooling"),
+    PolicySpec("snapkv_adakv", _cfg(base="snapkv", cross_layer=False, adaptive_heads=True), "ablation",
+               "SnapKV, AdaKV per-head budgets"),
+    PolicySpec("snapkv_pool_avg15", _cfg(base="snapkv", cross_layer=False, kernel_size=15), "ablation",
+               "SnapKV, avg pooling 15"),
+    PolicySpec("snapkv_pool_avg31", _cfg(base="snapkv", cross_layer=False, kernel_size=31), "ablation",
+               "SnapKV, avg pooling 31"),
+    PolicySpec("snapkv_pool_avg63", _cfg(base="snapkv", cross_layer=False, kernel_size=63), "ablation",
+               "SnapKV, avg pooling 63"),
 )
 
 
@@ -130,10 +140,12 @@ def score_policies_needed(configs) -> tuple:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "score_policies"))
-def analysis_prefill(params: TextParams, ids: jax.Array, *, cfg: TextConfig, score_policies: tuple):
+def analysis_prefill(params: TextParams, ids: jax.Array, window_len: jax.Array | None = None, *, cfg: TextConfig,
+                     score_policies: tuple):
     """Dense prefill of ``ids [B, N]`` -> ``(k, v [L, B, Hkv, N, hd], scores: tuple of [L, B, Hkv, N],
     last-position logits [B, V])``, one score per policy of ``score_policies`` (the project's policy objects,
-    each on its layer's context)."""
+    each on its layer's context; ``window_len [B]``: the rows' question-aligned windows, used by the policies
+    with ``question_window``)."""
     b, n = ids.shape
     x = jnp.take(params.embed, ids, axis=0)
     pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None], (b, n))
@@ -149,7 +161,8 @@ def analysis_prefill(params: TextParams, ids: jax.Array, *, cfg: TextConfig, sco
         probs = P.full_attention_probs(q, k, valid) if need_probs else None
         scores = []
         for pol in score_policies:
-            ctx = P.ScoreContext(q=q, k=k, v=v, valid=valid, layer=l, probs=probs if isinstance(pol, P.H2O) else None)
+            ctx = P.ScoreContext(q=q, k=k, v=v, valid=valid, layer=l, probs=probs if isinstance(pol, P.H2O) else None,
+                                 window_len=window_len)
             scores.append(pol.score(ctx))
         return layer_out(lp, x, attn, cfg), (k, v, tuple(scores))
 
@@ -159,14 +172,16 @@ def analysis_prefill(params: TextParams, ids: jax.Array, *, cfg: TextConfig, sco
 
 
 @functools.partial(jax.jit, static_argnames=("slots", "window", "sink", "adaptive", "capacity"))
-def build_cache(scores, k, v, budgets, *, slots: int, window: int, sink: int, adaptive: bool = False,
+def build_cache(scores, k, v, budgets, window_len=None, *, slots: int, window: int, sink: int, adaptive: bool = False,
                 capacity: int | None = None):
     """Keep-sets of every layer (``policies.keep_set`` on ``scores [L, B, Hkv, N]`` with per-layer
-    ``budgets [L]``; ``adaptive``: AdaKV-style per-head budgets) -> ``(cache, idx [L, B, Hkv, slots], kept)``;
-    the cache has ``capacity`` slots (default ``slots``; more leaves room to decode), next position ``N``."""
+    ``budgets [L]``; ``adaptive``: AdaKV-style per-head budgets; ``window_len [B]``: per-row windows instead
+    of ``window``) -> ``(cache, idx [L, B, Hkv, slots], kept)``; the cache has ``capacity`` slots (default
+    ``slots``; more leaves room to decode), next position ``N``."""
     n_layers, b, _, n, _ = k.shape
     valid = jnp.ones((b, n), bool)
-    idx, kept = jax.vmap(lambda s, bud: P.keep_set(s, valid, slots=slots, budget=bud, window=window, sink=sink,
+    win = window if window_len is None else jnp.minimum(window_len, window)
+    idx, kept = jax.vmap(lambda s, bud: P.keep_set(s, valid, slots=slots, budget=bud, window=win, sink=sink,
                                      adaptive=adaptive))(
         scores, budgets
     )
@@ -325,6 +340,7 @@ class FidelitySettings:
     spearman_policy: str = "clie"
     overlap_budget: float = 0.2
     seed: int = 0
+    policies: tuple[str, ...] | None = None  # run only these (and full, snapkv, clie); None = all
 
 
 def run_fidelity(params: TextParams, cfg: TextConfig, tokenizer, settings: FidelitySettings,
@@ -343,9 +359,16 @@ def run_fidelity(params: TextParams, cfg: TextConfig, tokenizer, settings: Fidel
     overlap: dict[str, dict[str, list]] = {}
     timings: dict[str, float] = {"analysis_s": 0.0, "continuation_s": 0.0, "cache_s": 0.0}
     sp_spec = next(s for s in main if s.name == settings.spearman_policy)
+    unknown = set(settings.policies or ()) - {s.name for s in main + list(ABLATIONS)}
+    if unknown:
+        raise ValueError(f"unknown fidelity policies {sorted(unknown)}; known: "
+                         f"{[s.name for s in main + list(ABLATIONS)]}")
 
     for n in settings.lengths:
         specs = main + (list(ABLATIONS) if settings.ablations and n in settings.ablation_lengths else [])
+        if settings.policies is not None:  # the reference rows (full, snapkv, clie) always run
+            specs = [s for s in specs if s.name in ("full", "snapkv", settings.spearman_policy)
+                     or s.name in settings.policies]
         def budgets_of(s):
             if s.name == "full":
                 return (1.0,)

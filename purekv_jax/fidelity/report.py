@@ -185,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablation-lengths", type=int, nargs="+", default=[1024, 2048])
     p.add_argument("--ablation-budgets", type=float, nargs="+", default=[0.1, 0.2])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--policies", nargs="+", default=None, help="run only these policies (and the reference rows: full, snapkv, clie)")
     p.add_argument("--out", default="docs/fidelity", help="output folder (default docs/fidelity)")
     return p
 
@@ -200,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = FidelitySettings(
             lengths=tuple(args.lengths), budgets=tuple(args.budgets), n_cont=args.cont, prompts=args.prompts,
             ablations=not args.no_ablations, ablation_lengths=tuple(args.ablation_lengths),
-            ablation_budgets=tuple(args.ablation_budgets), seed=args.seed)
+            ablation_budgets=tuple(args.ablation_budgets), seed=args.seed,
+            policies=None if args.policies is None else tuple(args.policies))
         out = run_fidelity(params, config.text, tok, settings, log=lambda m: print(m, file=sys.stderr, flush=True))
     except ValueError as e:
         print(f"purekv bench fidelity: error: {e}", file=sys.stderr)

@@ -118,7 +118,8 @@ def policy_answers(params, config, an: dict, pk: PureKVConfig | None, max_new: i
         plan = pk.resolve(cfg, n)
         scores = layer_scores(plan, table, v)
         adaptive = plan.head_adaptive
-    cache, idx, kept = build_cache(scores, k, v, jnp.asarray(plan.budgets, jnp.int32), slots=plan.slots,
+    wl = an["window_len"] if plan.question_window else None
+    cache, idx, kept = build_cache(scores, k, v, jnp.asarray(plan.budgets, jnp.int32), wl, slots=plan.slots,
                                    capacity=plan.slots + max_new, window=plan.window, sink=plan.sink,
                                    adaptive=adaptive)
     kept_np = np.asarray(kept).sum() / (cfg.num_hidden_layers * k.shape[2] * n * k.shape[1])
@@ -130,7 +131,7 @@ def policy_answers(params, config, an: dict, pk: PureKVConfig | None, max_new: i
 
 
 # ------------------------------------------------------------------------------------------ policies
-def policy_grid(n_layers: int, question_len: int) -> dict[str, callable]:
+def policy_grid(n_layers: int) -> dict[str, callable]:
     """name -> ``make(budget) -> PureKVConfig | None``; every one flash-compatible except none (H2O is left
     out: it needs the N x N matrix)."""
     every = lambda k, vn=True: (lambda b: PureKVConfig.paper(b, anchor_layers=tuple(range(0, n_layers, k)),
@@ -150,8 +151,22 @@ def policy_grid(n_layers: int, question_len: int) -> dict[str, callable]:
         "clie every 2, no vnorm": every(2, False),
         "clie every 4": every(4),
         "snapkv adakv": snap(adaptive_heads=True),
-        "snapkv qwin": snap(window=question_len),
-        "snapkv adakv qwin": snap(adaptive_heads=True, window=question_len),
+        "snapkv qwin": snap(question_window=True),
+        "snapkv adakv qwin": snap(adaptive_heads=True, question_window=True),
+        "snapkv qwin, max pool": snap(question_window=True, pooling="max"),
+        "snapkv qwin, no pool": snap(question_window=True, pooling="none"),
+        "snapkv qwin, pool 15": snap(question_window=True, kernel_size=15),
+        "snapkv qwin, pool 11": snap(question_window=True, kernel_size=11),
+        "snapkv qwin, pool 21": snap(question_window=True, kernel_size=21),
+        "snapkv qwin, pool 31": snap(question_window=True, kernel_size=31),
+        "snapkv qwin, pool 63": snap(question_window=True, kernel_size=63),
+        "snapkv qwin, max pool 15": snap(question_window=True, pooling="max", kernel_size=15),
+        "snapkv qwin adakv, pool 15": snap(question_window=True, kernel_size=15, adaptive_heads=True),
+        "pyramidkv qwin, pool 15": lambda b: PureKVConfig.paper(b, base="pyramid", cross_layer=False,
+                                                                question_window=True, kernel_size=15),
+        "pyramidkv qwin": lambda b: PureKVConfig.paper(b, base="pyramid", cross_layer=False, question_window=True),
+        "snapkv max pool": snap(pooling="max"),
+        "snapkv pool 15": snap(kernel_size=15),
         "clie every 2 adakv": lambda b: PureKVConfig.paper(b, anchor_layers=tuple(range(0, n_layers, 2)),
                                                           adaptive_heads=True),
         "default PureKVConfig()": lambda b: dataclasses.replace(PureKVConfig(), budget=b),
@@ -167,15 +182,17 @@ def run_retrieval(params, config, tokenizer, lengths=(1024, 2048), budgets=(0.1,
     answers: dict = {}
     for n in lengths:
         ps = make_prompts(tokenizer, n, prompts, seed=seed, question=question)
-        grid_all = policy_grid(cfg.num_hidden_layers, ps[0].question_len)
+        grid_all = policy_grid(cfg.num_hidden_layers)
         grid = {k: v for k, v in grid_all.items() if names is None or k in names or k == "full"}
         entries = [(name, b, make(b)) for name, make in grid.items() for b in ((1.0,) if name == "full" else budgets)]
         pols = base_policies([c for _, _, c in entries])
         for s in range(0, len(ps), batch):
             chunk = ps[s : s + batch]
             ids = jnp.asarray(np.stack([p.ids for p in chunk]), jnp.int32)
-            k, v, scores, logits = analysis_prefill(params, ids, cfg=cfg, score_policies=pols)
-            an = dict(k=k, v=v, table=dict(zip(pols, scores)), logits=logits)
+            # the question-aligned window (generate(question_len=...)): the tokens after the context
+            wl = jnp.asarray([p.question_len for p in chunk], jnp.int32)
+            k, v, scores, logits = analysis_prefill(params, ids, wl, cfg=cfg, score_policies=pols)
+            an = dict(k=k, v=v, table=dict(zip(pols, scores)), logits=logits, window_len=wl)
             for name, b, pk in entries:
                 toks, kept_frac, hold = policy_answers(params, config, an, pk, max_new)
                 row = rows.setdefault((n, name, b), {"n_prompt": n, "policy": name, "budget": b, "correct": [],
@@ -221,6 +238,54 @@ def markdown(out: dict) -> str:
     return "\n".join(lines)
 
 
+def paired_markdown(outs: list[dict], ref: str = "snapkv") -> str:
+    """Per policy and budget, paired against ``ref`` on the same prompts: ``+a/-b`` = prompts the policy gets
+    right and ``ref`` wrong / the reverse. ``outs``: one result dict per prompt length."""
+    budgets = outs[0]["settings"]["budgets"]
+    cols = [(o["settings"]["lengths"][0], b) for o in outs for b in budgets]
+    rows: dict[str, dict] = {}
+    for o in outs:
+        res = {(r["policy"], r["budget"]): np.asarray(r["correct"]) for r in o["results"]}
+        n = o["settings"]["lengths"][0]
+        for (name, b), c in res.items():
+            if name in ("full", ref) or (ref, b) not in res:
+                continue
+            base = res[(ref, b)]
+            rows.setdefault(name, {})[(n, b)] = f"+{int((c & ~base).sum())}/-{int((base & ~c).sum())}"
+    head = "| policy | " + " | ".join(f"{n:,}: {int(b * 100)}%" for n, b in cols) + " |"
+    lines = [head, "| --- |" + " --- |" * len(cols)]
+    for name, cells in rows.items():
+        lines.append(f"| {name} | " + " | ".join(cells.get(c, "--") for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def merge_runs(outs: list[dict], rename: dict[str, str] | None = None) -> dict:
+    """One result dict from several runs on the same prompts (same length, seed and question): results and
+    answers concatenated, a (length, policy, budget) row kept from the first run holding it; ``rename`` maps
+    a run's policy names to the merged table's (e.g. a past default to what it was)."""
+    rename = rename or {}
+    first = outs[0]["settings"]
+    for o in outs[1:]:
+        s = o["settings"]
+        if (s["lengths"], s["prompts"], s["seed"], s["question"]) != (first["lengths"], first["prompts"],
+                                                                      first["seed"], first["question"]):
+            raise ValueError(f"runs on other prompts cannot be merged: {s} vs {first}")
+    seen, results, answers = set(), [], {}
+    for o in outs:
+        for r in o["results"]:
+            r = {**r, "policy": rename.get(r["policy"], r["policy"])}
+            key = (r["n_prompt"], r["policy"], r["budget"])
+            if key not in seen:
+                seen.add(key)
+                results.append(r)
+        for k, v in o["answers"].items():
+            n, name, b = k.split("/", 2)
+            answers.setdefault(f"{n}/{rename.get(name, name)}/{b}", v)
+    budgets = sorted({b for o in outs for b in o["settings"]["budgets"]})
+    return {"settings": {**first, "budgets": budgets}, "results": results, "answers": answers,
+            "total_s": round(sum(o["total_s"] for o in outs), 1)}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prompts", type=int, default=30)
@@ -251,8 +316,9 @@ if __name__ == "__main__":
     main()
 
 
-def plot(jsons: list[str], png: str) -> None:
-    """Accuracy against budget, one panel per prompt length, one line per policy (full cache dashed)."""
+def plot(jsons: list[str], png: str, names=None, highlight: str | None = None) -> None:
+    """Accuracy against budget, one panel per prompt length, one line per policy (``names``: these only;
+    full cache dashed; ``highlight``: drawn bold, labelled as the default)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -264,12 +330,16 @@ def plot(jsons: list[str], png: str) -> None:
         n = out["settings"]["lengths"][0]
         res = out["results"]
         cmap = plt.get_cmap("tab20")
-        for i, name in enumerate(dict.fromkeys(r["policy"] for r in res)):
+        for i, name in enumerate(dict.fromkeys(r["policy"] for r in res if names is None or r["policy"] in names
+                                                or r["policy"] == "full")):
             rs = sorted((r for r in res if r["policy"] == name), key=lambda r: r["budget"])
             if name == "full":
                 ax.axhline(rs[0]["accuracy"], color="k", ls="--", label="full cache")
                 continue
-            ax.plot([r["budget"] * 100 for r in rs], [r["accuracy"] for r in rs], marker="o", label=name, color=cmap(i % 20))
+            bold = name == highlight
+            ax.plot([r["budget"] * 100 for r in rs], [r["accuracy"] for r in rs], marker="o",
+                    label=f"{name} (default)" if bold else name, color="k" if bold else cmap(i % 20),
+                    lw=2.5 if bold else 1.5, zorder=3 if bold else 2)
         ax.set(title=f"needle retrieval, {n}-token prompts ({len(res[0]['correct'])} prompts)",
                xlabel="KV budget (% of prompt)", ylabel="accuracy", ylim=(-0.02, 1.02))
         ax.grid(alpha=0.3)
