@@ -20,6 +20,7 @@ What each reference is:
 from __future__ import annotations
 
 import os
+import re
 import sys
 import types
 from pathlib import Path
@@ -313,7 +314,8 @@ def test_tokenizer_matches_tiktoken_and_roundtrips(tok, tmp_path):
     enc = tiktoken.Encoding(
         "qwen", pat_str=QWEN_PAT_STR, mergeable_ranks=read_tiktoken_ranks(qwen_tiktoken_path()), special_tokens={}
     )
-    text = (Path(__file__).parent.parent / "docs" / "DESIGN.md").read_text()
+    # (special-token strings removed: the tokenizer maps them to their ids, tiktoken here has none)
+    text = re.sub(r"<\|[a-z_]+\|>", "", (Path(__file__).parent.parent / "docs" / "DESIGN.md").read_text())
     text += " 你好，世界！ Grüße, naïve café — «ok» 12345 67\t\ttabs  and   spaces\n\n\n  x"
     ids = tok.encode(text).ids
     assert ids == enc.encode(text) and len(ids) > 1000
