@@ -2,7 +2,8 @@
 
 The prefill's non-scoring layers call :func:`prefill_attention`, which never hands probabilities to
 anyone: ``"dense"`` is the reference's masked softmax (identical numerics to the model's forward),
-``"flash"`` a key-blocked online-softmax scan (O(N * block) memory, never the ``[N, N]`` matrix).
+``"flash"`` a blocked online softmax that skips the blocks above the causal diagonal (O(block^2) score
+memory per head, never the ``[N, N]`` matrix).
 Other implementations (issue 4's block-sparse ST-SpAttn kernel) plug in with
 :func:`register_prefill_attention`; they receive the layer index so they can apply per-layer patterns.
 """
@@ -34,7 +35,12 @@ def dense_prefill_attention(q, k, v, valid, layer=None):
 def flash_prefill_attention(q, k, v, valid, layer=None, block: int | None = None):
     """Causal, padding-aware attention as an online softmax over key blocks (float32 statistics).
 
-    Memory O(N * block) per head instead of O(N^2); the probabilities are never materialised.
+    ``q [B, Hq, N, hd]``, ``k, v [B, Hkv, N, hd]``, ``valid [B, N]`` -> ``[B, Hq, N, hd]``. Query block ``i``
+    (``lax.map``) visits key blocks ``0..i`` only (``fori_loop`` with a traced trip count): the blocks above
+    the causal diagonal are never computed: about half the work of a full key sweep, 1.25x faster on the CPU
+    at 2k tokens and 1.6-1.7x at 4-8k than the full sweep it replaced, 2.3x faster than dense
+    (``benchmarks/results/prefill_attention_cpu.md``). Memory O(block^2) per head for the scores; the
+    probabilities are never materialised.
     """
     b, hq, n, d = q.shape
     hkv = k.shape[1]
@@ -43,41 +49,47 @@ def flash_prefill_attention(q, k, v, valid, layer=None, block: int | None = None
     nb = -(-n // block)
     pad = nb * block - n
     if pad:
-        k = jnp.pad(k, ((0, 0), (0, 0), (0, pad), (0, 0)))
-        v = jnp.pad(v, ((0, 0), (0, 0), (0, pad), (0, 0)))
+        p4 = ((0, 0), (0, 0), (0, pad), (0, 0))
+        q, k, v = jnp.pad(q, p4), jnp.pad(k, p4), jnp.pad(v, p4)
         valid = jnp.pad(valid, ((0, 0), (0, pad)))
-    qg = q.reshape(b, hkv, g, n, d)
-    kb = k.reshape(b, hkv, nb, block, d).transpose(2, 0, 1, 3, 4)
+    qb = q.reshape(b, hkv, g, nb, block, d).transpose(3, 0, 1, 2, 4, 5)  # [nb, B, Hkv, G, block, hd]
+    kb = k.reshape(b, hkv, nb, block, d).transpose(2, 0, 1, 3, 4)  # [nb, B, Hkv, block, hd]
     vb = v.reshape(b, hkv, nb, block, d).transpose(2, 0, 1, 3, 4)
-    validb = valid.reshape(b, nb, block).transpose(1, 0, 2)
-    qpos = jnp.arange(n)
+    validb = valid.reshape(b, nb, block).transpose(1, 0, 2)  # [nb, B, block]
+    offs = jnp.arange(block)
     scale = d**-0.5
 
-    def body(carry, xs):
-        m, l, acc = carry
-        kj, vj, valj, j = xs
-        s = jnp.einsum("bhgqd,bhkd->bhgqk", qg, kj, preferred_element_type=jnp.float32) * scale
-        kpos = j * block + jnp.arange(block)
-        mask = (kpos[None, :] <= qpos[:, None])[None, None, None] & valj[:, None, None, None, :]
-        s = jnp.where(mask, s, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        p = jnp.where(mask, jnp.exp(s - m_safe[..., None]), 0.0)
-        alpha = jnp.where(jnp.isfinite(m), jnp.exp(m - m_safe), 0.0)
-        l = alpha * l + jnp.sum(p, axis=-1)
-        acc = alpha[..., None] * acc + jnp.einsum(
-            "bhgqk,bhkd->bhgqd", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32
-        )
-        return (m_new, l, acc), None
+    def query_block(xs):
+        i, qi = xs
+        qpos = i * block + offs
 
-    init = (
-        jnp.full((b, hkv, g, n), -jnp.inf, jnp.float32),
-        jnp.zeros((b, hkv, g, n), jnp.float32),
-        jnp.zeros((b, hkv, g, n, d), jnp.float32),
-    )
-    (_, l, acc), _ = jax.lax.scan(body, init, (kb, vb, validb, jnp.arange(nb)))
-    out = acc / jnp.where(l > 0, l, 1.0)[..., None]
-    return out.reshape(b, hq, n, d).astype(q.dtype)
+        def body(j, carry):
+            m, l, acc = carry
+            kj, vj, valj = kb[j], vb[j], validb[j]
+            s = jnp.einsum("bhgqd,bhkd->bhgqk", qi, kj, preferred_element_type=jnp.float32) * scale
+            mask = ((j * block + offs)[None, :] <= qpos[:, None])[None, None, None] & valj[:, None, None, None, :]
+            s = jnp.where(mask, s, -jnp.inf)
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+            p = jnp.where(mask, jnp.exp(s - m_safe[..., None]), 0.0)
+            alpha = jnp.where(jnp.isfinite(m), jnp.exp(m - m_safe), 0.0)
+            l = alpha * l + jnp.sum(p, axis=-1)
+            acc = alpha[..., None] * acc + jnp.einsum(
+                "bhgqk,bhkd->bhgqd", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32
+            )
+            return m_new, l, acc
+
+        init = (
+            jnp.full((b, hkv, g, block), -jnp.inf, jnp.float32),
+            jnp.zeros((b, hkv, g, block), jnp.float32),
+            jnp.zeros((b, hkv, g, block, d), jnp.float32),
+        )
+        _, l, acc = jax.lax.fori_loop(0, i + 1, body, init)
+        return acc / jnp.where(l > 0, l, 1.0)[..., None]
+
+    out = jax.lax.map(query_block, (jnp.arange(nb), qb))  # [nb, B, Hkv, G, block, hd]
+    out = out.transpose(1, 2, 3, 0, 4, 5).reshape(b, hq, nb * block, d)[:, :, :n]
+    return out.astype(q.dtype)
 
 
 _PREFILL_IMPLS: dict[str, PrefillAttention] = {
