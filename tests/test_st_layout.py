@@ -28,14 +28,17 @@ def methodmd_mask(seq_len, videos, pattern, radius=None, window=None, npad=None)
     for i in range(npad):
         for j in range(i + 1):
             if i not in where or j not in where or where[j][0] != where[i][0]:
-                m[i, j] = True  # non-video query, or a key outside the query's video (global)
+                # non-video query, or a key outside the query's video: global (the strict temporal
+                # part of UNION has no global keys)
+                m[i, j] = pattern is not HeadPattern.TEMPORAL_STRICT
                 continue
             _, fi, yi, xi = where[i]
             _, fj, yj, xj = where[j]
             sp = fi == fj and (radius is None or (abs(yi - yj) <= radius and abs(xi - xj) <= radius))
             tp = (yi, xi) == (yj, xj) and (window is None or fi - fj <= window)
             m[i, j] = {HeadPattern.DENSE: True, HeadPattern.SPATIAL: sp, HeadPattern.TEMPORAL: tp,
-                       HeadPattern.UNION: sp or tp}[pattern]
+                       HeadPattern.UNION: sp or tp, HeadPattern.TEMPORAL_STRICT: tp and fj < fi,
+                       }[pattern]
     return m
 
 
@@ -72,8 +75,21 @@ def test_element_mask_matches_methodmd(case, pattern):
             assert (got == want[np.ix_(p, p)]).all()
         else:
             assert (got == want).all()
-    # every row sees at least itself (no empty softmax rows)
-    assert want.diagonal().all()
+    # every row sees at least itself (no empty softmax rows); strict rows never do (f_j < f_i)
+    if pattern is HeadPattern.TEMPORAL_STRICT:
+        assert not want.diagonal().any()
+    else:
+        assert want.diagonal().all()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_spatial_and_strict_temporal_partition_union(case):
+    """UNION = SPATIAL | TEMPORAL_STRICT with the two disjoint (the union-split identity)."""
+    lay, vids = _layout(case)
+    sp, strict, union = (methodmd_mask(lay.seq_len, vids, p, lay.spatial_radius, lay.temporal_window)
+                         for p in (HeadPattern.SPATIAL, HeadPattern.TEMPORAL_STRICT, HeadPattern.UNION))
+    assert not (sp & strict).any()
+    assert ((sp | strict) == union).all()
 
 
 def test_permutation_is_position_major():
@@ -123,7 +139,8 @@ def test_block_tables_lists():
                 assert sorted(lst.tolist()) == np.nonzero(cls[i] != EMPTY)[0].tolist()
                 assert (cls[i, lst[:npart]] == PARTIAL).all() and (cls[i, lst[npart:]] == FULL).all()
                 assert (t.kv_full[i, :c] == (np.arange(c) >= npart)).all()
-                assert (t.kv_index[i, c:] == lst[-1]).all()
+                if c:   # strict tables have empty rows (text, first-slot query blocks)
+                    assert (t.kv_index[i, c:] == lst[-1]).all()
             assert 0 < t.density <= 1 and t.padded_density >= t.density
     # temporal heads are far sparser in the position-major order
     a = block_tables(lay, "temporal", 16, 16, permuted=False)
@@ -159,6 +176,18 @@ def test_property_mask_matches_methodmd(lay, pattern):
     vids = [(v.start, v.t, v.h, v.w) for v in lay.videos]
     want = methodmd_mask(lay.seq_len, vids, pattern, lay.spatial_radius, lay.temporal_window)
     assert (reference_mask(lay, pattern) == want).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(lay=layouts())
+def test_property_spatial_and_strict_temporal_partition_union(lay):
+    sp, strict, union = (reference_mask(lay, p) for p in
+                         (HeadPattern.SPATIAL, HeadPattern.TEMPORAL_STRICT, HeadPattern.UNION))
+    assert not (sp & strict).any()
+    assert ((sp | strict) == union).all()
+    perm = permutation(lay)
+    assert (reference_mask(lay, HeadPattern.TEMPORAL_STRICT, permuted=True)
+            == strict[np.ix_(perm, perm)]).all()
 
 
 def test_bad_layouts_and_block_sizes():

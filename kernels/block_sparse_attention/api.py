@@ -37,10 +37,14 @@ def resolve_backend(backend: str) -> str:
 
 def normalize_patterns(head_patterns, num_heads: int) -> tuple[HeadPattern, ...]:
     if isinstance(head_patterns, (HeadPattern, str, int)):
-        return (HeadPattern.parse(head_patterns),) * num_heads
-    pats = tuple(HeadPattern.parse(p) for p in head_patterns)
+        pats = (HeadPattern.parse(head_patterns),) * num_heads
+    else:
+        pats = tuple(HeadPattern.parse(p) for p in head_patterns)
     if len(pats) != num_heads:
         raise ValueError(f"head_patterns has {len(pats)} entries but q has {num_heads} heads")
+    if any(p.strict for p in pats):
+        raise ValueError("temporal_strict is the internal second pass of a split union head (its "
+                         "rows may have no key); use 'union', 'spatial', 'temporal' or 'dense'")
     return pats
 
 

@@ -48,5 +48,7 @@ def element_mask(get_q, get_k, pattern: HeadPattern, radius, window):
         tp = get_k(PLC) == get_q(PLC)
         if window is not None:
             tp = tp & (get_q(FRM) - get_k(FRM) <= window)
+        if pattern.strict:   # own video only, strictly earlier slots (disjoint from SPATIAL)
+            return causal & ~other & tp & (get_k(FRM) < get_q(FRM))
         pat = tp if pat is None else (pat | tp)
     return causal & (other | pat)

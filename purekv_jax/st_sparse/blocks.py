@@ -5,7 +5,8 @@ full by COUNTING the allowed (query, key) pairs with interval arithmetic on the 
 each query token and each key block, the allowed keys of a non-video region form one causal
 interval, a foreign video is all-or-nothing, and inside the query's own video the spatial keys are
 an intersection of place intervals and the temporal keys an intersection of slot intervals, in the
-original as well as in the position-major (permuted) order. No N x N mask is ever built: the work is
+original as well as in the position-major (permuted) order. TEMPORAL_STRICT counts only the own
+video's temporal keys in earlier slots (no global keys). No N x N mask is ever built: the work is
 O(N * N / bk) integer arithmetic, done in query chunks to bound memory.
 
 A block is empty iff its count is 0 and full iff its count is bq * bk.
@@ -96,7 +97,8 @@ def _own_video_counts(q: dict, v, o0, o1, pattern: HeadPattern, permuted: bool, 
         else:
             jt0, jt1 = _cdiv(o0 - pq, hw), _cdiv(o1 - pq, hw)
         f_lo = 0 if window is None else np.maximum(fq - window, 0)
-        total = total + _clip_len(np.maximum(jt0, f_lo), np.minimum(jt1, fq + 1))
+        f_hi = fq if pattern.strict else fq + 1   # strict: earlier slots only
+        total = total + _clip_len(np.maximum(jt0, f_lo), np.minimum(jt1, f_hi))
     if pattern.spatial and pattern.temporal:
         own = pq * t + fq if permuted else off
         total = total - ((own >= o0) & (own < o1))
@@ -138,12 +140,14 @@ def block_counts(layout: STLayout, pattern, block_q: int, block_k: int, *, padde
             a = np.maximum(kbs * block_k, r0)[None, :]
             b = np.minimum((kbs + 1) * block_k, r1)[None, :]
             if v is None:  # non-video keys (index == position): causal interval
-                counts[:, kb0:kb1] += _clip_len(a, np.minimum(b, qidx + 1))
+                if not pattern.strict:
+                    counts[:, kb0:kb1] += _clip_len(a, np.minimum(b, qidx + 1))
                 continue
             v_num = layout.videos.index(v)
             mine = qvid == v_num
             # queries outside this video: all keys or none (the video lies wholly before or after)
-            counts[:, kb0:kb1] += np.where(~mine & (qidx >= v.end), b - a, 0)
+            if not pattern.strict:
+                counts[:, kb0:kb1] += np.where(~mine & (qidx >= v.end), b - a, 0)
             rows = np.nonzero(mine[:, 0])[0]
             if rows.size == 0:
                 continue

@@ -14,6 +14,12 @@ Mask (METHOD.md, ST-SpAttn) for query i and key j, on original sequence indices:
     UNION   : SPATIAL or TEMPORAL
     DENSE   : always (plain causal attention)
 
+TEMPORAL_STRICT is an internal pattern, not one of the alternatives above: the temporal keys of a video
+query in strictly earlier slots (same video, same place, f_j < f_i, f_i - f_j <= temporal_window),
+with no global keys. SPATIAL and TEMPORAL_STRICT are disjoint and their union is UNION, so a UNION
+head is computed exactly as two passes merged by log-sum-exp (the strict one on the cheap
+position-major order). Rows with no key (non-video queries, first-slot queries) are empty.
+
 Padding tokens (positions >= seq_len) behave like non-video tokens placed after the prompt: causality
 on their index keeps them invisible to every real query.
 """
@@ -53,6 +59,7 @@ class HeadPattern(enum.IntEnum):
     SPATIAL = 1
     TEMPORAL = 2
     UNION = 3
+    TEMPORAL_STRICT = 4   # internal: the temporal part of UNION that SPATIAL does not cover
 
     @classmethod
     def parse(cls, value) -> "HeadPattern":
@@ -72,12 +79,17 @@ class HeadPattern(enum.IntEnum):
 
     @property
     def temporal(self) -> bool:
-        return self in (HeadPattern.TEMPORAL, HeadPattern.UNION)
+        return self in (HeadPattern.TEMPORAL, HeadPattern.UNION, HeadPattern.TEMPORAL_STRICT)
+
+    @property
+    def strict(self) -> bool:
+        """Only the own video's strictly earlier temporal keys: no global keys, rows may be empty."""
+        return self is HeadPattern.TEMPORAL_STRICT
 
     @property
     def default_permuted(self) -> bool:
         """Temporal-only heads are cheap in the position-major order (METHOD.md)."""
-        return self is HeadPattern.TEMPORAL
+        return self in (HeadPattern.TEMPORAL, HeadPattern.TEMPORAL_STRICT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,6 +290,8 @@ def _pattern_mask_np(qi: dict, kj: dict, pattern: HeadPattern, radius, window) -
         pat = sp
     elif pattern is HeadPattern.TEMPORAL:
         pat = tp
+    elif pattern is HeadPattern.TEMPORAL_STRICT:
+        return causal & same & tp & (kj["frame"] < qi["frame"])
     else:
         pat = sp | tp
     return causal & (~same | pat)
