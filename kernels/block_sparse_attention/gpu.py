@@ -45,8 +45,8 @@ def check_triton_blocks(block_q: int, block_k: int):
                                  f"got {bsz}")
 
 
-def _kernel(kv_index_ref, kv_count_ref, kv_partial_ref, ids_ref, q_ref, k_ref, v_ref, o_ref, *,
-            block_q, block_k, scale, pattern, radius, window):
+def _kernel(kv_index_ref, kv_count_ref, kv_partial_ref, ids_ref, q_ref, k_ref, v_ref, o_ref,
+            *lse_ref, block_q, block_k, scale, pattern, radius, window):
     i = pl.program_id(0)
     q_start = i * block_q
     q = q_ref[...]                                          # [bq, D]
@@ -87,13 +87,22 @@ def _kernel(kv_index_ref, kv_count_ref, kv_partial_ref, ids_ref, q_ref, k_ref, v
     n_all = kv_count_ref[i]
     carry = lax.fori_loop(0, n_part, functools.partial(body, masked=True), carry)
     carry = lax.fori_loop(n_part, n_all, functools.partial(body, masked=False), carry)
-    acc, _, l = carry
-    o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
+    acc, m, l = carry
+    # rows that saw no key (strict temporal pass): m stays -inf or at the mask value; output 0
+    empty = m < 0.5 * MASK_VALUE
+    l_safe = jnp.where(empty, 1.0, l)
+    o_ref[...] = jnp.where(empty[:, None], 0.0, acc / l_safe[:, None]).astype(o_ref.dtype)
+    if lse_ref:   # natural log: m is in base-2 units of the scaled scores
+        lse_ref[0][...] = jnp.where(empty, -jnp.inf, m * math.log(2.0) + jnp.log(l_safe))
 
 
 def triton_block_sparse(q, k, v, tables: BlockTables, *, scale=None, interpret=False, num_warps=None,
-                        num_stages=2):
-    """q [B,Hq,Np,D], k/v [B,Hkv,Np,D] in the tables' order -> [B,Hq,Np,D] in q.dtype."""
+                        num_stages=2, return_lse=False):
+    """q [B,Hq,Np,D], k/v [B,Hkv,Np,D] in the tables' order -> [B,Hq,Np,D] in q.dtype.
+
+    With ``return_lse`` also the per-row natural log-sum-exp of the scores, float32 [B,Hq,Np]. Rows
+    with no key get output 0 and log-sum-exp -inf.
+    """
     b, hq, npad, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
@@ -119,15 +128,21 @@ def triton_block_sparse(q, k, v, tables: BlockTables, *, scale=None, interpret=F
         pl.BlockSpec((None, None, npad, d), lambda i, bb, h: (bb, lax.div(h, g), 0, 0)),
         pl.BlockSpec((None, None, npad, d), lambda i, bb, h: (bb, lax.div(h, g), 0, 0)),
     ]
-    return pl.pallas_call(
+    out_specs = [pl.BlockSpec((None, None, bq, d), lambda i, bb, h: (bb, h, i, 0))]
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+    if return_lse:
+        out_specs.append(pl.BlockSpec((None, None, bq), lambda i, bb, h: (bb, h, i)))
+        out_shape.append(jax.ShapeDtypeStruct((b, hq, npad), jnp.float32))
+    outs = pl.pallas_call(
         kernel,
         grid=(nq, b, hq),
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((None, None, bq, d), lambda i, bb, h: (bb, h, i, 0)),
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=_triton_compiler_params(num_warps, num_stages),
         interpret=interpret,
-        name="st_block_sparse_fwd_triton",
+        name="st_block_sparse_fwd_triton_lse" if return_lse else "st_block_sparse_fwd_triton",
     )(jnp.asarray(tables.kv_index), jnp.asarray(tables.kv_count), jnp.asarray(tables.kv_partial),
       jnp.asarray(tables.ids), q, k, v)
+    return tuple(outs) if return_lse else outs[0]
 

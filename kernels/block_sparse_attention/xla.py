@@ -39,10 +39,12 @@ def xla_flop_ratio(tables: BlockTables) -> float:
     return cells / (tables.num_q_blocks * tables.num_k_blocks)
 
 
-def xla_block_sparse(q, k, v, tables: BlockTables, *, scale=None, max_score_bytes=256 << 20):
+def xla_block_sparse(q, k, v, tables: BlockTables, *, scale=None, max_score_bytes=256 << 20,
+                     return_lse=False):
     """q [B,Hq,Np,D], k/v [B,Hkv,Np,D] in the tables' order, Np = tables.padded_len.
 
-    Returns [B,Hq,Np,D] in q.dtype.
+    Returns [B,Hq,Np,D] in q.dtype; with ``return_lse`` also the per-row natural log-sum-exp of
+    the scores, float32 [B,Hq,Np]. Rows with no key get output 0 and log-sum-exp -inf.
     """
     b, hq, npad, d = q.shape
     hkv = k.shape[1]
@@ -73,13 +75,15 @@ def xla_block_sparse(q, k, v, tables: BlockTables, *, scale=None, max_score_byte
         s = jnp.where(mask[None, None, None], s, -jnp.inf)
         s = s.reshape(*s.shape[:4], wdt * bk)
         mx = jnp.max(s, axis=-1, keepdims=True)
+        mx = jnp.where(jnp.isfinite(mx), mx, 0.0)    # rows with no key: p = 0, lse = -inf
         p = jnp.exp(s - mx)
         l = jnp.sum(p, axis=-1, keepdims=True)
-        p = (p / l).reshape(*p.shape[:4], wdt, bk)
-        return jnp.einsum("bhgqmk,bhmkd->bhgqd", p.astype(vg.dtype), vg,
-                          preferred_element_type=jnp.float32).astype(q.dtype)
+        p = (p / jnp.where(l > 0, l, 1.0)).reshape(*p.shape[:4], wdt, bk)
+        o = jnp.einsum("bhgqmk,bhmkd->bhgqd", p.astype(vg.dtype), vg,
+                       preferred_element_type=jnp.float32).astype(q.dtype)
+        return o, (mx + jnp.log(l))[..., 0]              # [b,hkv,g,bq,d], [b,hkv,g,bq]
 
-    outs, order = [], []
+    outs, lses, order = [], [], []
     for qsel, wdt in bucket_query_blocks(tables.kv_count, m):
         idx = tables.kv_index[qsel, :wdt]
         val = np.arange(wdt)[None, :] < tables.kv_count[qsel, None]
@@ -87,12 +91,17 @@ def xla_block_sparse(q, k, v, tables: BlockTables, *, scale=None, max_score_byte
         per_block = b * hq * bq * wdt * bk * 4 * 3
         batch = int(max(1, min(len(qsel), max_score_bytes // max(per_block, 1))))
         xs = (qb[qsel], jnp.asarray(idx), jnp.asarray(val), jnp.asarray(full), q_ids[qsel])
-        outs.append(jax.lax.map(one, xs, batch_size=batch))   # [n_sel,b,hkv,g,bq,d]
+        o, lse = jax.lax.map(one, xs, batch_size=batch)      # [n_sel,b,hkv,g,bq,(d)]
+        outs.append(o)
+        lses.append(lse)
         order.append(qsel)
-    out = jnp.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]
+    out, lse = jnp.concatenate(outs, axis=0), jnp.concatenate(lses, axis=0)
     order = np.concatenate(order)
     if (order != np.arange(nq)).any():
         inv = np.empty(nq, np.int64)
         inv[order] = np.arange(nq)
-        out = out[inv]
-    return out.transpose(1, 2, 3, 0, 4, 5).reshape(b, hq, npad, d)
+        out, lse = out[inv], lse[inv]
+    out = out.transpose(1, 2, 3, 0, 4, 5).reshape(b, hq, npad, d)
+    if not return_lse:
+        return out
+    return out, lse.transpose(1, 2, 3, 0, 4).reshape(b, hq, npad)
