@@ -9,9 +9,11 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from kernels.block_sparse_attention import (HeadDimError, block_sparse_attention,
-                                            reference_attention, triton_block_sparse,
-                                            xla_block_sparse)
-from purekv_jax.st_sparse import BlockSizeError, HeadPattern, LayoutError, STLayout, block_tables
+                                            dense_masked_attention, reference_attention,
+                                            triton_block_sparse, xla_block_sparse)
+from kernels.block_sparse_attention.api import merge_by_lse
+from purekv_jax.st_sparse import (BlockSizeError, HeadPattern, LayoutError, STLayout, block_tables,
+                                  reference_mask)
 
 TOL = 2e-5
 # text + video + text + second video + trailing text; 218 tokens (not a multiple of any block size)
@@ -64,6 +66,53 @@ def test_temporal_unpermuted_and_split_groups(backend):
                                  block_q=32, block_k=32, interpret=True, permute_temporal=False)
     _check(f"{backend} temporal unpermuted split groups", out,
            reference_attention(q, k, v, LAYOUT, pats))
+
+
+@pytest.mark.parametrize("backend", ["xla", "triton"])
+@pytest.mark.parametrize("case", ["two_videos_gqa", "radius_window_b2", "split_groups_unpermuted"])
+def test_union_split_equals_union(backend, case):
+    """UNION heads as SPATIAL + TEMPORAL_STRICT merged by log-sum-exp == the dense UNION reference
+    == the one-pass UNION path; text around two videos, 218 / 150 tokens (not block multiples)."""
+    lay, hq, hkv, b, d, pats, perm = {
+        "two_videos_gqa": (LAYOUT, 8, 2, 1, 32, "union", True),
+        "radius_window_b2": (LAYOUT_RW, 4, 2, 2, 64, ("union", "union", "temporal", "union"), True),
+        "split_groups_unpermuted": (LAYOUT, 4, 2, 1, 32, ("union", "spatial", "union", "union"),
+                                    False),
+    }[case]
+    q, k, v = _inputs(11, lay.seq_len, hq=hq, hkv=hkv, b=b, d=d)
+    kw = dict(layout=lay, head_patterns=pats, backend=backend, block_q=32, block_k=32,
+              interpret=True, permute_temporal=perm)
+    split = jax.jit(functools.partial(block_sparse_attention, **kw))(q, k, v)
+    _check(f"{backend} union split {case}", split, reference_attention(q, k, v, lay, pats))
+    one_pass = block_sparse_attention(q, k, v, split_union=False, **kw)
+    _check(f"{backend} union split vs one pass {case}", split, one_pass.astype(jnp.float32))
+
+
+@pytest.mark.parametrize("pattern,permuted", [("union", False), ("temporal_strict", True),
+                                              ("temporal_strict", False)])
+def test_raw_kernels_return_lse(pattern, permuted):
+    """Output and natural log-sum-exp of the raw kernels == the dense reference in the tables'
+    order; strict rows with no key (text, first slot) give 0 and -inf."""
+    t = block_tables(LAYOUT, pattern, 32, 32, permuted=permuted)
+    q, k, v = _inputs(12, t.padded_len, hq=4, hkv=2)
+    mask = reference_mask(LAYOUT, pattern, padded_len=t.padded_len, permuted=permuted)
+    ref_o, ref_lse = dense_masked_attention(q, k, v, mask[None], return_lse=True)
+    empty = ~mask.any(1)
+    assert empty.any() == (pattern == "temporal_strict")
+    for name, fn in (("xla", xla_block_sparse),
+                     ("triton", functools.partial(triton_block_sparse, interpret=True))):
+        o, lse = fn(q, k, v, t, return_lse=True)
+        _check(f"{name} {pattern} permuted={permuted} output", o, ref_o)
+        assert bool(jnp.all(jnp.isneginf(lse[:, :, empty])))
+        _check(f"{name} {pattern} permuted={permuted} lse", lse[:, :, ~empty], ref_lse[:, :, ~empty])
+
+
+def test_merge_by_lse_handles_empty_rows():
+    o_a, o_b = jnp.ones((1, 1, 3, 2)), jnp.full((1, 1, 3, 2), 3.0)
+    lse_a = jnp.array([[[0.0, 0.0, -jnp.inf]]])
+    lse_b = jnp.array([[[-jnp.inf, 0.0, -jnp.inf]]])
+    out = merge_by_lse(o_a, lse_a, o_b, lse_b)
+    assert out[0, 0, :, 0].tolist() == [1.0, 2.0, 0.0]
 
 
 def test_text_only_dense_equals_causal():

@@ -14,7 +14,8 @@ from purekv_jax.st_sparse.blocks import block_tables
 from purekv_jax.st_sparse.layout import (HeadPattern, LayoutError, STLayout, inverse_permutation,
                                          permutation)
 
-__all__ = ["block_sparse_attention", "resolve_backend", "normalize_patterns", "DEFAULT_BLOCKS"]
+__all__ = ["block_sparse_attention", "resolve_backend", "normalize_patterns", "merge_by_lse",
+           "DEFAULT_BLOCKS", "LSE_BACKENDS"]
 
 # triton 128x128: best or tied of 128x64 / 64x64 / 128x128 on an H200 at 7.7k tokens, the one size
 # where configs were compared (benchmarks/results/gpu_kernels.md). mosaic_gpu 64x128: one warpgroup
@@ -48,12 +49,19 @@ def normalize_patterns(head_patterns, num_heads: int) -> tuple[HeadPattern, ...]
     return pats
 
 
-def _run(backend, q, k, v, tables, scale, interpret, num_warps, num_stages):
+# backends whose kernels return the per-row log-sum-exp (needed to split UNION heads)
+LSE_BACKENDS = ("xla", "triton")
+
+
+def _run(backend, q, k, v, tables, scale, interpret, num_warps, num_stages, return_lse=False):
     if backend == "xla":
-        return xla_block_sparse(q, k, v, tables, scale=scale)
+        return xla_block_sparse(q, k, v, tables, scale=scale, return_lse=return_lse)
     if backend == "triton":
         return triton_block_sparse(q, k, v, tables, scale=scale, interpret=interpret,
-                                   num_warps=num_warps, num_stages=num_stages)
+                                   num_warps=num_warps, num_stages=num_stages,
+                                   return_lse=return_lse)
+    if return_lse:
+        raise NotImplementedError(f"the {backend!r} kernel does not return the log-sum-exp")
     if backend == "tpu":
         from kernels.block_sparse_attention.tpu import tpu_block_sparse
         return tpu_block_sparse(q, k, v, tables, scale=scale, interpret=interpret)
@@ -61,22 +69,76 @@ def _run(backend, q, k, v, tables, scale, interpret, num_warps, num_stages):
     return mosaic_gpu_block_sparse(q, k, v, tables, scale=scale, interpret=interpret)
 
 
+def merge_by_lse(o_a, lse_a, o_b, lse_b):
+    """Attention over the union of two disjoint key sets from the two partial results.
+
+    o_a, o_b [B, H, N, D]; lse_a, lse_b [B, H, N] float32 natural log-sum-exp (-inf for a row with
+    no key, whose output is ignored). Returns [B, H, N, D] in o_a.dtype (0 where both are empty).
+    """
+    m = jnp.maximum(lse_a, lse_b)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    w_a, w_b = jnp.exp(lse_a - m), jnp.exp(lse_b - m)
+    den = w_a + w_b
+    num = w_a[..., None] * o_a.astype(jnp.float32) + w_b[..., None] * o_b.astype(jnp.float32)
+    return (num / jnp.where(den > 0, den, 1.0)[..., None]).astype(o_a.dtype)
+
+
+def _head_selection(heads, g):
+    """(q heads, kv heads) to gather for a set of q heads: whole GQA groups keep GQA, split groups
+    repeat the kv head per q head."""
+    kv_heads = sorted({h // g for h in heads})
+    if all(set(range(kh * g, kh * g + g)) <= set(heads) for kh in kv_heads):
+        return np.array([h for kh in kv_heads for h in range(kh * g, kh * g + g)]), np.array(kv_heads)
+    qh = np.array(heads)
+    return qh, qh // g
+
+
+def _pattern_pass(q, k, v, layout, pat, perm, qh, kvh, bq, bk, run, return_lse=False):
+    """One pattern on q heads qh / kv heads kvh: pad, permute, kernel, un-permute, unpad.
+
+    Returns [B, len(qh), N, D] (and the [B, len(qh), N] log-sum-exp with ``return_lse``)."""
+    n = layout.seq_len
+    tables = block_tables(layout, pat, bq, bk, permuted=perm)
+    npad = tables.padded_len
+    pad = ((0, 0), (0, 0), (0, npad - n), (0, 0))
+    pick = lambda x, idx: x if np.array_equal(idx, np.arange(x.shape[1])) else x[:, idx]
+    qs = jnp.pad(pick(q, qh), pad)
+    ks = jnp.pad(pick(k, kvh), pad)
+    vs = jnp.pad(pick(v, kvh), pad)
+    if perm:
+        p_idx = permutation(layout, npad)
+        qs, ks, vs = qs[:, :, p_idx], ks[:, :, p_idx], vs[:, :, p_idx]
+    res = run(qs, ks, vs, tables, return_lse=return_lse)
+    o, lse = res if return_lse else (res, None)
+    if perm:
+        inv = inverse_permutation(layout, npad)
+        o = o[:, :, inv]
+        lse = None if lse is None else lse[:, :, inv]
+    return (o[:, :, :n], lse[:, :, :n]) if return_lse else o[:, :, :n]
+
+
 def block_sparse_attention(q, k, v, layout: STLayout, *, head_patterns=HeadPattern.UNION,
                            backend: str = "auto", block_q: int | None = None,
                            block_k: int | None = None, scale: float | None = None,
                            interpret: bool | None = None, permute_temporal: bool = True,
-                           num_warps: int | None = None, num_stages: int = 2):
+                           num_warps: int | None = None, num_stages: int = 2,
+                           split_union: bool = True):
     """ST-SpAttn attention, causal on original indices.
 
     q [B, Hq, N, D]; k, v [B, Hkv, N, D] (Hq a multiple of Hkv); N == layout.seq_len; returns
     [B, Hq, N, D] in q.dtype. ``head_patterns``: one pattern or one per q head. Heads with the
     TEMPORAL pattern run on the position-major permutation (rows permuted, output un-permuted) when
-    ``permute_temporal``. ``backend``: "auto" (tpu on TPU, triton on GPU, xla elsewhere), "xla",
-    "triton", "mosaic_gpu" (Hopper TMA + WGMMA kernel, bf16 / f16 only; not the GPU default because
-    it has not been timed on hardware yet), "tpu". ``interpret`` defaults to True on the CPU for the
-    Pallas backends (for mosaic_gpu: the Mosaic GPU interpreter); ``num_warps`` / ``num_stages``
-    tune the Triton kernel. Static python arguments (layout, patterns, blocks) make this traceable
-    inside jit; tables are built on the host at trace time and cached.
+    ``permute_temporal``. With ``split_union`` and a backend that returns the log-sum-exp (xla,
+    triton), UNION heads run as two disjoint passes, SPATIAL in the original order and
+    TEMPORAL_STRICT (earlier slots at the same place) on the permutation when ``permute_temporal``,
+    merged exactly by log-sum-exp: far fewer blocks than UNION in the original order, where each
+    temporal key is a partial block of its own. ``backend``: "auto" (tpu on TPU, triton on GPU, xla
+    elsewhere), "xla", "triton", "mosaic_gpu" (Hopper TMA + WGMMA kernel, bf16 / f16 only; not the
+    GPU default because it has not been timed on hardware yet), "tpu". ``interpret`` defaults to
+    True on the CPU for the Pallas backends (for mosaic_gpu: the Mosaic GPU interpreter);
+    ``num_warps`` / ``num_stages`` tune the Triton kernel. Static python arguments (layout,
+    patterns, blocks) make this traceable inside jit; tables are built on the host at trace time
+    and cached.
     """
     backend = resolve_backend(backend)
     if not isinstance(layout, STLayout):
@@ -108,35 +170,28 @@ def block_sparse_attention(q, k, v, layout: STLayout, *, head_patterns=HeadPatte
         interpret = jax.default_backend() == "cpu"
     pats = normalize_patterns(head_patterns, hq)
     g = hq // hkv
+    split = split_union and backend in LSE_BACKENDS
 
     groups: dict[tuple[HeadPattern, bool], list[int]] = {}
     for h, p in enumerate(pats):
         groups.setdefault((p, bool(permute_temporal and p.default_permuted)), []).append(h)
 
+    def run(qs, ks, vs, tables, return_lse):
+        return _run(backend, qs, ks, vs, tables, scale, interpret, num_warps, num_stages,
+                    return_lse)
+
     outs, order = [], []
     for (pat, perm), heads in groups.items():
-        tables = block_tables(layout, pat, bq, bk, permuted=perm)
-        npad = tables.padded_len
-        pad = ((0, 0), (0, 0), (0, npad - n), (0, 0))
-        kv_heads = sorted({h // g for h in heads})
-        aligned = all(set(range(kh * g, kh * g + g)) <= set(heads) for kh in kv_heads)
-        if aligned:   # whole GQA groups: keep GQA
-            qh = np.array([h for kh in kv_heads for h in range(kh * g, kh * g + g)])
-            kvh = np.array(kv_heads)
-        else:         # split groups: repeat the kv head per q head
-            qh = np.array(heads)
-            kvh = qh // g
-        pick = lambda x, idx: x if np.array_equal(idx, np.arange(x.shape[1])) else x[:, idx]
-        qs = jnp.pad(pick(q, qh), pad)
-        ks = jnp.pad(pick(k, kvh), pad)
-        vs = jnp.pad(pick(v, kvh), pad)
-        if perm:
-            p_idx = permutation(layout, npad)
-            qs, ks, vs = qs[:, :, p_idx], ks[:, :, p_idx], vs[:, :, p_idx]
-        o = _run(backend, qs, ks, vs, tables, scale, interpret, num_warps, num_stages)
-        if perm:
-            o = o[:, :, inverse_permutation(layout, npad)]
-        outs.append(o[:, :, :n])
+        qh, kvh = _head_selection(heads, g)
+        if split and pat is HeadPattern.UNION:
+            o_sp, lse_sp = _pattern_pass(q, k, v, layout, HeadPattern.SPATIAL, False, qh, kvh, bq,
+                                         bk, run, return_lse=True)
+            o_tp, lse_tp = _pattern_pass(q, k, v, layout, HeadPattern.TEMPORAL_STRICT,
+                                         bool(permute_temporal), qh, kvh, bq, bk, run,
+                                         return_lse=True)
+            outs.append(merge_by_lse(o_sp, lse_sp, o_tp, lse_tp))
+        else:
+            outs.append(_pattern_pass(q, k, v, layout, pat, perm, qh, kvh, bq, bk, run))
         order.extend(qh.tolist())
     out = jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
     if order != list(range(hq)):
