@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _timing import median_ms  # noqa: E402
 from kernels.block_sparse_attention import block_sparse_attention  # noqa: E402
+from kernels.block_sparse_attention.api import LSE_BACKENDS  # noqa: E402
 from kernels.block_sparse_attention.xla import xla_flop_ratio  # noqa: E402
 from purekv_jax.st_sparse import HeadPattern, STLayout, block_tables, token_ids  # noqa: E402
 from purekv_jax.st_sparse.layout import ID_FIELDS, _pattern_mask_np  # noqa: E402
@@ -50,22 +51,33 @@ def make_layout(n_target, hw, text_before, text_after):
 
 
 def mixes(hq, hkv):
+    """{name: (per-head patterns, split_union)}; "union" is the one-pass UNION head, "union split"
+    the same head as SPATIAL + TEMPORAL_STRICT passes merged by log-sum-exp (the default)."""
     g = hq // hkv
     per_group = lambda seq: tuple(p for p in seq for _ in range(g))
-    out = {"union": ("union",) * hq, "spatial": ("spatial",) * hq, "temporal": ("temporal",) * hq}
-    if hkv >= 4:   # a calibrated-looking mix, aligned to the GQA groups
+    out = {"union": (("union",) * hq, False), "union split": (("union",) * hq, True),
+           "spatial": (("spatial",) * hq, True), "temporal": (("temporal",) * hq, True)}
+    if hkv >= 4:   # a calibrated-looking mix, aligned to the GQA groups (union heads split)
         seq = (["union", "spatial", "spatial", "temporal"] * hkv)[:hkv]
-        out["mix u/s/s/t"] = per_group(seq)
+        out["mix u/s/s/t"] = (per_group(seq), True)
     return out
 
 
-def flops_sparse(layout, pats, bq, bk, d):
+def head_tables(layout, pattern, bq, bk, split):
+    """The block tables one head runs: two passes for a split UNION head, else one."""
+    if split and HeadPattern.parse(pattern) is HeadPattern.UNION:
+        return [block_tables(layout, "spatial", bq, bk),
+                block_tables(layout, "temporal_strict", bq, bk, permuted=True)]
+    return [block_tables(layout, pattern, bq, bk)]
+
+
+def flops_sparse(layout, pats, bq, bk, d, split):
     """(computed-block FLOPs, mean density over heads) for QK^T + PV."""
     fl, dens = 0.0, []
     for p in pats:
-        t = block_tables(layout, p, bq, bk)
-        fl += 4.0 * bq * bk * d * float(t.kv_count.sum())
-        dens.append(t.density)
+        tables = head_tables(layout, p, bq, bk, split)
+        fl += sum(4.0 * bq * bk * d * float(t.kv_count.sum()) for t in tables)
+        dens.append(sum(t.density for t in tables))
     return fl, float(np.mean(dens))
 
 
@@ -160,19 +172,21 @@ def main(argv=None):
         triton_tune = dict(num_warps=args.num_warps, num_stages=args.num_stages)
         runs = [("triton", b, triton_tune) for b in (blocks if size_no == 0 else blocks[:1])]
         runs += [("mosaic_gpu", b, {}) for b in (mosaic_blocks if size_no == 0 else mosaic_blocks[:1])]
-        for name, pats in mixes(hq, hkv).items():
+        for name, (pats, split) in mixes(hq, hkv).items():
             for backend, (bq, bk), tune in runs:
                 if time.perf_counter() - T0 > args.time_budget:
                     log("time budget spent, skipping", n, name)
                     continue
                 row = {"N": n, "grid": [v0.t, v0.h, v0.w], "kind": f"pallas {backend} {bq}x{bk}",
                        "pattern": name}
+                if split and name.endswith("split") and backend not in LSE_BACKENDS:
+                    continue   # no log-sum-exp in this kernel: same as the one-pass row
                 try:
-                    fl, dens = flops_sparse(lay, pats, bq, bk, d)
+                    fl, dens = flops_sparse(lay, pats, bq, bk, d, split and backend in LSE_BACKENDS)
                     row["density"] = dens
                     f = jax.jit(functools.partial(
                         block_sparse_attention, layout=lay, head_patterns=pats, backend=backend,
-                        block_q=bq, block_k=bk, interpret=interpret, **tune))
+                        block_q=bq, block_k=bk, interpret=interpret, split_union=split, **tune))
                     t0 = time.perf_counter()
                     out = jax.block_until_ready(f(q, k, v))
                     row["compile_s"] = time.perf_counter() - t0
@@ -197,11 +211,12 @@ def main(argv=None):
             row = {"N": n, "grid": [v0.t, v0.h, v0.w], "kind": "xla fallback 128x128", "pattern": name}
             try:
                 f = jax.jit(functools.partial(block_sparse_attention, layout=lay, head_patterns=pats,
-                                              backend="xla", block_q=128, block_k=128))
-                row["density"] = float(np.mean([block_tables(lay, p, 128, 128).density
-                                                for p in pats]))
-                row["flop_ratio"] = float(np.mean([xla_flop_ratio(block_tables(lay, p, 128, 128))
-                                                   for p in pats]))
+                                              backend="xla", block_q=128, block_k=128,
+                                              split_union=split))
+                tables = [head_tables(lay, p, 128, 128, split) for p in pats]
+                row["density"] = float(np.mean([sum(t.density for t in ts) for ts in tables]))
+                row["flop_ratio"] = float(np.mean([sum(xla_flop_ratio(t) for t in ts)
+                                                   for ts in tables]))
                 ms = median_ms(f, (q, k, v), max(1, args.reps // 2))
                 row.update(ms=ms, dense_equiv_tflops=dense_flops / ms / 1e9)
                 if cudnn_ms:

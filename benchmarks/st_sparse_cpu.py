@@ -3,7 +3,9 @@
 Prints one markdown table: for video grids 8x16x16 and 16x24x24 with short text before and after,
 per head pattern, the block density (non-empty blocks / all blocks), the FLOP ratio of the XLA
 fallback (it runs max_blocks entries for every query block) against dense attention (which computes
-all N x N scores), and the median CPU time of each.
+all N x N scores), and the median CPU time of each. ``union`` is the one-pass UNION head
+(``split_union=False``); ``union-split`` the same head as SPATIAL + TEMPORAL_STRICT (position-major)
+passes merged by log-sum-exp (densities and FLOP ratios: the sum of the two passes).
 
     JAX_PLATFORMS=cpu python benchmarks/st_sparse_cpu.py [--heads 4 --kv-heads 2 --head-dim 64]
 """
@@ -36,7 +38,7 @@ def main(argv=None):
     ap.add_argument("--text-before", type=int, default=48)
     ap.add_argument("--text-after", type=int, default=40)
     ap.add_argument("--grids", default="8x16x16,16x24x24")
-    ap.add_argument("--patterns", default="spatial,temporal,union")
+    ap.add_argument("--patterns", default="spatial,temporal,union,union-split")
     args = ap.parse_args(argv)
 
     hq, hkv, d, blk = args.heads, args.kv_heads, args.head_dim, args.block
@@ -62,16 +64,29 @@ def main(argv=None):
 
         dense_ms = median_ms(dense, (q, k, v), args.reps)
         for pat in args.patterns.split(","):
-            tb = block_tables(lay, pat, blk, blk)
-            f = jax.jit(functools.partial(block_sparse_attention, layout=lay, head_patterns=pat,
-                                          backend="xla", block_q=blk, block_k=blk))
+            tbs, head_pat, split, label = pattern_passes(lay, pat, blk)
+            f = jax.jit(functools.partial(block_sparse_attention, layout=lay, head_patterns=head_pat,
+                                          backend="xla", block_q=blk, block_k=blk,
+                                          split_union=split))
             ms = median_ms(f, (q, k, v), args.reps)
-            order = " (position-major)" if tb.permuted else ""
-            rows.append((grid, n, pat, tb.density, ms, dense_ms))
-            print(f"| {grid} | {n} | {pat}{order} | {tb.density:.3f} | {tb.causal_density:.3f} | "
-                  f"{xla_flop_ratio(tb):.3f} | {dense_ms:.1f} | {ms:.1f} | {dense_ms / ms:.2f}x |",
-                  flush=True)
+            density = sum(tb.density for tb in tbs)
+            causal = sum(tb.causal_density for tb in tbs)
+            flops = sum(xla_flop_ratio(tb) for tb in tbs)
+            rows.append((grid, n, pat, density, ms, dense_ms))
+            print(f"| {grid} | {n} | {label} | {density:.3f} | {causal:.3f} | {flops:.3f} | "
+                  f"{dense_ms:.1f} | {ms:.1f} | {dense_ms / ms:.2f}x |", flush=True)
     return rows
+
+
+def pattern_passes(lay: STLayout, pat: str, blk: int):
+    """(block tables of each pass, head pattern, split_union, row label) for a --patterns entry."""
+    if pat == "union-split":
+        tbs = [block_tables(lay, "spatial", blk, blk),
+               block_tables(lay, "temporal_strict", blk, blk, permuted=True)]
+        return tbs, "union", True, "union split: spatial + strict temporal (position-major)"
+    tb = block_tables(lay, pat, blk, blk)
+    label = pat + (" (position-major)" if tb.permuted else "") + (" one pass" if pat == "union" else "")
+    return [tb], pat, False, label
 
 
 if __name__ == "__main__":
