@@ -20,6 +20,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _timing import median_ms  # noqa: E402
