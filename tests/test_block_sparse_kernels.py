@@ -1,5 +1,5 @@
 """Every block-sparse path (XLA fallback, Pallas Triton + TPU kernels in interpret mode) against the
-dense masked float32 reference, on fresh random inputs. Max abs errors are printed (pytest -s)."""
+dense masked float32 reference (outputs, and the per-row log-sum-exp of the split-union passes), on fresh random inputs. Max abs errors are printed (pytest -s)."""
 
 import functools
 
@@ -10,7 +10,8 @@ from hypothesis import given, settings, strategies as st
 
 from kernels.block_sparse_attention import (HeadDimError, block_sparse_attention,
                                             dense_masked_attention, reference_attention,
-                                            triton_block_sparse, xla_block_sparse)
+                                            tpu_block_sparse, triton_block_sparse,
+                                            xla_block_sparse)
 from kernels.block_sparse_attention.api import merge_by_lse
 from purekv_jax.st_sparse import (BlockSizeError, HeadPattern, LayoutError, STLayout, block_tables,
                                   reference_mask)
@@ -68,7 +69,7 @@ def test_temporal_unpermuted_and_split_groups(backend):
            reference_attention(q, k, v, LAYOUT, pats))
 
 
-@pytest.mark.parametrize("backend", ["xla", "triton"])
+@pytest.mark.parametrize("backend", ["xla", "triton", "tpu"])
 @pytest.mark.parametrize("case", ["two_videos_gqa", "radius_window_b2", "split_groups_unpermuted"])
 def test_union_split_equals_union(backend, case):
     """UNION heads as SPATIAL + TEMPORAL_STRICT merged by log-sum-exp == the dense UNION reference
@@ -80,7 +81,8 @@ def test_union_split_equals_union(backend, case):
                                     False),
     }[case]
     q, k, v = _inputs(11, lay.seq_len, hq=hq, hkv=hkv, b=b, d=d)
-    kw = dict(layout=lay, head_patterns=pats, backend=backend, block_q=32, block_k=32,
+    bq, bk = BLOCKS[backend]
+    kw = dict(layout=lay, head_patterns=pats, backend=backend, block_q=bq, block_k=bk,
               interpret=True, permute_temporal=perm)
     split = jax.jit(functools.partial(block_sparse_attention, **kw))(q, k, v)
     _check(f"{backend} union split {case}", split, reference_attention(q, k, v, lay, pats))
@@ -93,15 +95,17 @@ def test_union_split_equals_union(backend, case):
 def test_raw_kernels_return_lse(pattern, permuted):
     """Output and natural log-sum-exp of the raw kernels == the dense reference in the tables'
     order; strict rows with no key (text, first slot) give 0 and -inf."""
-    t = block_tables(LAYOUT, pattern, 32, 32, permuted=permuted)
-    q, k, v = _inputs(12, t.padded_len, hq=4, hkv=2)
-    mask = reference_mask(LAYOUT, pattern, padded_len=t.padded_len, permuted=permuted)
-    ref_o, ref_lse = dense_masked_attention(q, k, v, mask[None], return_lse=True)
-    empty = ~mask.any(1)
-    assert empty.any() == (pattern == "temporal_strict")
     for name, fn in (("xla", xla_block_sparse),
-                     ("triton", functools.partial(triton_block_sparse, interpret=True))):
+                     ("triton", functools.partial(triton_block_sparse, interpret=True)),
+                     ("tpu", functools.partial(tpu_block_sparse, interpret=True))):
+        t = block_tables(LAYOUT, pattern, *BLOCKS[name], permuted=permuted)
+        q, k, v = _inputs(12, t.padded_len, hq=4, hkv=2)
+        mask = reference_mask(LAYOUT, pattern, padded_len=t.padded_len, permuted=permuted)
+        ref_o, ref_lse = dense_masked_attention(q, k, v, mask[None], return_lse=True)
+        empty = ~mask.any(1)
+        assert empty.any() == (pattern == "temporal_strict")
         o, lse = fn(q, k, v, t, return_lse=True)
+        assert lse.shape == q.shape[:3] and lse.dtype == jnp.float32
         _check(f"{name} {pattern} permuted={permuted} output", o, ref_o)
         assert bool(jnp.all(jnp.isneginf(lse[:, :, empty])))
         _check(f"{name} {pattern} permuted={permuted} lse", lse[:, :, ~empty], ref_lse[:, :, ~empty])

@@ -7,8 +7,8 @@ What lowers without the device (jax 0.10.2 and 0.11.2):
   compatibility guarantee; without it export raises (checked below). PTX/cubin are only produced by
   the CUDA runtime on the device.
 - Pallas TPU kernel -> platforms=['tpu']: lowers to a Mosaic `tpu_custom_call` without any disabled
-  check. Mosaic's own layout passes and the TPU compile run only on a TPU, so VMEM/layout problems
-  would only show there.
+  check, also with return_lse=True (the split union heads). Mosaic's own layout passes and the TPU
+  compile run only on a TPU, so VMEM/layout problems would only show there.
 - XLA fallback: exports for both.
 - Mosaic GPU kernel -> platforms=['cuda']: lowers to a `mosaic_gpu_v2` custom call with no disabled
   safety check and no (abstract) GPU device, on jax 0.10.2 and 0.11.2. The Pallas -> Mosaic GPU
@@ -53,9 +53,10 @@ def _abstract_gpu():
         AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=dev))
 
 
-def _export(backend, platform, dtype=jnp.bfloat16, d=128, bq=None, bk=None, abstract_gpu=True, **kw):
+def _export(backend, platform, dtype=jnp.bfloat16, d=128, bq=None, bk=None, abstract_gpu=True,
+            split_union=True, **kw):
     f = functools.partial(block_sparse_attention, layout=LAYOUT, head_patterns=PATS, backend=backend,
-                          block_q=bq, block_k=bk, interpret=False)
+                          block_q=bq, block_k=bk, interpret=False, split_union=split_union)
     q = jax.ShapeDtypeStruct((1, 4, LAYOUT.seq_len, d), dtype)
     k = jax.ShapeDtypeStruct((1, 2, LAYOUT.seq_len, d), dtype)
     ctx = _abstract_gpu() if (abstract_gpu and platform == "cuda") else contextlib.nullcontext()
@@ -96,9 +97,14 @@ def test_triton_export_without_gpu_needs_abstract_device_on_jax_011():
 
 @pytest.mark.parametrize("dtype,d", [(jnp.bfloat16, 128), (jnp.float32, 64)])
 def test_tpu_exports_for_tpu(dtype, d):
+    """The union head runs split (SPATIAL + TEMPORAL_STRICT merged by log-sum-exp): the kernel
+    with return_lse=True (lane-dense [B, H, Np, 128] float32 LSE output) lowers too."""
     exp = _export("tpu", "tpu", dtype, d, 128, 128)
     text = exp.mlir_module()
     assert "tpu_custom_call" in text and exp.platforms == ("tpu",)
+    assert "st_block_sparse_fwd_tpu_lse" in text
+    one_pass = _export("tpu", "tpu", dtype, d, 128, 128, split_union=False).mlir_module()
+    assert "st_block_sparse_fwd_tpu_lse" not in one_pass
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])

@@ -6,6 +6,11 @@ index maps read the list, so only listed blocks are DMA'd (padding entries repea
 which Pallas does not re-fetch). Entries [0, n_partial) are masked in-kernel from the per-token ids,
 entries [n_partial, count) are full and unmasked, entries >= count are skipped. Online softmax in
 float32 with (bq, 128) lane-replicated running max / sum (as splash attention does).
+
+With ``return_lse`` the kernel also writes the per-row natural log-sum-exp, lane-replicated into a
+lane-dense float32 [B, Hq, Np, 128] output (as jax's TPU flash attention does for its l / m
+residuals: full (bq, 128) tiles, no masked narrow stores), sliced to [B, Hq, Np] outside. Rows that
+saw no key (the strict temporal pass) keep the running max at the mask value: output 0, LSE -inf.
 """
 
 from __future__ import annotations
@@ -44,9 +49,10 @@ def _lanes(x, width):
 
 def _kernel(kv_index_ref, kv_count_ref, kv_partial_ref,        # scalar prefetch (SMEM)
             q_ref, k_ref, v_ref, q_ids_ref, k_ids_ref,          # inputs (VMEM blocks)
-            o_ref,                                              # output
-            m_ref, l_ref, acc_ref,                              # scratch
-            *, scale, max_blocks, pattern, radius, window):
+            o_ref, *rest,                                       # output(s), scratch
+            scale, max_blocks, pattern, radius, window):
+    lse_ref = rest[0] if len(rest) == 4 else None
+    m_ref, l_ref, acc_ref = rest[-3:]
     i, j = pl.program_id(2), pl.program_id(3)
     bq, d = acc_ref.shape
     bk = k_ref.shape[0]
@@ -90,11 +96,23 @@ def _kernel(kv_index_ref, kv_count_ref, kv_partial_ref,        # scalar prefetch
 
     @pl.when(j == max_blocks - 1)
     def _finish():
-        o_ref[...] = (acc_ref[...] / _lanes(l_ref[...], d)).astype(o_ref.dtype)
+        m, l = m_ref[...], l_ref[...]                                      # (bq, 128)
+        # no key seen: m stays at the mask value (never stepped: l = 0; masked only: l = bk)
+        empty = m < 0.5 * MASK_VALUE
+        l_safe = jnp.where(empty, 1.0, l)
+        inv = jnp.where(empty, 0.0, 1.0 / l_safe)
+        o_ref[...] = (acc_ref[...] * _lanes(inv, d)).astype(o_ref.dtype)
+        if lse_ref is not None:
+            lse_ref[...] = jnp.where(empty, -jnp.inf, m + jnp.log(l_safe))
 
 
-def tpu_block_sparse(q, k, v, tables: BlockTables, *, scale=None, interpret=False):
-    """q [B,Hq,Np,D], k/v [B,Hkv,Np,D] in the tables' order -> [B,Hq,Np,D] in q.dtype."""
+def tpu_block_sparse(q, k, v, tables: BlockTables, *, scale=None, interpret=False,
+                     return_lse=False):
+    """q [B,Hq,Np,D], k/v [B,Hkv,Np,D] in the tables' order -> [B,Hq,Np,D] in q.dtype.
+
+    With ``return_lse`` also the per-row natural log-sum-exp of the scores, float32 [B,Hq,Np]. Rows
+    with no key get output 0 and log-sum-exp -inf.
+    """
     b, hq, npad, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
@@ -117,6 +135,14 @@ def tpu_block_sparse(q, k, v, tables: BlockTables, *, scale=None, interpret=Fals
     def k_ids_map(bb, h, i, j, idx, cnt, npart):
         return 0, idx[i * m + j]
 
+    def lse_map(bb, h, i, j, idx, cnt, npart):
+        return bb, h, i, 0
+
+    out_specs = [pl.BlockSpec((None, None, bq, d), q_map)]
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+    if return_lse:
+        out_specs.append(pl.BlockSpec((None, None, bq, LANES), lse_map))
+        out_shape.append(jax.ShapeDtypeStruct((b, hq, npad, LANES), jnp.float32))
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=3,
         grid=(b, hq, nq, m),
@@ -127,7 +153,7 @@ def tpu_block_sparse(q, k, v, tables: BlockTables, *, scale=None, interpret=Fals
             pl.BlockSpec((bq, 8), q_ids_map),
             pl.BlockSpec((8, bk), k_ids_map),
         ],
-        out_specs=pl.BlockSpec((None, None, bq, d), q_map),
+        out_specs=out_specs,
         scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32),
                         pltpu.VMEM((bq, LANES), jnp.float32),
                         pltpu.VMEM((bq, d), jnp.float32)],
@@ -135,13 +161,14 @@ def tpu_block_sparse(q, k, v, tables: BlockTables, *, scale=None, interpret=Fals
     kernel = functools.partial(_kernel, scale=scale, max_blocks=m, pattern=HeadPattern(tables.pattern),
                                radius=lay.spatial_radius, window=lay.temporal_window)
     ids = jnp.asarray(tables.ids)
-    return pl.pallas_call(
+    outs = pl.pallas_call(
         kernel,
         grid_spec=grid_spec,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_shape=out_shape,
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=interpret,
-        name="st_block_sparse_fwd_tpu",
+        name="st_block_sparse_fwd_tpu_lse" if return_lse else "st_block_sparse_fwd_tpu",
     )(jnp.asarray(tables.kv_index).reshape(-1), jnp.asarray(tables.kv_count),
       jnp.asarray(tables.kv_partial), q, k, v, ids.T, ids)
+    return (outs[0], outs[1][..., 0]) if return_lse else outs[0]
