@@ -1,5 +1,6 @@
 """Every block-sparse path (XLA fallback, Pallas Triton + TPU kernels in interpret mode) against the
-dense masked float32 reference (outputs, and the per-row log-sum-exp of the split-union passes), on fresh random inputs. Max abs errors are printed (pytest -s)."""
+dense masked float32 reference (outputs, and the per-row log-sum-exp of the split-union passes), on
+fresh random inputs. Max abs errors are printed (pytest -s)."""
 
 import functools
 

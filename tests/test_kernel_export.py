@@ -11,7 +11,8 @@ What lowers without the device (jax 0.10.2 and 0.11.2):
   compile run only on a TPU, so VMEM/layout problems would only show there.
 - XLA fallback: exports for both.
 - Mosaic GPU kernel -> platforms=['cuda']: lowers to a `mosaic_gpu_v2` custom call with no disabled
-  safety check and no (abstract) GPU device, on jax 0.10.2 and 0.11.2. The Pallas -> Mosaic GPU
+  safety check and no (abstract) GPU device, on jax 0.10.2 and 0.11.2, also with return_lse=True
+  (the split union heads). The Pallas -> Mosaic GPU
   lowering runs here (register layouts, WGMMA / TMA shape and swizzle rules, the SMEM budget: e.g.
   mismatched WGMMA swizzles and a 320 KB SMEM request were caught this way); PTX / SASS, register
   allocation and asynchronous hazards only show on the device.
@@ -115,7 +116,11 @@ def test_xla_fallback_exports(platform):
 
 @pytest.mark.parametrize("dtype,d,blocks", [(jnp.bfloat16, 128, (64, 128)),
                                             (jnp.float16, 64, (128, 64))])
-def test_mosaic_gpu_exports_for_cuda_without_gpu(dtype, d, blocks):
-    exp = _export("mosaic_gpu", "cuda", dtype, d, *blocks, abstract_gpu=False)
+@pytest.mark.parametrize("split_union", [True, False])
+def test_mosaic_gpu_exports_for_cuda_without_gpu(dtype, d, blocks, split_union):
+    """split_union: the union head runs as two passes of the kernel with return_lse=True (the [bq]
+    float32 SMEM tile and its 1-D TMA to the [B, H, Np] log-sum-exp output lower too)."""
+    exp = _export("mosaic_gpu", "cuda", dtype, d, *blocks, abstract_gpu=False,
+                  split_union=split_union)
     assert MOSAIC_GPU_CC in exp.mlir_module() and exp.platforms == ("cuda",)
     assert len(exp.mlir_module_serialized) > 0

@@ -7,6 +7,10 @@ dtype before the P V matmul, |dP| <= u P, so |dO| <= u * max|V| per row, and (b)
 to the input dtype, |dO| <= u |O|, with u the unit roundoff (2^-8 bf16, 2^-11 f16); float32
 accumulation adds ~1e-6. Checked elementwise: |out - ref| <= u * (|ref| + max|V|) + 1e-5 (about
 0.02 for bf16 with N(0, 1) values, while a wrong or missing block moves outputs by ~0.1-1).
+UNION heads through the API run split (SPATIAL + TEMPORAL_STRICT passes merged by log-sum-exp with
+weights summing to 1): each partial output carries (a) and its own rounding u |O_part| <= u max|V|,
+and the merge rounds once more, so those are checked against u * (|ref| + 2 max|V|) + 1e-5. The
+log-sum-exp is float32 throughout (scores from float32 WGMMA accumulation): checked to 1e-5.
 """
 
 import dataclasses
@@ -18,8 +22,9 @@ import numpy as np
 import pytest
 
 from kernels.block_sparse_attention import (HeadDimError, block_sparse_attention,
-                                            mosaic_gpu_block_sparse, reference_attention)
-from purekv_jax.st_sparse import BlockSizeError, STLayout, block_tables
+                                            dense_masked_attention, mosaic_gpu_block_sparse,
+                                            reference_attention)
+from purekv_jax.st_sparse import BlockSizeError, STLayout, block_tables, reference_mask
 
 try:
     from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import (
@@ -50,13 +55,15 @@ def _inputs(seed, n, hq=4, hkv=2, d=64, b=1, dtype=jnp.bfloat16):
             jax.random.normal(kv, (b, hkv, n, d), dtype))
 
 
-def _check(name, out, ref, v):
-    """out [B, Hq, N, D] from the kernel, ref float32 from the same (rounded) inputs."""
+def _check(name, out, ref, v, split=False):
+    """out [B, Hq, N, D] from the kernel, ref float32 from the same (rounded) inputs; ``split``:
+    UNION heads merged from two rounded partial outputs."""
     assert out.dtype == v.dtype
     u = float(jnp.finfo(v.dtype).eps) / 2
     out = out.astype(jnp.float32)
     err = jnp.abs(out - ref)
-    bound = u * (jnp.abs(ref) + float(jnp.max(jnp.abs(v.astype(jnp.float32))))) + 1e-5
+    vmax = float(jnp.max(jnp.abs(v.astype(jnp.float32))))
+    bound = u * (jnp.abs(ref) + (2 if split else 1) * vmax) + 1e-5
     ERRORS[name] = float(jnp.max(err))
     print(f"\n[max abs err] {name}: {ERRORS[name]:.2e} (max allowed {float(jnp.max(bound)):.2e})")
     assert bool(jnp.all(jnp.isfinite(out))), name
@@ -76,7 +83,8 @@ def test_patterns_two_videos_text_around(pats, blocks):
     """GQA 4 q / 2 kv heads (whole groups per pattern), 218 tokens padded to 256."""
     q, k, v = _inputs(11 + blocks[1], LAYOUT.seq_len)
     out = _api(q, k, v, LAYOUT, pats, block_q=blocks[0], block_k=blocks[1])
-    _check(f"mosaic_gpu {'/'.join(pats)} {blocks}", out, reference_attention(q, k, v, LAYOUT, pats), v)
+    ref = reference_attention(q, k, v, LAYOUT, pats)
+    _check(f"mosaic_gpu {'/'.join(pats)} {blocks}", out, ref, v, split="union" in pats)
 
 
 def test_radius_window_batch2_temporal_unpermuted_d32():
@@ -85,7 +93,8 @@ def test_radius_window_batch2_temporal_unpermuted_d32():
     q, k, v = _inputs(12, LAYOUT_RW.seq_len, b=2, d=32)
     pats = ("union", "temporal", "spatial", "union")
     out = _api(q, k, v, LAYOUT_RW, pats, block_q=64, block_k=64, permute_temporal=False)
-    _check("mosaic_gpu radius/window B=2 D=32", out, reference_attention(q, k, v, LAYOUT_RW, pats), v)
+    ref = reference_attention(q, k, v, LAYOUT_RW, pats)
+    _check("mosaic_gpu radius/window B=2 D=32", out, ref, v, split=True)
 
 
 def test_raw_kernel_gqa_float16_skips_empty_blocks():
@@ -106,6 +115,39 @@ def test_raw_kernel_gqa_float16_skips_empty_blocks():
     out = run(q, k_nan, v_nan)
     _check("mosaic_gpu raw kernel, NaN in skipped blocks", out[:, :, :192], ref[:, :, :192], v)
     assert bool(jnp.isnan(out[:, :, 192:]).all())
+
+
+@pytest.mark.parametrize("pattern,permuted", [("union", False), ("temporal_strict", True)])
+def test_raw_kernel_return_lse(pattern, permuted):
+    """Output and natural log-sum-exp (float32 [B, Hq, Np]) of the raw kernel == the dense reference
+    in the tables' order; strict rows with no key (text, first slot) give output 0 and -inf."""
+    t = block_tables(LAYOUT, pattern, 64, 64, permuted=permuted)
+    q, k, v = _inputs(17, t.padded_len, d=32)
+    mask = reference_mask(LAYOUT, pattern, padded_len=t.padded_len, permuted=permuted)
+    ref_o, ref_lse = dense_masked_attention(q, k, v, mask[None], return_lse=True)
+    empty = ~mask.any(1)
+    assert empty.any() == (pattern == "temporal_strict")
+    o, lse = mosaic_gpu_block_sparse(q, k, v, t, interpret=True, return_lse=True)
+    _check(f"mosaic_gpu raw {pattern} permuted={permuted} output", o, ref_o, v)
+    assert lse.shape == q.shape[:3] and lse.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isneginf(lse[:, :, empty])))
+    assert not bool(jnp.any(o[:, :, empty]))
+    err = float(jnp.max(jnp.abs(lse[:, :, ~empty] - ref_lse[:, :, ~empty])))
+    ERRORS[f"mosaic_gpu raw {pattern} lse"] = err
+    print(f"\n[max abs err] mosaic_gpu raw {pattern} permuted={permuted} lse: {err:.2e}")
+    assert err < 1e-5, err
+
+
+def test_union_split_equals_union_and_one_pass():
+    """UNION heads as SPATIAL + TEMPORAL_STRICT (permuted) merged by log-sum-exp == the dense UNION
+    reference, as is the one-pass UNION path (split_union=False); GQA with a split group."""
+    q, k, v = _inputs(18, LAYOUT.seq_len, d=32)
+    pats = ("union", "spatial", "union", "union")
+    ref = reference_attention(q, k, v, LAYOUT, pats)
+    split = _api(q, k, v, LAYOUT, pats, block_q=64, block_k=64)
+    _check("mosaic_gpu union split", split, ref, v, split=True)
+    one_pass = _api(q, k, v, LAYOUT, pats, block_q=64, block_k=64, split_union=False)
+    _check("mosaic_gpu union one pass", one_pass, ref, v)
 
 
 def test_full_blocks_text_only_causal():
@@ -139,6 +181,8 @@ def test_bad_inputs():
         _api(qq, kk, kk, LAYOUT, "union")
     q256, k256, v256 = _inputs(16, LAYOUT.seq_len, hq=2, hkv=1, d=256)
     with pytest.raises(BlockSizeError, match="needs 321536 bytes of SMEM > 232448"):
+        _api(q256, k256, v256, LAYOUT, "spatial", block_q=64, block_k=128)
+    with pytest.raises(BlockSizeError, match="needs 321792 bytes of SMEM"):   # + [64] f32 LSE tile
         _api(q256, k256, v256, LAYOUT, "union", block_q=64, block_k=128)
     t = block_tables(LAYOUT, "union", 64, 64)
     with pytest.raises(ValueError, match="the tables' padded length 256"):

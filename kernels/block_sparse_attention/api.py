@@ -50,7 +50,7 @@ def normalize_patterns(head_patterns, num_heads: int) -> tuple[HeadPattern, ...]
 
 
 # backends whose kernels return the per-row log-sum-exp (needed to split UNION heads)
-LSE_BACKENDS = ("xla", "triton", "tpu")
+LSE_BACKENDS = ("xla", "triton", "tpu", "mosaic_gpu")
 
 
 def _run(backend, q, k, v, tables, scale, interpret, num_warps, num_stages, return_lse=False):
@@ -64,10 +64,9 @@ def _run(backend, q, k, v, tables, scale, interpret, num_warps, num_stages, retu
         from kernels.block_sparse_attention.tpu import tpu_block_sparse
         return tpu_block_sparse(q, k, v, tables, scale=scale, interpret=interpret,
                                 return_lse=return_lse)
-    if return_lse:
-        raise NotImplementedError(f"the {backend!r} kernel does not return the log-sum-exp")
     from kernels.block_sparse_attention.mosaic_gpu import mosaic_gpu_block_sparse
-    return mosaic_gpu_block_sparse(q, k, v, tables, scale=scale, interpret=interpret)
+    return mosaic_gpu_block_sparse(q, k, v, tables, scale=scale, interpret=interpret,
+                                   return_lse=return_lse)
 
 
 def merge_by_lse(o_a, lse_a, o_b, lse_b):
@@ -129,8 +128,8 @@ def block_sparse_attention(q, k, v, layout: STLayout, *, head_patterns=HeadPatte
     q [B, Hq, N, D]; k, v [B, Hkv, N, D] (Hq a multiple of Hkv); N == layout.seq_len; returns
     [B, Hq, N, D] in q.dtype. ``head_patterns``: one pattern or one per q head. Heads with the
     TEMPORAL pattern run on the position-major permutation (rows permuted, output un-permuted) when
-    ``permute_temporal``. With ``split_union`` and a backend that returns the log-sum-exp (xla,
-    triton, tpu), UNION heads run as two disjoint passes, SPATIAL in the original order and
+    ``permute_temporal``. With ``split_union`` (every backend returns the log-sum-exp: xla,
+    triton, tpu, mosaic_gpu), UNION heads run as two disjoint passes, SPATIAL in the original order and
     TEMPORAL_STRICT (earlier slots at the same place) on the permutation when ``permute_temporal``,
     merged exactly by log-sum-exp: far fewer blocks than UNION in the original order, where each
     temporal key is a partial block of its own. ``backend``: "auto" (tpu on TPU, triton on GPU, xla

@@ -49,6 +49,9 @@ def element_mask(get_q, get_k, pattern: HeadPattern, radius, window):
         if window is not None:
             tp = tp & (get_q(FRM) - get_k(FRM) <= window)
         if pattern.strict:   # own video only, strictly earlier slots (disjoint from SPATIAL)
-            return causal & ~other & tp & (get_k(FRM) < get_q(FRM))
+            # ``not other`` spelled without a boolean not: Mosaic GPU cannot lower ``~`` on i1
+            # ("Register bitwidth in target type must be divisible by 8")
+            own = (qv >= 0) & (kv == qv)
+            return causal & own & tp & (get_k(FRM) < get_q(FRM))
         pat = tp if pat is None else (pat | tp)
     return causal & (other | pat)

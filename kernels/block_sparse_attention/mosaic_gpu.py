@@ -9,7 +9,9 @@ loads straight from GMEM (Mosaic GPU has no scalar prefetch) and walks the list 
 j + 1 is in flight while entry j is computed), each slot with its own TMA barriers. S = Q K^T and
 P V are WGMMAs with both operands in SMEM (P is stored to SMEM as bf16/f16); online softmax in
 float32 with base-2 exponentials; GQA maps q head h to kv head h // (Hq // Hkv). Empty blocks are
-never read.
+never read. With ``return_lse`` the per-row natural log-sum-exp (float32 [B, Hq, Np]; -inf and
+output 0 for rows with no key) goes from the WGMMA row layout to a [bq] float32 SMEM tile and by a
+1-D TMA to GMEM (as jax's FA3 kernel writes its residuals).
 
 Choices made so that the same kernel runs in the Mosaic GPU interpreters of jax 0.10 and 0.11
 (which model WGMMA operands as SMEM refs only, and jax 0.10's cannot read a transposed SMEM ref):
@@ -92,13 +94,15 @@ def _check_shapes(q, k, v, tables: BlockTables):
         raise ValueError(f"q heads ({hq}) must be a multiple of kv heads ({k.shape[1]})")
 
 
-def _smem_bytes(bq, bk, d, itemsize):
-    """q/out tile + 2 K slots + 2 V slots + P tile (itemsize) + query / 2 key id tiles (int32)."""
-    return (bq * d + 4 * bk * d + bq * bk) * itemsize + 8 * (bq + 2 * bk) * 4
+def _smem_bytes(bq, bk, d, itemsize, lse=False):
+    """q/out tile + 2 K slots + 2 V slots + P tile (itemsize) + query / 2 key id tiles (int32)
+    (+ the [bq] float32 log-sum-exp tile)."""
+    return ((bq * d + 4 * bk * d + bq * bk) * itemsize + 8 * (bq + 2 * bk) * 4
+            + (4 * bq if lse else 0))
 
 
-def _check_smem(bq, bk, d, itemsize):
-    need = _smem_bytes(bq, bk, d, itemsize)
+def _check_smem(bq, bk, d, itemsize, lse=False):
+    need = _smem_bytes(bq, bk, d, itemsize, lse)
     if need > SMEM_BYTES_MAX:
         raise BlockSizeError(f"the Mosaic GPU kernel with block_q={bq}, block_k={bk}, head_dim={d} "
                              f"needs {need} bytes of SMEM > {SMEM_BYTES_MAX}; use a smaller block_k")
@@ -112,11 +116,15 @@ def _mma_transforms(minor: int, dtype):
 
 
 def _kernel(kv_index_ref, kv_count_ref, kv_partial_ref, ids_ref, q_ref, kt_ref, v_ref, o_ref,
-            q_smem, k_smem, v_smem, p_smem, qid_smem, kid_smem, q_bar, k_bar, v_bar, kid_bar, *,
-            group, scale, pattern, radius, window, cast):
+            *refs, group, scale, pattern, radius, window, cast, return_lse):
     """GMEM refs: kv_index [nq, m], kv_count / kv_partial [nq], ids [8, Np] int32, q / out
-    [B, Hq, Np, D], kt [B, Hkv, D, Np], v [B, Hkv, Np, D]. SMEM: q_smem [bq, D], k_smem [2, D, bk],
-    v_smem [2, bk, D], p_smem [bq, bk], qid_smem [8, bq], kid_smem [2, 8, bk]."""
+    [B, Hq, Np, D], kt [B, Hkv, D, Np], v [B, Hkv, Np, D] (and lse [B, Hq, Np] float32 with
+    ``return_lse``). SMEM: q_smem [bq, D], k_smem [2, D, bk], v_smem [2, bk, D], p_smem [bq, bk],
+    qid_smem [8, bq], kid_smem [2, 8, bk] (and lse_smem [bq] float32)."""
+    if return_lse:
+        lse_ref, *refs = refs
+    (q_smem, k_smem, v_smem, p_smem, qid_smem, kid_smem, *lse_smem, q_bar, k_bar, v_bar,
+     kid_bar) = refs
     bq, d = q_smem.shape
     bk = k_smem.shape[2]
     i, bb, h = lax.axis_index("q"), lax.axis_index("b"), lax.axis_index("h")
@@ -178,15 +186,29 @@ def _kernel(kv_index_ref, kv_count_ref, kv_partial_ref, ids_ref, q_ref, kt_ref, 
              cast(jnp.zeros((bq,), jnp.float32), row))
     carry = lax.fori_loop(0, n_part, functools.partial(body, masked=True), carry)
     carry = lax.fori_loop(n_part, n_all, functools.partial(body, masked=False), carry)
-    acc, _, l = carry
-    q_smem[...] = (acc / lax.broadcast_in_dim(l, (bq, d), [0])).astype(q_smem.dtype)
+    acc, m, l = carry
+    # rows that saw no key (strict temporal pass): m stays -inf (no block) or at the mask value
+    # (masked blocks only); output 0 and log-sum-exp -inf
+    empty = m < 0.5 * MASK_VALUE
+    l_safe = jnp.where(empty, 1.0, l)
+    inv = jnp.where(empty, 0.0, 1.0 / l_safe)
+    q_smem[...] = (acc * lax.broadcast_in_dim(inv, (bq, d), [0])).astype(q_smem.dtype)
+    if return_lse:   # natural log: m is in base-2 units of the scaled scores
+        lse_smem[0][...] = jnp.where(empty, -jnp.inf, m * math.log(2.0) + jnp.log(l_safe))
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(q_smem, o_ref.at[bb, h, q_rows])
+    if return_lse:
+        plgpu.copy_smem_to_gmem(lse_smem[0], lse_ref.at[bb, h, q_rows])
     plgpu.wait_smem_to_gmem(0)
 
 
-def mosaic_gpu_block_sparse(q, k, v, tables: BlockTables, *, scale=None, interpret=False):
+def mosaic_gpu_block_sparse(q, k, v, tables: BlockTables, *, scale=None, interpret=False,
+                            return_lse=False):
     """q [B,Hq,Np,D], k/v [B,Hkv,Np,D] in the tables' order -> [B,Hq,Np,D] in q.dtype.
+
+    With ``return_lse`` also the per-row natural log-sum-exp of the scores, float32 [B,Hq,Np]
+    (written from a [bq] float32 SMEM tile by a 1-D TMA, as jax's FA3 kernel does). Rows with no
+    key get output 0 and log-sum-exp -inf.
 
     ``interpret``: False (compile for the GPU), True (Mosaic GPU interpreter on the CPU, default
     InterpretGPUParams) or an InterpretGPUParams.
@@ -199,7 +221,7 @@ def mosaic_gpu_block_sparse(q, k, v, tables: BlockTables, *, scale=None, interpr
     bq, bk = tables.block_q, tables.block_k
     check_mosaic_gpu_blocks(bq, bk)
     dtype = q.dtype
-    _check_smem(bq, bk, d, jnp.dtype(dtype).itemsize)
+    _check_smem(bq, bk, d, jnp.dtype(dtype).itemsize, return_lse)
     scale = d ** -0.5 if scale is None else float(scale)
     if interpret is True:
         interpret = interpret_params()
@@ -210,7 +232,7 @@ def mosaic_gpu_block_sparse(q, k, v, tables: BlockTables, *, scale=None, interpr
     kernel = functools.partial(
         _kernel, group=hq // hkv, scale=scale, pattern=HeadPattern(tables.pattern),
         radius=lay.spatial_radius, window=lay.temporal_window,
-        cast=(lambda x, layout: x) if skip_casts else plgpu.layout_cast)
+        cast=(lambda x, layout: x) if skip_casts else plgpu.layout_cast, return_lse=return_lse)
     tf = _mma_transforms(min(d, bk), dtype)
     scratch = [plgpu.SMEM((bq, d), dtype, transforms=tf),
                plgpu.SMEM((2, d, bk), dtype, transforms=tf),
@@ -218,12 +240,17 @@ def mosaic_gpu_block_sparse(q, k, v, tables: BlockTables, *, scale=None, interpr
                plgpu.SMEM((bq, bk), dtype, transforms=tf),
                plgpu.SMEM((8, bq), jnp.int32),
                plgpu.SMEM((2, 8, bk), jnp.int32),
+               *([plgpu.SMEM((bq,), jnp.float32)] if return_lse else []),
                plgpu.Barrier(num_barriers=2),                 # query tile, query ids
                plgpu.Barrier(num_barriers=2),                 # K slots
                plgpu.Barrier(num_barriers=2),                 # V slots
                plgpu.Barrier(num_barriers=2)]                 # key-id slots
-    call = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+    out_type = [jax.ShapeDtypeStruct(q.shape, dtype)]
+    if return_lse:
+        out_type.append(jax.ShapeDtypeStruct(q.shape[:3], jnp.float32))
+    call = plgpu.kernel(kernel, out_type=tuple(out_type) if return_lse else out_type[0],
                         scratch_types=scratch, grid=(tables.num_q_blocks, b, hq),
                         grid_names=("q", "b", "h"), interpret=interpret or None)
-    return call(jnp.asarray(tables.kv_index), jnp.asarray(tables.kv_count),
+    outs = call(jnp.asarray(tables.kv_index), jnp.asarray(tables.kv_count),
                 jnp.asarray(tables.kv_partial), jnp.asarray(tables.ids), q, jnp.swapaxes(k, 2, 3), v)
+    return tuple(outs) if return_lse else outs
