@@ -31,7 +31,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _timing import median_ms  # noqa: E402
 from kernels.block_sparse_attention import block_sparse_attention  # noqa: E402
-from kernels.block_sparse_attention.api import LSE_BACKENDS  # noqa: E402
 from kernels.block_sparse_attention.xla import xla_flop_ratio  # noqa: E402
 from purekv_jax.st_sparse import HeadPattern, STLayout, block_tables, token_ids  # noqa: E402
 from purekv_jax.st_sparse.layout import ID_FIELDS, _pattern_mask_np  # noqa: E402
@@ -179,10 +178,8 @@ def main(argv=None):
                     continue
                 row = {"N": n, "grid": [v0.t, v0.h, v0.w], "kind": f"pallas {backend} {bq}x{bk}",
                        "pattern": name}
-                if split and name.endswith("split") and backend not in LSE_BACKENDS:
-                    continue   # no log-sum-exp in this kernel: same as the one-pass row
                 try:
-                    fl, dens = flops_sparse(lay, pats, bq, bk, d, split and backend in LSE_BACKENDS)
+                    fl, dens = flops_sparse(lay, pats, bq, bk, d, split)
                     row["density"] = dens
                     f = jax.jit(functools.partial(
                         block_sparse_attention, layout=lay, head_patterns=pats, backend=backend,

@@ -15,7 +15,7 @@ from purekv_jax.st_sparse.layout import (HeadPattern, LayoutError, STLayout, inv
                                          permutation)
 
 __all__ = ["block_sparse_attention", "resolve_backend", "normalize_patterns", "merge_by_lse",
-           "DEFAULT_BLOCKS", "LSE_BACKENDS"]
+           "DEFAULT_BLOCKS"]
 
 # triton 128x128: best or tied of 128x64 / 64x64 / 128x128 on an H200 at 7.7k tokens, the one size
 # where configs were compared (benchmarks/results/gpu_kernels.md). mosaic_gpu 64x128: one warpgroup
@@ -47,10 +47,6 @@ def normalize_patterns(head_patterns, num_heads: int) -> tuple[HeadPattern, ...]
         raise ValueError("temporal_strict is the internal second pass of a split union head (its "
                          "rows may have no key); use 'union', 'spatial', 'temporal' or 'dense'")
     return pats
-
-
-# backends whose kernels return the per-row log-sum-exp (needed to split UNION heads)
-LSE_BACKENDS = ("xla", "triton", "tpu", "mosaic_gpu")
 
 
 def _run(backend, q, k, v, tables, scale, interpret, num_warps, num_stages, return_lse=False):
@@ -170,7 +166,7 @@ def block_sparse_attention(q, k, v, layout: STLayout, *, head_patterns=HeadPatte
         interpret = jax.default_backend() == "cpu"
     pats = normalize_patterns(head_patterns, hq)
     g = hq // hkv
-    split = split_union and backend in LSE_BACKENDS
+    split = split_union  # every backend returns the per-row log-sum-exp the split needs
 
     groups: dict[tuple[HeadPattern, bool], list[int]] = {}
     for h, p in enumerate(pats):
