@@ -166,7 +166,6 @@ def block_sparse_attention(q, k, v, layout: STLayout, *, head_patterns=HeadPatte
         interpret = jax.default_backend() == "cpu"
     pats = normalize_patterns(head_patterns, hq)
     g = hq // hkv
-    split = split_union  # every backend returns the per-row log-sum-exp the split needs
 
     groups: dict[tuple[HeadPattern, bool], list[int]] = {}
     for h, p in enumerate(pats):
@@ -179,7 +178,7 @@ def block_sparse_attention(q, k, v, layout: STLayout, *, head_patterns=HeadPatte
     outs, order = [], []
     for (pat, perm), heads in groups.items():
         qh, kvh = _head_selection(heads, g)
-        if split and pat is HeadPattern.UNION:
+        if split_union and pat is HeadPattern.UNION:  # every backend returns the log-sum-exp
             o_sp, lse_sp = _pattern_pass(q, k, v, layout, HeadPattern.SPATIAL, False, qh, kvh, bq,
                                          bk, run, return_lse=True)
             o_tp, lse_tp = _pattern_pass(q, k, v, layout, HeadPattern.TEMPORAL_STRICT,
