@@ -64,6 +64,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from models.qwen2_5_vl import init_params  # noqa: E402
 from models.qwen2_5_vl.config import TextConfig, tiny_config  # noqa: E402
 from purekv_jax import generation as G  # noqa: E402
+from purekv_jax.compile_cache import clear_compile_cache  # noqa: E402
 from purekv_jax.config import PureKVConfig  # noqa: E402
 
 MIB = 2.0**20
@@ -322,7 +323,7 @@ def main(argv=None):
             results.append(row)
             log({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
             write()
-        G.clear_compile_cache()
+        clear_compile_cache()
 
     print("\n" + table(display_sorted()), flush=True)
     log(f"done; wrote {args.out}.md and {args.out}.json")

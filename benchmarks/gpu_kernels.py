@@ -30,10 +30,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _timing import median_ms  # noqa: E402
-from kernels.block_sparse_attention import block_sparse_attention  # noqa: E402
+from kernels.block_sparse_attention import (HeadPattern, STLayout, block_sparse_attention,  # noqa: E402
+                                            block_tables, reference_mask)
 from kernels.block_sparse_attention.xla import xla_flop_ratio  # noqa: E402
-from purekv_jax.st_sparse import HeadPattern, STLayout, block_tables, token_ids  # noqa: E402
-from purekv_jax.st_sparse.layout import ID_FIELDS, _pattern_mask_np  # noqa: E402
 
 T0 = time.perf_counter()
 
@@ -82,9 +81,6 @@ def flops_sparse(layout, pats, bq, bk, d, split):
 
 def slice_reference(q, k, v, layout, pats, rows):
     """float32 reference for the given query rows (original order), one mask row-slice per pattern."""
-    ids = token_ids(layout)
-    qi = {f: getattr(ids, f)[rows][:, None] for f in ID_FIELDS}
-    kj = {f: getattr(ids, f)[None, :] for f in ID_FIELDS}
     b, hq, n, d = q.shape
     g = hq // k.shape[1]
     masks = {}
@@ -93,8 +89,7 @@ def slice_reference(q, k, v, layout, pats, rows):
     for h, p in enumerate(pats):
         p = HeadPattern.parse(p)
         if p not in masks:
-            masks[p] = jnp.asarray(_pattern_mask_np(qi, kj, p, layout.spatial_radius,
-                                                    layout.temporal_window))
+            masks[p] = jnp.asarray(reference_mask(layout, p, rows=rows))
         s = jnp.einsum("bqd,bkd->bqk", qf[:, h, rows], kf[:, h // g],
                        precision=jax.lax.Precision.HIGHEST) * d ** -0.5
         s = jnp.where(masks[p][None], s, -jnp.inf)

@@ -24,6 +24,7 @@ import numpy as np
 from models.qwen2_5_vl import init_params
 from models.qwen2_5_vl.config import TextConfig, tiny_config
 from purekv_jax import generation as G
+from purekv_jax.compile_cache import clear_compile_cache
 from purekv_jax.config import PureKVConfig
 from purekv_jax.st_sparse import HeadPattern, block_tables
 from purekv_jax.st_sparse.prefill import row_layouts
@@ -75,7 +76,7 @@ def main(argv=None) -> None:
 
     n = ids.shape[1]
     padded = -(-n // 64) * 64
-    ids_al, valid = G._realign(ids, np.ones_like(ids, bool), padded, 0)
+    ids_al, valid = G.realign_left(ids, np.ones_like(ids, bool), padded, 0)
     ((off, lay),) = row_layouts(config, ids_al, valid, tuple(map(tuple, grid.tolist())))
     tab = block_tables(lay, HeadPattern.UNION, args.block, args.block)
     st_start = PureKVConfig(st_sparse=True).st_first_layer()
@@ -112,7 +113,7 @@ def main(argv=None) -> None:
         kept = res.stats["kv_bytes_kept"] / res.stats["kv_bytes_full"]
         print(f"| {name} | {st} | {dens} | {med:.2f} | {min(times[i]):.2f} | "
               f"{res.stats['prefill_compile_s']:.1f} | {sp} | {kept:.0%} |", flush=True)
-    G.clear_compile_cache()
+    clear_compile_cache()
 
 
 if __name__ == "__main__":

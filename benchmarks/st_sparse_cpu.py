@@ -24,9 +24,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _timing import median_ms  # noqa: E402
-from kernels.block_sparse_attention import block_sparse_attention  # noqa: E402
+from kernels.block_sparse_attention import STLayout, block_sparse_attention, block_tables  # noqa: E402
 from kernels.block_sparse_attention.xla import xla_flop_ratio  # noqa: E402
-from purekv_jax.st_sparse import STLayout, block_tables  # noqa: E402
 
 
 def main(argv=None):

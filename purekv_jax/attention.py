@@ -4,7 +4,7 @@ The prefill's non-scoring layers call :func:`prefill_attention`, which never han
 anyone: ``"dense"`` is the reference's masked softmax (identical numerics to the model's forward),
 ``"flash"`` a blocked online softmax that skips the blocks above the causal diagonal (O(block^2) score
 memory per head, never the ``[N, N]`` matrix).
-Other implementations (issue 4's block-sparse ST-SpAttn kernel) plug in with
+Other implementations (e.g. the block-sparse ST-SpAttn kernel) plug in with
 :func:`register_prefill_attention`; they receive the layer index so they can apply per-layer patterns.
 """
 
@@ -37,10 +37,9 @@ def flash_prefill_attention(q, k, v, valid, layer=None, block: int | None = None
 
     ``q [B, Hq, N, hd]``, ``k, v [B, Hkv, N, hd]``, ``valid [B, N]`` -> ``[B, Hq, N, hd]``. Query block ``i``
     (``lax.map``) visits key blocks ``0..i`` only (``fori_loop`` with a traced trip count): the blocks above
-    the causal diagonal are never computed: about half the work of a full key sweep, 1.25x faster on the CPU
-    at 2k tokens and 1.6-1.7x at 4-8k than the full sweep it replaced, 2.3x faster than dense
-    (``benchmarks/results/prefill_attention_cpu.md``). Memory O(block^2) per head for the scores; the
-    probabilities are never materialised.
+    the causal diagonal are never computed, about half the work of a full key sweep (timings against the
+    full sweep and the dense path: ``benchmarks/results/prefill_attention_cpu.md``). Memory O(block^2) per
+    head for the scores; the probabilities are never materialised.
     """
     b, hq, n, d = q.shape
     hkv = k.shape[1]

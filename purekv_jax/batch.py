@@ -52,7 +52,15 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import jax
 import numpy as np
+from tqdm.auto import tqdm
+
+from .generation import GenerateError, generate
+from .presets import build_policy, policy_label
+from .requests import build_inputs, check_file, check_policy, check_prompt
+from .sharding import DATA
+from .value_parsers import parse_budget
 
 #: Request fields understood by :func:`prepare_request` (others are ignored, but kept out of the output).
 REQUEST_FIELDS = ("id", "prompt", "system", "messages", "input_ids", "image", "images", "video", "videos",
@@ -262,9 +270,7 @@ def _round_up(x: int, m: int) -> int:
 
 def resolve_policy(spec, settings: BatchSettings):
     """A request's ``policy`` field (None / name / object) over the run's settings -> (PureKVConfig | None,
-    label)."""
-    from purekv_jax.commands.generate import _budget, build_policy, policy_label
-
+    label), through :func:`purekv_jax.presets.build_policy` like the command line's flags."""
     if spec is None:
         spec = {}
     elif isinstance(spec, str):
@@ -278,7 +284,7 @@ def resolve_policy(spec, settings: BatchSettings):
     budget = spec.get("budget", settings.budget)
     if isinstance(budget, bool) or not isinstance(budget, (int, float, str)):
         raise RequestError(f"policy budget must be a number, got {budget!r}")
-    budget = _budget(str(budget))
+    budget = parse_budget(str(budget))
     anchors = spec.get("anchors", settings.anchors)
     anchors = (anchors,) if isinstance(anchors, int) else tuple(int(a) for a in anchors)
     policy = build_policy(str(name), budget, int(spec.get("window", settings.window)),
@@ -290,8 +296,6 @@ def resolve_policy(spec, settings: BatchSettings):
 def prepare_request(obj, lineno: int, proc, config, settings: BatchSettings) -> Prepared:
     """Checks and preprocesses one request (tokenizer, media); raises :class:`RequestError` (or the
     processor's / policy's ``ValueError``) for a bad one."""
-    from purekv_jax.commands.generate import build_inputs, check_file, check_prompt
-
     if isinstance(obj, BaseException):
         raise obj
     if not isinstance(obj, dict):
@@ -334,7 +338,7 @@ def prepare_request(obj, lineno: int, proc, config, settings: BatchSettings) -> 
         raise RequestError(f"request {rid!r}: the prompt has {n} tokens, more than --max-prompt-tokens "
                            f"{settings.max_prompt_tokens}")
     if proc is not None:
-        check_prompt(config, proc, inputs, policy, max_new)  # vocabulary, vision ids, positions, budget vs window
+        check_prompt(config, proc, inputs, policy, max_new)  # vocabulary, vision ids, positions, the policy
     else:
         _check_token_prompt(config, rid, n, policy, max_new)
     grids = tuple(tuple(map(tuple, np.asarray(inputs[k]).reshape(-1, 3).tolist())) if k in inputs else ()
@@ -344,13 +348,13 @@ def prepare_request(obj, lineno: int, proc, config, settings: BatchSettings) -> 
 
 
 def _check_token_prompt(config, rid, n: int, policy, max_new: int) -> None:
-    """Without a processor (``input_ids`` requests): positions and the policy's budget."""
+    """Without a processor (``input_ids`` requests): positions, and a policy that resolves for the prompt."""
     limit = config.text.max_position_embeddings
     if n - 1 + max_new >= limit:
         raise RequestError(f"request {rid!r}: {n} prompt tokens + max_new_tokens {max_new} pass the model's "
                            f"max_position_embeddings {limit}")
     if policy is not None:
-        policy.resolve(config.text, n)
+        check_policy(policy, config.text, n)
 
 
 # ------------------------------------------------------------------------------------------ batches
@@ -387,8 +391,6 @@ def collate(items: list[Prepared], rows: int) -> dict:
 
 def generate_batch(params, config, items: list[Prepared], settings: BatchSettings, eos, *, data: int = 1):
     """Runs one bucket's requests together -> (GenerateResult, padded rows)."""
-    from purekv_jax.generation import generate
-
     rows = padded_batch_size(len(items), settings.batch_size, data)
     inputs = collate(items, rows)
     res = generate(
@@ -468,11 +470,6 @@ def run_batch(params, config, proc, requests_path, out_path, settings: BatchSett
     a ``ValueError`` reruns that batch's requests one by one (only the bad one becomes an error record);
     any other exception stops the run (rerun to resume).
     """
-    import jax
-
-    from purekv_jax.generation import GenerateError
-    from purekv_jax.sharding import DATA
-
     eos = tuple(config.eos_token_id if eos is None else eos)
     data = int(mesh.shape.get(DATA, 1)) if mesh is not None else 1
     if not os.path.isfile(requests_path):
@@ -488,8 +485,6 @@ def run_batch(params, config, proc, requests_path, out_path, settings: BatchSett
                               args=(requests_path, todo, proc, config, settings, done, summary, stop))
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=total, unit="req", desc="purekv batch", dynamic_ncols=True, file=sys.stderr,
                    disable=not writer_enabled)
     buckets: dict[tuple, list[Prepared]] = {}

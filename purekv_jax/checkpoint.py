@@ -24,6 +24,7 @@ and no folder with the marker.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import glob
 import hashlib
@@ -40,6 +41,9 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import v1 as ocp1
+from tqdm.auto import tqdm
 
 from models.qwen2_5_vl.config import Qwen25VLConfig
 from models.qwen2_5_vl.loader import (
@@ -50,7 +54,9 @@ from models.qwen2_5_vl.loader import (
     inspect_hf_checkpoint,
     read_hf_leaf,
 )
-from models.qwen2_5_vl.model import Qwen25VLParams, init_params
+from models.qwen2_5_vl.model import Qwen25VLParams
+
+from .param_tree import abstract_params, leaf_names, path_name
 
 FORMAT = "purekv-orbax"
 FORMAT_VERSION = 1
@@ -108,28 +114,6 @@ def _dtype_name(dtype: np.dtype) -> str:
 
 
 # ------------------------------------------------------------------------------------------- pytrees
-def _key_name(k) -> str:
-    for attr in ("name", "key", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    raise TypeError(f"unexpected pytree key {k!r}")
-
-
-def _path_name(path) -> str:
-    return ".".join(_key_name(k) for k in path)
-
-
-def abstract_params(config: Qwen25VLConfig, dtype=jnp.float32) -> Qwen25VLParams:
-    """The params structure as ``jax.ShapeDtypeStruct`` leaves (no memory, no compute)."""
-    return jax.eval_shape(lambda: init_params(config, jax.random.key(0), dtype))
-
-
-def leaf_names(tree) -> list[str]:
-    """Dotted field paths of a params pytree's leaves (``text.layers.q_w``, ``vision.blocks.qkv_w``, ...),
-    in flatten order. Works for :class:`Qwen25VLParams` and for the nested dicts stored by orbax."""
-    return [_path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
 def _nest(flat: Mapping[str, Any]) -> dict:
     """``{"a.b": x}`` -> ``{"a": {"b": x}}``."""
     out: dict = {}
@@ -144,14 +128,14 @@ def _nest(flat: Mapping[str, Any]) -> dict:
 
 def _fill(config: Qwen25VLConfig, values: Mapping[str, Any]) -> Qwen25VLParams:
     """The params dataclass tree with every leaf taken from ``values`` by its dotted name."""
-    return jax.tree_util.tree_map_with_path(lambda p, _: values[_path_name(p)], abstract_params(config))
+    return jax.tree_util.tree_map_with_path(lambda p, _: values[path_name(p)], abstract_params(config))
 
 
 def _checked_specs(config: Qwen25VLConfig):
     """The loader's leaf table in params flatten order, checked against the params structure (a mismatch
     is a bug, not user input)."""
     specs = {s.name: s for s in hf_leaf_specs(config)}
-    abstract = {_path_name(p): tuple(x.shape)
+    abstract = {path_name(p): tuple(x.shape)
                 for p, x in jax.tree_util.tree_flatten_with_path(abstract_params(config))[0]}
     if {n: tuple(s.shape) for n, s in specs.items()} != abstract:
         raise RuntimeError(f"hf_leaf_specs does not match Qwen25VLParams: {sorted(set(specs) ^ set(abstract))}")
@@ -219,8 +203,6 @@ def _orbax_context(compress: bool):
     """orbax v1 context for the partial saves: no defensive copy of the host arrays (we write each leaf
     once and wait for the write), and no compression unless asked: uncompressed, tensorstore writes straight
     from the leaf, while zstd needs a second leaf-sized buffer (and saves little on trained weights)."""
-    from orbax.checkpoint import v1 as ocp1
-
     ctx = ocp1.Context()
     for obj, attr, value in ((lambda: ctx.memory, "deepcopy_host_arrays", False),
                              (lambda: ctx.array.saving, "use_compression", compress)):
@@ -260,8 +242,6 @@ def _deferred_signals():
 
 def _restore_one(pytree_dir: str, name: str, restore_arg):
     """One leaf of the orbax pytree (a partial restore: nothing else is read)."""
-    import orbax.checkpoint as ocp
-
     with ocp.PyTreeCheckpointer() as ckptr:
         out = ckptr.restore(pytree_dir, args=ocp.args.PyTreeRestore(
             item=_nest({name: 0}), restore_args=_nest({name: restore_arg}), partial_restore=True))
@@ -272,8 +252,6 @@ def _restore_one(pytree_dir: str, name: str, restore_arg):
 
 def _restore_leaf(pytree_dir: str, name: str) -> np.ndarray:
     """One leaf as a host array, as stored (the verification read)."""
-    import orbax.checkpoint as ocp
-
     return np.asarray(_restore_one(pytree_dir, name, ocp.RestoreArgs(restore_type=np.ndarray)))
 
 
@@ -304,30 +282,29 @@ def verify_checkpoint(path: str | os.PathLike, progress: bool = False) -> None:
 
 
 def _progress(total: int, desc: str, enabled: bool, unit: str = "B"):
-    from tqdm.auto import tqdm
-
     scale = unit == "B"
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=scale, unit_divisor=1024 if scale else 1000,
                 disable=not enabled, dynamic_ncols=True, leave=True)
 
 
+def _load_libc():
+    """glibc with ``malloc_trim`` typed, or None where there is none (macOS, musl)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _load_libc()
+
+
 def _malloc_trim() -> None:
     """Hands freed heap memory back to the OS (glibc keeps what the writer threads freed in their arenas,
     which would otherwise add up to a few leaves of resident memory). No-op where unavailable."""
-    global _LIBC
-    if _LIBC is None:
-        try:
-            import ctypes
-
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
+    if _LIBC is not None:
         _LIBC.malloc_trim(0)
-
-
-_LIBC = None
 
 
 def _fsync_file(path: str) -> None:
@@ -357,8 +334,6 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype="bf16", force:
     loader's :class:`~models.qwen2_5_vl.loader.CheckpointError` / ``ConfigError`` for a bad source folder
     (no weights, missing / unexpected / wrong-shape tensors, bad config) -- all before anything is written.
     """
-    from orbax.checkpoint import v1 as ocp1
-
     t0 = time.perf_counter()
     src, dst = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(dst))
     np_dtype = _np_dtype(dtype)
@@ -456,7 +431,7 @@ def _sharding_table(shardings: Shardings, names: list[str]) -> dict[str, jax.sha
         flat = jax.tree_util.tree_flatten_with_path(
             shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding) or x is None)[0]
         # None: the default device (and a tied model's absent lm_head).
-        given = {_path_name(p): s for p, s in flat if s is not None or _path_name(p) in names}
+        given = {path_name(p): s for p, s in flat if s is not None or path_name(p) in names}
         missing = [n for n in names if n not in given]
         extra = [n for n in given if n not in names]
         if missing or extra:
@@ -485,8 +460,6 @@ def _read_marker(path: str) -> dict:
 
 
 def _load_orbax(path: str, dtype: np.dtype | None, shardings: Shardings):
-    import orbax.checkpoint as ocp
-
     marker = _read_marker(path)
     config = Qwen25VLConfig.from_json(path)
     abstract = abstract_params(config)
@@ -537,7 +510,7 @@ def load_checkpoint(path: str | os.PathLike, dtype=None, shardings: Shardings = 
         (an HF folder with mixed dtypes loads as float32).
       shardings: where to put each leaf: None (the default device), one ``jax.sharding.Sharding`` for every
         leaf, a callable ``leaf name -> Sharding`` (names like ``"text.layers.q_w"``, see
-        :func:`leaf_names`), or a pytree of shardings with the params' structure (a
+        :func:`~purekv_jax.param_tree.leaf_names`), or a pytree of shardings with the params' structure (a
         :class:`Qwen25VLParams` of ``NamedSharding``, or the same nested dict of field names). An orbax
         folder is restored straight into the shards (each device reads its slice); an HF folder is read
         one leaf at a time and each leaf placed before the next is read.

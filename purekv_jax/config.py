@@ -8,8 +8,8 @@ kernel 15. The paper's single-anchor CLIE (anchor layer 2, value norms above it,
 :meth:`PureKVConfig.paper`. :meth:`PureKVConfig.resolve` turns it, together
 with the model's :class:`~models.qwen2_5_vl.config.TextConfig` and the (bucketed) prompt length, into a
 :class:`KVPlan`: static per-layer budgets, the number of cache slots, the layer segments of the prefill
-(own-score / anchor / owned layers) and the policy objects. Every user error is raised there, before
-any device work.
+(own-score / anchor / owned layers), the policy objects and, with ``st_sparse``, the ST-SpAttn prefill
+(:class:`STPlan`). Every user error is raised there, before any device work.
 
 Budget bucketing (outside jit): a fractional budget ``f`` becomes ``ceil(f * N)`` tokens for a prompt of
 ``N`` tokens (the longest row of the batch; shorter rows keep a larger share); an integer budget is taken
@@ -26,7 +26,11 @@ import dataclasses
 import math
 from typing import TYPE_CHECKING
 
+import jax.numpy as jnp
 import numpy as np
+
+from kernels.block_sparse_attention import (BACKEND_NAMES, HeadPattern, load_head_patterns,
+                                            normalize_layer_patterns)
 
 from . import policies as P
 
@@ -36,6 +40,43 @@ if TYPE_CHECKING:  # pragma: no cover
 
 class PureKVConfigError(ValueError):
     """A ``PureKVConfig`` field (or its combination with the model / prompt) that cannot work."""
+
+
+class BudgetBelowWindowError(PureKVConfigError):
+    """A budget that keeps fewer tokens than the window and the sinks, which are always kept.
+
+    Holds the facts, so that a caller can word the error in its own terms (the command line's flags):
+    ``budget``, ``kept`` (the tokens it keeps), ``window``, ``sink`` and ``prompt_len`` (``None`` for an int
+    count, too small whatever the prompt).
+    """
+
+    def __init__(self, budget: float | int, kept: int, window: int, sink: int, prompt_len: int | None = None):
+        self.budget, self.kept, self.window, self.sink, self.prompt_len = budget, kept, window, sink, prompt_len
+        floor = window + sink
+        if prompt_len is None:
+            message = (f"PureKVConfig.budget={budget} is smaller than window + sink = {window} + {sink} = {floor}; "
+                       "the window and the sinks are always kept")
+        else:
+            message = (f"PureKVConfig.budget={budget} gives {kept} tokens for a {prompt_len}-token prompt, smaller "
+                       f"than window + sink = {floor}; raise the budget or shrink window/sink")
+        super().__init__(message)
+
+
+def budget_tokens(budget: float | int, window: int, sink: int, prompt_len: int | None = None) -> int | None:
+    """The tokens ``budget`` keeps per layer and KV head, before bucketing: ``ceil(budget * prompt_len)`` for
+    a fraction, the count itself for an int. ``prompt_len=None``: the int count on its own (``None`` for a
+    fraction, which needs the prompt); otherwise a prompt longer than ``window + sink`` (a shorter one keeps
+    everything: :meth:`PureKVConfig.budget_count`).
+
+    The one place that decides "the budget covers the window and the sinks": they are always kept, so a
+    smaller budget cannot be honoured (and is never silently raised): :class:`BudgetBelowWindowError`.
+    """
+    if prompt_len is None and isinstance(budget, float):
+        return None
+    kept = int(budget) if isinstance(budget, int) else math.ceil(budget * prompt_len)
+    if kept < window + sink:
+        raise BudgetBelowWindowError(budget, kept, window, sink, prompt_len)
+    return kept
 
 
 BASES = ("snapkv", "h2o", "streaming", "random", "pyramid")
@@ -81,10 +122,12 @@ class PureKVConfig:
         per decoder layer, each ``None`` (union) or a tuple of ``"spatial"`` / ``"temporal"`` /
         ``"union"`` / ``"dense"`` (or :class:`HeadPattern`), one per q head. Entries below ``st_start``
         are ignored. ``None`` = union for every head (METHOD.md's default without calibration).
-      head_patterns_file: a JSON written by ``purekv calibrate`` (read when ``head_patterns`` is None).
+      head_patterns_file: a JSON written by ``purekv calibrate``, used when ``head_patterns`` is None; read
+        and checked at resolution (:meth:`st_plan`), not at construction.
       st_block_q / st_block_k: kernel block sizes (``None``: the backend's default, 128 x 128).
-      st_backend: ``"auto"`` (Triton on GPU, Mosaic on TPU, the XLA gathered-block fallback elsewhere),
-        ``"xla"``, ``"triton"``, ``"mosaic_gpu"`` (Hopper TMA + WGMMA, bf16 / f16), ``"tpu"``.
+      st_backend: one of the kernels' ``BACKEND_NAMES``: ``"auto"`` (Triton on GPU, Mosaic on TPU, the XLA
+        gathered-block fallback elsewhere), ``"xla"``, ``"triton"``, ``"mosaic_gpu"`` (Hopper TMA + WGMMA,
+        bf16 / f16), ``"tpu"``.
       spatial_radius / temporal_window: optional limits of the spatial (|dy|, |dx| <= r) and temporal
         (the last T slots) patterns.
       seed: seed of the ``"random"`` policy.
@@ -147,11 +190,7 @@ class PureKVConfig:
             raise PureKVConfigError(f"PureKVConfig.window={self.window} must be >= 1")
         if self.sink < 0:
             raise PureKVConfigError(f"PureKVConfig.sink={self.sink} must be >= 0")
-        if isinstance(b, int) and b < self.window + self.sink:
-            raise PureKVConfigError(
-                f"PureKVConfig.budget={b} is smaller than window + sink = {self.window} + {self.sink} = "
-                f"{self.window + self.sink}; the window and the sinks are always kept"
-            )
+        budget_tokens(b, self.window, self.sink)  # an int count must cover the window and the sinks
         if self.base not in BASES:
             raise PureKVConfigError(f"PureKVConfig.base={self.base!r} is not one of {BASES}")
         if self.pooling not in ("avg", "max", "none"):
@@ -184,8 +223,7 @@ class PureKVConfig:
 
     # ------------------------------------------------------------------------------------- ST-SpAttn
     def _check_st(self):
-        from .st_sparse.prefill import load_head_patterns, normalize_layer_patterns
-
+        """The cheap ST-SpAttn checks (no file, no model): the rest is :meth:`st_plan`'s."""
         if self.st_start is not None and (isinstance(self.st_start, bool) or int(self.st_start) < 0):
             raise PureKVConfigError(f"PureKVConfig.st_start={self.st_start!r} must be an int >= 0 or None")
         for name in ("st_block_q", "st_block_k"):
@@ -196,21 +234,15 @@ class PureKVConfig:
             val = getattr(self, name)
             if val is not None and int(val) < 0:
                 raise PureKVConfigError(f"PureKVConfig.{name}={val} must be >= 0 or None")
-        if self.st_backend not in ("auto", "xla", "triton", "mosaic_gpu", "tpu"):
+        if self.st_backend not in BACKEND_NAMES:
             raise PureKVConfigError(f"PureKVConfig.st_backend={self.st_backend!r} is not one of "
-                                    f"('auto', 'xla', 'triton', 'mosaic_gpu', 'tpu')")
-        pats = self.head_patterns
-        if pats is None and self.head_patterns_file is not None:
+                                    f"{BACKEND_NAMES}")
+        if self.head_patterns is not None:
             try:
-                pats = load_head_patterns(self.head_patterns_file)
-            except ValueError as e:
-                raise PureKVConfigError(f"PureKVConfig.head_patterns_file: {e}") from None
-        if pats is not None:
-            try:
-                pats = normalize_layer_patterns(pats)
+                pats = normalize_layer_patterns(self.head_patterns)
             except ValueError as e:
                 raise PureKVConfigError(f"PureKVConfig.head_patterns: {e}") from None
-        object.__setattr__(self, "head_patterns", pats)
+            object.__setattr__(self, "head_patterns", pats)
 
     def st_first_layer(self) -> int:
         """``st_start``, or the layer after the last anchor."""
@@ -218,18 +250,26 @@ class PureKVConfig:
             return int(self.st_start)
         return (max(self.anchor_layers) + 1) if self.anchor_layers else 0
 
-    def st_layer_patterns(self, text_cfg: "TextConfig") -> tuple:
-        """Per layer: ``None`` (no ST: layers below ``st_start``) or a tuple of ``HeadPattern`` per q head.
-        Validates ``st_start`` and ``head_patterns`` against the model (and the H2O combination)."""
-        from .st_sparse.layout import HeadPattern
+    def _given_head_patterns(self) -> tuple | None:
+        """``head_patterns``, else the patterns read from ``head_patterns_file`` (None: neither)."""
+        if self.head_patterns is not None or self.head_patterns_file is None:
+            return self.head_patterns
+        try:
+            return load_head_patterns(self.head_patterns_file)
+        except ValueError as e:
+            raise PureKVConfigError(f"PureKVConfig.head_patterns_file: {e}") from None
 
+    def st_plan(self, text_cfg: "TextConfig") -> "STPlan":
+        """ST-SpAttn resolved against the model (also when ``st_sparse`` is off: calibration uses it).
+        Reads ``head_patterns_file`` and validates ``st_start`` and the head patterns against the model
+        (and the H2O combination): every ST error is raised here."""
         n_layers, hq = text_cfg.num_hidden_layers, text_cfg.num_attention_heads
         start = self.st_first_layer()
         if start >= n_layers:
             raise PureKVConfigError(
                 f"PureKVConfig.st_start={start} (first ST-SpAttn layer) is out of range for a model with "
                 f"{n_layers} layers (valid: 0..{n_layers - 1})")
-        pats = self.head_patterns
+        pats = self._given_head_patterns()
         if pats is not None and len(pats) != n_layers:
             raise PureKVConfigError(
                 f"PureKVConfig.head_patterns has {len(pats)} layer entries but the model has {n_layers} layers")
@@ -252,22 +292,18 @@ class PureKVConfig:
                     f"base='h2o' computes dense attention probabilities in layers 0..{own_hi - 1}, which "
                     f"overlaps the ST-SpAttn layers (from st_start={start}); use cross_layer=True with "
                     f"st_start above the anchors")
-        return tuple(out)
+        return STPlan(layer_patterns=tuple(out), backend=self.st_backend, block_q=self.st_block_q,
+                      block_k=self.st_block_k, spatial_radius=self.spatial_radius,
+                      temporal_window=self.temporal_window)
 
     # ------------------------------------------------------------------------------------- resolution
     def budget_count(self, prompt_len: int) -> int:
         """The bucketed per-layer budget (tokens per KV head) for a prompt of ``prompt_len`` tokens
         (before clipping to the prompt)."""
-        raw = math.ceil(self.budget * prompt_len) if isinstance(self.budget, float) else int(self.budget)
         if prompt_len <= self.window + self.sink:
             return prompt_len  # nothing can be pruned: the window and the sinks cover the prompt
-        if raw < self.window + self.sink:
-            raise PureKVConfigError(
-                f"PureKVConfig.budget={self.budget} gives {raw} tokens for a {prompt_len}-token prompt, smaller "
-                f"than window + sink = {self.window + self.sink}; raise the budget or shrink window/sink"
-            )
         m = self.budget_multiple
-        return -(-raw // m) * m
+        return -(-budget_tokens(self.budget, self.window, self.sink, prompt_len) // m) * m
 
     def base_policy(self) -> P.ScorePolicy:
         """The per-layer score policy named by ``base``."""
@@ -317,6 +353,7 @@ class PureKVConfig:
             prunes=slots < padded_len or any(b < slots for b in budgets),
             head_adaptive=self.adaptive_heads and count < prompt_len,
             question_window=self.question_window and self.base in ("snapkv", "pyramid"),
+            st=self.st_plan(text_cfg) if self.st_sparse else None,
         )
 
 
@@ -348,12 +385,36 @@ def plan_segments(n_layers: int, anchors: tuple[int, ...]) -> tuple[Segment, ...
 
 
 @dataclasses.dataclass(frozen=True)
+class STPlan:
+    """ST-SpAttn resolved against a model (hashable: part of :class:`KVPlan`, a static jit argument).
+
+    layer_patterns: per decoder layer, ``None`` (below ``st_start``: the plain prefill attention) or a
+      tuple of :class:`HeadPattern`, one per q head.
+    backend: the block-sparse kernel backend (one of the kernels' ``BACKEND_NAMES``).
+    block_q / block_k: kernel block sizes (``None``: the backend's default).
+    spatial_radius / temporal_window: the layouts' optional pattern limits.
+    """
+
+    layer_patterns: tuple[tuple[HeadPattern, ...] | None, ...]
+    backend: str = "auto"
+    block_q: int | None = None
+    block_k: int | None = None
+    spatial_radius: int | None = None
+    temporal_window: int | None = None
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """The layers that run ST-SpAttn (``st_start`` and above)."""
+        return tuple(l for l, p in enumerate(self.layer_patterns) if p is not None)
+
+
+@dataclasses.dataclass(frozen=True)
 class KVPlan:
     """A resolved, static compression plan (hashable; a static jit argument).
 
     ``budgets[l]`` entries are kept in layer ``l`` (per row and KV head); every layer's cache has
     ``slots`` prompt slots (``max(budgets)``), unused ones marked invalid. ``prunes`` is False when the
-    budget covers the whole prompt.
+    budget covers the whole prompt. ``st``: the resolved ST-SpAttn prefill (None: off).
     """
 
     budgets: tuple[int, ...]
@@ -366,6 +427,7 @@ class KVPlan:
     prunes: bool = True
     head_adaptive: bool = False  # AdaKV-style per-head budgets (``policies.keep_set(adaptive=True)``)
     question_window: bool = False  # per-row windows (``ScoreContext.window_len``) for scoring and keeping
+    st: STPlan | None = None
 
     @classmethod
     def full(cls, n_layers: int, padded_len: int) -> "KVPlan":
@@ -380,6 +442,19 @@ class KVPlan:
             sink=0,
             prunes=False,
         )
+
+    @property
+    def layer_kinds(self) -> tuple[str, ...]:
+        """Per layer, the kind of the segment holding it (``full`` / ``own`` / ``anchor`` / ``owned``)."""
+        return tuple(seg.kind for seg in self.segments for _ in range(seg.lo, seg.hi))
+
+    def keep_window(self, window_len):
+        """The observation window the keep-set forces: each row's question-aligned window
+        (``window_len [B]``, capped at ``window``) when the plan aligns windows to the question, else the
+        static ``window``. The one place where that switch is decided."""
+        if self.question_window and window_len is not None:
+            return jnp.minimum(jnp.asarray(window_len, jnp.int32), self.window)
+        return self.window
 
     @property
     def needs_full_probs(self) -> bool:

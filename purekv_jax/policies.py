@@ -13,7 +13,7 @@ Layout assumed by the window-query scores (:class:`SnapKV`, :class:`H2O`): the p
 (left padding), so the window queries of every row are the last ``window`` positions. ``generate``
 re-aligns right-padded input on the host. :func:`keep_set` itself works with any padding.
 
-Policies (METHOD.md "Baselines"): :class:`Full` (keep all), :class:`RandomScore`, :class:`StreamingLLM`
+Policies (METHOD.md "Baselines"; the full cache is ``generate(policy=None)``): :class:`RandomScore`, :class:`StreamingLLM`
 (sinks + most recent), :class:`SnapKV` (window attention score), PyramidKV (:class:`SnapKV` with
 :func:`pyramid_budgets`), :class:`H2O` (accumulated attention over all queries; evaluation only), and
 :class:`CLIE` on top of any score-based one (the anchor's base score times the owned layer's value norms).
@@ -28,7 +28,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 #: name of the ``jax.named_scope`` around every computation of attention probabilities for scoring;
 #: tests look for it in the prefill's jaxpr (CLIE: only anchor / own-score layers may contain it).
@@ -152,15 +151,6 @@ def _zero_window(score: jax.Array, valid: jax.Array, window: int | jax.Array) ->
 
 # ------------------------------------------------------------------------------------------ policies
 @dataclasses.dataclass(frozen=True)
-class Full:
-    """Keep every prompt entry (the full cache). Not a score policy: ``generate(policy=None)``."""
-
-    def score(self, ctx: ScoreContext) -> jax.Array:
-        b, hkv, n, _ = ctx.k.shape
-        return jnp.zeros((b, hkv, n), jnp.float32)
-
-
-@dataclasses.dataclass(frozen=True)
 class RandomScore:
     """Uniform random scores, independent per layer (``fold_in(seed, layer)``), row and KV head."""
 
@@ -223,7 +213,7 @@ class H2O:
         return jnp.mean(acc.reshape(b, hkv, hq // hkv, n), axis=2)
 
 
-ScorePolicy = Full | RandomScore | StreamingLLM | SnapKV | H2O
+ScorePolicy = RandomScore | StreamingLLM | SnapKV | H2O
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,15 +298,6 @@ def keep_all(valid: jax.Array, n_heads: int) -> tuple[jax.Array, jax.Array]:
     kept = order < n
     idx = jnp.where(kept, order, order - n)
     return (jnp.broadcast_to(idx[:, None], (b, n_heads, n)), jnp.broadcast_to(kept[:, None], (b, n_heads, n)))
-
-
-def keep_set_reference(score: np.ndarray, valid: np.ndarray, budget: int, window: int, sink: int) -> list:
-    """Host reference of :func:`keep_set` for one ``[N]`` row / head: the sorted list of kept indices."""
-    idx = np.flatnonzero(valid)
-    forced = set(idx[:sink].tolist()) | set(idx[max(len(idx) - window, 0) :].tolist())
-    rest = [int(i) for i in idx if int(i) not in forced]
-    rest.sort(key=lambda i: (-float(score[i]), i))
-    return sorted(list(forced) + rest[: max(budget - len(forced), 0)])
 
 
 def pyramid_budgets(n_layers: int, budget: int, window: int, sink: int, beta: float = 20.0) -> tuple[int, ...]:

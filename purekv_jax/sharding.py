@@ -46,7 +46,6 @@ holds the same host batch).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -54,7 +53,11 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from .cache import KVCache
+from .param_tree import abstract_params, leaf_names, path_name
 
 DATA = "data"
 MODEL = "model"
@@ -125,8 +128,6 @@ def make_mesh(spec: str | Mapping[str, int] | None = None, devices: Sequence[Any
             f"simulates more"
         )
     try:
-        from jax.experimental import mesh_utils
-
         grid = mesh_utils.create_device_mesh((sizes[DATA], sizes[MODEL]), devices=devices)
     except Exception:  # pragma: no cover - topologies mesh_utils does not know: plain order
         grid = np.asarray(devices, dtype=object).reshape(sizes[DATA], sizes[MODEL])
@@ -258,34 +259,16 @@ def _vision_spec(leaf: str, ndim: int, cfg, m: int) -> P:
     return P()
 
 
-def _names_and_leaves(params) -> list[tuple[str, Any]]:
-    from .checkpoint import _path_name
-
-    return [(_path_name(p), x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]]
-
-
 def param_specs(params, config, model_size: int | Mesh):
     """A pytree like ``params`` (arrays or ``ShapeDtypeStruct``) holding each leaf's PartitionSpec."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    from .checkpoint import _path_name
-
-    specs = [param_spec(_path_name(p), len(x.shape), config, model_size) for p, x in flat]
+    specs = [param_spec(path_name(p), len(x.shape), config, model_size) for p, x in flat]
     return jax.tree_util.tree_unflatten(treedef, specs)
-
-
-def param_shardings(config, mesh: Mesh, dtype=None):
-    """``Qwen25VLParams`` of NamedSharding for ``config`` (for ``load_checkpoint(..., shardings=...)``)."""
-    from .checkpoint import abstract_params
-
-    abstract = abstract_params(config) if dtype is None else abstract_params(config, dtype)
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(abstract, config, mesh))
 
 
 def sharding_for_leaf(config, mesh: Mesh):
     """A callable ``leaf name -> NamedSharding`` (the other form ``load_checkpoint`` accepts); the rank is
     looked up from the config's abstract params."""
-    from .checkpoint import abstract_params, leaf_names
-
     abstract = abstract_params(config)
     ranks = dict(zip(leaf_names(abstract), (len(x.shape) for x in jax.tree_util.tree_leaves(abstract))))
 
@@ -301,17 +284,6 @@ def shard_params(params, config, mesh: Mesh):
     """Places ``params`` (host or device arrays, the same values in every process) on ``mesh`` by the rule."""
     specs = param_specs(params, config, mesh)
     return jax.tree.map(lambda x, s: put(x, NamedSharding(mesh, s)), params, specs)
-
-
-def load_sharded(path, mesh: Mesh, dtype=None):
-    """``load_checkpoint(path, dtype, shardings=<the rule on mesh>)`` -> ``(config, params)``: orbax folders
-    are restored straight into the shards, HF folders placed leaf by leaf."""
-    from models.qwen2_5_vl.config import Qwen25VLConfig
-
-    from .checkpoint import load_checkpoint
-
-    config = Qwen25VLConfig.from_json(path)
-    return load_checkpoint(path, dtype=dtype, shardings=sharding_for_leaf(config, mesh))
 
 
 # ------------------------------------------------------------------------------------------ arrays
@@ -350,7 +322,7 @@ def shard_batch_args(args: Sequence[Any], batch_dims: Sequence[int | None], mesh
 
 def params_mesh(params) -> Mesh | None:
     """The mesh the params live on (the first leaf with a ``NamedSharding`` on more than one device), or
-    None: then ``generate`` runs as before on the default device."""
+    None: then ``generate`` runs on the default device."""
     for x in jax.tree_util.tree_leaves(params):
         s = getattr(x, "sharding", None)
         if isinstance(s, NamedSharding) and s.mesh.size > 1:
@@ -362,8 +334,6 @@ def params_mesh(params) -> Mesh | None:
 def cache_specs(text_config, batch: int, mesh: Mesh | Mapping[str, int]):
     """A :class:`~purekv_jax.cache.KVCache` of PartitionSpecs: batch over ``"data"``, KV heads over
     ``"model"`` (each only when it divides). ``mesh``: a Mesh or its axis sizes."""
-    from .cache import KVCache
-
     d, m = _axis(mesh, DATA), _axis(mesh, MODEL)
     b = DATA if d > 1 and batch % d == 0 else None
     h = MODEL if m > 1 and _divides(text_config.num_key_value_heads, m) else None
@@ -372,46 +342,3 @@ def cache_specs(text_config, batch: int, mesh: Mesh | Mapping[str, int]):
         length=P(b), next_position=P(b), rope_delta=P(b),
     )
 
-
-def cache_shardings(text_config, batch: int, mesh: Mesh):
-    """:func:`cache_specs` as NamedShardings."""
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), cache_specs(text_config, batch, mesh),
-                        is_leaf=lambda s: isinstance(s, P))
-
-
-def constrain_cache(cache, text_config, mesh: Mesh | None):
-    """``with_sharding_constraint`` of a cache inside jit to :func:`cache_specs` (no-op without a mesh)."""
-    if mesh is None:
-        return cache
-    shardings = cache_shardings(text_config, cache.batch, mesh)
-    return jax.lax.with_sharding_constraint(cache, shardings)
-
-
-# ------------------------------------------------------------------------------------------ reporting
-def spec_of(x) -> P | None:
-    """The PartitionSpec of an array's NamedSharding (None for other shardings)."""
-    s = getattr(x, "sharding", None)
-    return s.spec if isinstance(s, NamedSharding) else None
-
-
-def describe(params) -> dict[str, str]:
-    """``{leaf name: "PartitionSpec(...) shard [shape]"}`` for printing and tests."""
-    out = {}
-    for name, x in _names_and_leaves(params):
-        s = getattr(x, "sharding", None)
-        shard = s.shard_shape(x.shape) if s is not None else x.shape
-        out[name] = f"{spec_of(x)} shard {list(shard)} of {list(x.shape)}"
-    return out
-
-
-def with_heads(config, heads: int, kv_heads: int):
-    """A copy of a ``Qwen25VLConfig`` with ``heads`` query / ``kv_heads`` KV heads of the same head_dim (the
-    text width, the MLP width and the vision merger's output scale along), e.g. ``tiny_config()`` with 8 / 4
-    heads so that a model axis of 4 holds whole query and KV heads. For tests and examples."""
-    text = config.text
-    hidden = heads * text.head_dim
-    new = dataclasses.replace(
-        text, hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        intermediate_size=text.intermediate_size * hidden // text.hidden_size,
-    )
-    return dataclasses.replace(config, text=new, vision=dataclasses.replace(config.vision, out_hidden_size=hidden))

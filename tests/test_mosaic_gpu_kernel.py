@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.block_sparse_attention import (HeadDimError, block_sparse_attention,
+from kernels.block_sparse_attention import (BlockSizeError, HeadDimError, STLayout,
+                                            block_sparse_attention, block_tables,
                                             dense_masked_attention, mosaic_gpu_block_sparse,
-                                            reference_attention)
-from purekv_jax.st_sparse import BlockSizeError, STLayout, block_tables, reference_mask
+                                            reference_attention, reference_mask)
 
 try:
     from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import (

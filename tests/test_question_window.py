@@ -1,4 +1,4 @@
-"""The question-aligned observation window (issue 8): the per-row rule, the per-row score and keep-set
+"""The question-aligned observation window: the per-row rule, the per-row score and keep-set
 against the static-window versions row by row, and generate's question_len / <|vision_end|> detection."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from purekv_jax import policies as P
 from purekv_jax.config import PureKVConfig
 from purekv_jax.generation import generate
 from purekv_jax.observation import ObservationError, question_window_lengths
+from keep_set_reference import keep_set_reference
 from tests.conftest import random_text_ids
 
 
@@ -89,7 +90,7 @@ def test_keep_set_per_row_window_matches_reference():
     for r in range(b):
         for hh in range(h):
             held = np.asarray(idx[r, hh])[np.asarray(kept[r, hh])].tolist()
-            assert held == P.keep_set_reference(score[r, hh], valid[r], budget, int(wl[r]), sink)
+            assert held == keep_set_reference(score[r, hh], valid[r], budget, int(wl[r]), sink)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Retrieval task (issue 8): the documented default, AdaKV keep-sets, and a small real-LM retrieval check."""
+"""Retrieval task: the documented default, AdaKV keep-sets, and a small real-LM retrieval check."""
 
 from __future__ import annotations
 

@@ -5,6 +5,8 @@ the returned cache really sharded, and an orbax checkpoint restored straight ont
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import os
 import subprocess
@@ -19,6 +21,19 @@ from models.qwen2_5_vl import init_params, tiny_config
 from purekv_jax import sharding as S
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def with_heads(config, heads: int, kv_heads: int):
+    """A copy of a ``Qwen25VLConfig`` with ``heads`` query / ``kv_heads`` KV heads of the same head_dim (the
+    text width, the MLP width and the vision merger's output scale along), e.g. ``tiny_config()`` with 8 / 4
+    heads so that a model axis of 4 holds whole query and KV heads."""
+    text = config.text
+    hidden = heads * text.head_dim
+    new = dataclasses.replace(
+        text, hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        intermediate_size=text.intermediate_size * hidden // text.hidden_size,
+    )
+    return dataclasses.replace(config, text=new, vision=dataclasses.replace(config.vision, out_hidden_size=hidden))
 
 
 # ------------------------------------------------------------------------------------------ in process
@@ -72,7 +87,7 @@ def test_param_rule_text_and_vision():
     assert spec("layers.q_w", 3, 2) == P(None, None, "model")
     assert spec("text.layers.q_w", 3, 1) == P(None, None, "model")  # size-1 axis: harmless
     # vocab that does not divide
-    odd = S.with_heads(tiny_config(vocab_size=1001), 4, 2)
+    odd = with_heads(tiny_config(vocab_size=1001), 4, 2)
     assert S.param_spec("text.embed", 2, odd, 2) == P()
     # every leaf of the real tree gets a spec of its rank
     specs = S.param_specs(jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))), cfg, 2)
@@ -102,18 +117,19 @@ def test_multihost_env_detection():
 
 
 # ------------------------------------------------------------------------------------------ 8 devices
-SCRIPT = textwrap.dedent(r"""
-    import json, os, sys, tempfile, time
+# with_heads' source goes first: the script runs in a fresh interpreter that cannot import this test module.
+SCRIPT = inspect.getsource(with_heads) + textwrap.dedent(r"""
+    import dataclasses, json, os, sys, tempfile, time
     T0 = time.time()
     def tick(what):
         print(f"{time.time() - T0:6.1f} s  {what}", file=sys.stderr, flush=True)
     import jax, numpy as np
     from models.qwen2_5_vl import init_params, save_hf_checkpoint, tiny_config
     from purekv_jax import generate, PureKVConfig, sharding as S
-    from purekv_jax.checkpoint import convert
+    from purekv_jax.checkpoint import convert, load_checkpoint
 
     assert len(jax.devices()) == 8, jax.devices()
-    cfg = S.with_heads(tiny_config(num_hidden_layers=3), heads=8, kv_heads=4)  # 8 q / 4 kv heads, hidden 128
+    cfg = with_heads(tiny_config(num_hidden_layers=3), heads=8, kv_heads=4)  # 8 q / 4 kv heads, hidden 128
     params = jax.jit(lambda k: init_params(cfg, k))(jax.random.key(7))  # one compile, not one per leaf
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 990, (8, 60)).astype(np.int32)
@@ -161,7 +177,7 @@ SCRIPT = textwrap.dedent(r"""
     save_hf_checkpoint(os.path.join(tmp, "hf"), cfg, params)
     convert(os.path.join(tmp, "hf"), os.path.join(tmp, "orbax"), dtype="float32", progress=False)
     mesh = S.make_mesh("data=4,model=2")
-    cfg3, lp = S.load_sharded(os.path.join(tmp, "orbax"), mesh)
+    cfg3, lp = load_checkpoint(os.path.join(tmp, "orbax"), shardings=S.sharding_for_leaf(cfg, mesh))
     r = generate(lp, cfg3, ids, mask, policy=policies["clie"], **kw)
     out["orbax"] = [bool((r.tokens == ref["clie"]).all()), spec(lp.text.layers.q_w), spec(lp.text.lm_head),
                     spec(lp.vision.blocks.qkv_w), lp.text.layers.q_w.sharding.mesh.shape["model"]]

@@ -1,4 +1,4 @@
-"""ST-SpAttn inside generate (issue 4): the block-sparse prefill equals a dense prefill with the explicit
+"""ST-SpAttn inside generate: the block-sparse prefill equals a dense prefill with the explicit
 METHOD.md mask in layers >= st_start, alone and with CLIE, per row in a mixed batch; text-only prompts
 are untouched; images stay dense; head calibration on a model; the calibrate command's JSON."""
 
@@ -17,9 +17,9 @@ from models.qwen2_5_vl import init_params, tiny_config
 from models.qwen2_5_vl.layers import dense_attention
 from purekv_jax import generation as G
 from purekv_jax.config import PureKVConfig, PureKVConfigError
-from purekv_jax.st_sparse import HeadPattern, LayoutError, STLayout, VideoSpan, reference_mask
-from purekv_jax.st_sparse.prefill import (calibrate_model, load_head_patterns, row_layouts,
-                                          save_head_patterns)
+from purekv_jax.st_sparse import (HeadPattern, LayoutError, STLayout, VideoSpan, load_head_patterns,
+                                  reference_mask, save_head_patterns)
+from purekv_jax.st_sparse.prefill import calibrate_model, row_layouts
 
 SMALL = dict(window=8, sink=2, budget_multiple=8, anchor_layers=(1,), st_block_q=16, st_block_k=16)
 N_NEW = 6
@@ -78,10 +78,10 @@ def _reference_attention(cfg, policy, ids, mask, mm, bucket=64):
     """Dense prefill attention with the explicit METHOD.md mask (``reference_mask``) in layers >= st_start
     (per row, in the left-padded coordinates generate uses; padding keys masked by ``valid``)."""
     n = -(-ids.shape[1] // bucket) * bucket
-    ids_al, valid = G._realign(ids, mask.astype(bool), n, 0)
+    ids_al, valid = G.realign_left(ids, mask.astype(bool), n, 0)
     vg = mm.get("video_grid_thw")
     lays = row_layouts(cfg, ids_al, valid, None if vg is None else tuple(tuple(int(x) for x in g) for g in vg))
-    pats = policy.st_layer_patterns(cfg.text)
+    pats = policy.st_plan(cfg.text).layer_patterns
     masks = np.zeros((cfg.text.num_hidden_layers, ids.shape[0], cfg.text.num_attention_heads, n, n), bool)
     for r, (off, lay) in enumerate(lays):
         # the padded layout: the row's videos shifted by its offset; the left padding is non-video
@@ -146,7 +146,7 @@ def test_st_with_clie_image_and_video(model4):
     ids, mask, mm = _batch(cfg, rng, rows)
     pol = PureKVConfig(budget=0.5, st_sparse=True, cross_layer=True, **SMALL)
     n = -(-ids.shape[1] // 64) * 64
-    ids_al, valid = G._realign(ids, mask.astype(bool), n, 0)
+    ids_al, valid = G.realign_left(ids, mask.astype(bool), n, 0)
     ((off, lay),) = row_layouts(cfg, ids_al, valid, ((4, 8, 8),))
     assert lay.videos == (VideoSpan(6 + 1 + 6 + 1 + 4 + 1, 4, 4, 4),)  # only the video; image = dense
     got = G.generate(params, cfg, ids, mask, policy=pol, max_new_tokens=N_NEW, return_cache=True, **mm)
@@ -176,10 +176,13 @@ def test_st_config_errors(model4, tmp_path):
     cfg, params = model4
     bad_file = tmp_path / "bad.json"
     bad_file.write_text('{"head_patterns": [null, ["sideways"]]}')
+    # the file is read at resolution, not at construction
+    bad_pol = PureKVConfig(budget=1.0, st_sparse=True, head_patterns_file=str(bad_file))
     with pytest.raises(PureKVConfigError, match="head_patterns_file.*layer 1.*sideways"):
-        PureKVConfig(st_sparse=True, head_patterns_file=str(bad_file))
+        bad_pol.resolve(cfg.text, 64)
+    missing_pol = PureKVConfig(budget=1.0, st_sparse=True, head_patterns_file=str(tmp_path / "missing.json"))
     with pytest.raises(FileNotFoundError, match="head patterns file not found"):
-        PureKVConfig(st_sparse=True, head_patterns_file=str(tmp_path / "missing.json"))
+        missing_pol.resolve(cfg.text, 64)
     rng = np.random.default_rng(4)
     ids, mask, mm = _batch(cfg, rng, [[5, ("video", (2, 8, 8)), 5]])
     with pytest.raises(PureKVConfigError, match="st_start=4"):
@@ -260,7 +263,7 @@ def test_calibration_picks_lowest_error_and_the_constructed_patterns(model4, tmp
     assert doc["head_patterns"][3][:2] == ["temporal", "spatial"] and doc["head_patterns"][0] is None
     assert load_head_patterns(path) == res.head_patterns
     from_file = PureKVConfig(st_sparse=True, head_patterns_file=str(path), **SMALL)
-    assert from_file.head_patterns == res.config(pol).head_patterns
+    assert from_file.st_plan(cfg.text) == res.config(pol).st_plan(cfg.text)
     hash(from_file)
     got = G.generate(params, cfg, ids, policy=from_file, max_new_tokens=2, **mm)
     assert got.stats["st_layers"] == (2, 3)

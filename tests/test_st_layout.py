@@ -6,11 +6,10 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import jax.numpy as jnp
 
-from kernels.block_sparse_attention.common import element_mask
-from purekv_jax.st_sparse import (EMPTY, FULL, PARTIAL, BlockSizeError, HeadPattern, LayoutError,
-                                  STLayout, block_counts, block_tables, classify_blocks,
-                                  inverse_permutation, padded_length, permutation, reference_mask,
-                                  token_ids)
+from kernels.block_sparse_attention import (EMPTY, FULL, PARTIAL, BlockSizeError, HeadPattern,
+                                            LayoutError, STLayout, block_counts, block_tables,
+                                            classify_blocks, element_mask, inverse_permutation,
+                                            padded_length, permutation, reference_mask, token_ids)
 
 PATTERNS = list(HeadPattern)
 

@@ -1,39 +1,21 @@
-"""Public entry point: ST block-sparse attention over a layout, per-head patterns, backend switch."""
+"""Public entry point: ST block-sparse attention over a layout, per-head patterns, backend table."""
 
 from __future__ import annotations
-
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.block_sparse_attention.common import BACKENDS, check_head_dim
-from kernels.block_sparse_attention.gpu import check_triton_blocks, triton_block_sparse
-from kernels.block_sparse_attention.xla import xla_block_sparse
-from purekv_jax.st_sparse.blocks import block_tables
-from purekv_jax.st_sparse.layout import (HeadPattern, LayoutError, STLayout, inverse_permutation,
-                                         permutation)
+from kernels.block_sparse_attention.backends import KernelOptions, resolve_backend
+from kernels.block_sparse_attention.blocks import block_tables
+from kernels.block_sparse_attention.layout import (HeadPattern, LayoutError, STLayout, inverse_permutation,
+                                                   permutation)
 
-__all__ = ["block_sparse_attention", "resolve_backend", "normalize_patterns", "merge_by_lse",
-           "DEFAULT_BLOCKS"]
-
-# triton 128x128: best or tied of 128x64 / 64x64 / 128x128 on an H200 at 7.7k tokens, the one size
-# where configs were compared (benchmarks/results/gpu_kernels.md). mosaic_gpu 64x128: one warpgroup
-# per query block holds the 64 x 128 scores and two 64 x D accumulators in registers (not timed yet)
-DEFAULT_BLOCKS = {"xla": (128, 128), "triton": (128, 128), "tpu": (128, 128), "mosaic_gpu": (64, 128)}
+__all__ = ["block_sparse_attention", "normalize_patterns", "merge_by_lse", "ShapeError"]
 
 
 class ShapeError(ValueError):
-    pass
-
-
-def resolve_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    if backend != "auto":
-        return backend
-    platform = jax.default_backend()
-    return {"gpu": "triton", "cuda": "triton", "tpu": "tpu"}.get(platform, "xla")
+    """q / k / v shapes that do not fit together."""
 
 
 def normalize_patterns(head_patterns, num_heads: int) -> tuple[HeadPattern, ...]:
@@ -47,22 +29,6 @@ def normalize_patterns(head_patterns, num_heads: int) -> tuple[HeadPattern, ...]
         raise ValueError("temporal_strict is the internal second pass of a split union head (its "
                          "rows may have no key); use 'union', 'spatial', 'temporal' or 'dense'")
     return pats
-
-
-def _run(backend, q, k, v, tables, scale, interpret, num_warps, num_stages, return_lse=False):
-    if backend == "xla":
-        return xla_block_sparse(q, k, v, tables, scale=scale, return_lse=return_lse)
-    if backend == "triton":
-        return triton_block_sparse(q, k, v, tables, scale=scale, interpret=interpret,
-                                   num_warps=num_warps, num_stages=num_stages,
-                                   return_lse=return_lse)
-    if backend == "tpu":
-        from kernels.block_sparse_attention.tpu import tpu_block_sparse
-        return tpu_block_sparse(q, k, v, tables, scale=scale, interpret=interpret,
-                                return_lse=return_lse)
-    from kernels.block_sparse_attention.mosaic_gpu import mosaic_gpu_block_sparse
-    return mosaic_gpu_block_sparse(q, k, v, tables, scale=scale, interpret=interpret,
-                                   return_lse=return_lse)
 
 
 def merge_by_lse(o_a, lse_a, o_b, lse_b):
@@ -136,7 +102,7 @@ def block_sparse_attention(q, k, v, layout: STLayout, *, head_patterns=HeadPatte
     patterns, blocks) make this traceable inside jit; tables are built on the host at trace time
     and cached.
     """
-    backend = resolve_backend(backend)
+    kernel = resolve_backend(backend)
     if not isinstance(layout, STLayout):
         raise LayoutError(f"layout must be an STLayout, got {type(layout).__name__}")
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
@@ -149,21 +115,12 @@ def block_sparse_attention(q, k, v, layout: STLayout, *, head_patterns=HeadPatte
         raise ShapeError(f"q heads ({hq}) must be a multiple of kv heads ({hkv})")
     if n != layout.seq_len:
         raise LayoutError(f"q/k/v hold {n} tokens but the layout describes {layout.seq_len}")
-    check_head_dim(d, backend)
-    dbq, dbk = DEFAULT_BLOCKS[backend]
+    kernel.check_inputs(q, k, v)
+    dbq, dbk = kernel.default_blocks
     bq, bk = int(block_q or dbq), int(block_k or dbk)
-    if backend == "triton":
-        check_triton_blocks(bq, bk)
-    elif backend == "tpu":
-        from kernels.block_sparse_attention.tpu import check_tpu_blocks
-        check_tpu_blocks(bq, bk)
-    elif backend == "mosaic_gpu":
-        from kernels.block_sparse_attention.mosaic_gpu import (check_mosaic_gpu_blocks,
-                                                               check_mosaic_gpu_dtype)
-        check_mosaic_gpu_blocks(bq, bk)
-        check_mosaic_gpu_dtype(q, k, v)
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
+    kernel.check_blocks(bq, bk)
+    options = KernelOptions(scale=scale, num_warps=num_warps, num_stages=num_stages,
+                            interpret=jax.default_backend() == "cpu" if interpret is None else interpret)
     pats = normalize_patterns(head_patterns, hq)
     g = hq // hkv
 
@@ -172,8 +129,7 @@ def block_sparse_attention(q, k, v, layout: STLayout, *, head_patterns=HeadPatte
         groups.setdefault((p, bool(permute_temporal and p.default_permuted)), []).append(h)
 
     def run(qs, ks, vs, tables, return_lse):
-        return _run(backend, qs, ks, vs, tables, scale, interpret, num_warps, num_stages,
-                    return_lse)
+        return kernel.run(qs, ks, vs, tables, options, return_lse)
 
     outs, order = [], []
     for (pat, perm), heads in groups.items():

@@ -45,12 +45,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels.block_sparse_attention.common import MASK_VALUE, check_head_dim, element_mask
-from purekv_jax.st_sparse.blocks import BlockSizeError, BlockTables
-from purekv_jax.st_sparse.layout import HeadPattern
+from kernels.block_sparse_attention.blocks import BlockSizeError, BlockTables
+from kernels.block_sparse_attention.common import MASK_VALUE, check_head_dim
+from kernels.block_sparse_attention.layout import HeadPattern
+from kernels.block_sparse_attention.mask import element_mask
 
 __all__ = ["mosaic_gpu_block_sparse", "check_mosaic_gpu_blocks", "check_mosaic_gpu_dtype",
-           "interpret_params", "MOSAIC_GPU_DTYPES", "SMEM_BYTES_MAX"]
+           "check_mosaic_gpu_inputs", "interpret_params", "MOSAIC_GPU_DTYPES", "SMEM_BYTES_MAX"]
 
 MOSAIC_GPU_DTYPES = (jnp.bfloat16, jnp.float16)
 SMEM_BYTES_MAX = 232448          # 227 KiB: dynamic shared memory per block on H100 / H200
@@ -60,7 +61,7 @@ def interpret_params():
     """Mosaic GPU interpret-mode parameters (exported by plgpu from jax 0.11, private in 0.10)."""
     try:
         return plgpu.InterpretGPUParams()
-    except AttributeError:
+    except AttributeError:   # jax 0.10: only in a private module
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
         return InterpretGPUParams()
 
@@ -81,6 +82,12 @@ def check_mosaic_gpu_dtype(q, k, v):
     if q.dtype not in MOSAIC_GPU_DTYPES:
         raise TypeError(f"the Mosaic GPU kernel takes bfloat16 or float16 q/k/v (WGMMA operands), "
                         f"got {q.dtype}; cast, or use backend='triton' / 'xla' for float32")
+
+
+def check_mosaic_gpu_inputs(q, k, v):
+    """q [B,Hq,N,D], k/v [B,Hkv,N,D]: one dtype, bfloat16 or float16; head_dim in PALLAS_HEAD_DIMS."""
+    check_head_dim(q.shape[-1], "mosaic_gpu")
+    check_mosaic_gpu_dtype(q, k, v)
 
 
 def _check_shapes(q, k, v, tables: BlockTables):
@@ -216,8 +223,7 @@ def mosaic_gpu_block_sparse(q, k, v, tables: BlockTables, *, scale=None, interpr
     _check_shapes(q, k, v, tables)
     b, hq, _, d = q.shape
     hkv = k.shape[1]
-    check_mosaic_gpu_dtype(q, k, v)
-    check_head_dim(d, "mosaic_gpu")
+    check_mosaic_gpu_inputs(q, k, v)
     bq, bk = tables.block_q, tables.block_k
     check_mosaic_gpu_blocks(bq, bk)
     dtype = q.dtype

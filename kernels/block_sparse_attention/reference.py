@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from purekv_jax.st_sparse.layout import HeadPattern, STLayout, reference_mask
+from kernels.block_sparse_attention.layout import HeadPattern, STLayout
+from kernels.block_sparse_attention.mask import reference_mask
 
 __all__ = ["reference_attention", "dense_masked_attention"]
 

@@ -23,13 +23,19 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.block_sparse_attention.common import MASK_VALUE, check_head_dim, element_mask
-from purekv_jax.st_sparse.blocks import BlockSizeError, BlockTables
-from purekv_jax.st_sparse.layout import HeadPattern
+from kernels.block_sparse_attention.blocks import BlockSizeError, BlockTables
+from kernels.block_sparse_attention.common import MASK_VALUE, check_head_dim
+from kernels.block_sparse_attention.layout import HeadPattern
+from kernels.block_sparse_attention.mask import element_mask
 
-__all__ = ["tpu_block_sparse", "check_tpu_blocks"]
+__all__ = ["tpu_block_sparse", "check_tpu_blocks", "check_tpu_inputs"]
 
 LANES = 128
+
+
+def check_tpu_inputs(q, k, v):
+    """q [B,Hq,N,D], k/v [B,Hkv,N,D]: the TPU kernel takes any dtype, head_dim in PALLAS_HEAD_DIMS."""
+    check_head_dim(q.shape[-1], "tpu")
 
 
 def check_tpu_blocks(block_q: int, block_k: int):
@@ -116,7 +122,7 @@ def tpu_block_sparse(q, k, v, tables: BlockTables, *, scale=None, interpret=Fals
     b, hq, npad, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
-    check_head_dim(d, "tpu")
+    check_tpu_inputs(q, k, v)
     bq, bk = tables.block_q, tables.block_k
     check_tpu_blocks(bq, bk)
     nq, m = tables.num_q_blocks, tables.max_blocks

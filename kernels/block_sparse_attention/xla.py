@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.block_sparse_attention.common import element_mask
-from purekv_jax.st_sparse.blocks import BlockTables
+from kernels.block_sparse_attention.blocks import BlockTables
+from kernels.block_sparse_attention.mask import element_mask
 
 __all__ = ["xla_block_sparse", "bucket_query_blocks", "xla_flop_ratio"]
 

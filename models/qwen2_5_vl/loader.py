@@ -31,12 +31,12 @@ from safetensors.numpy import save_file
 
 from .config import Qwen25VLConfig
 from .model import Qwen25VLParams
-from .text import _HF_LAYER_NAMES, _layer_shapes, text_hf_shapes, text_params_from_hf, text_params_to_hf
+from .text import TEXT_LAYER_HF_NAMES, text_hf_shapes, text_layer_shapes, text_params_from_hf, text_params_to_hf
 from .vision import (
-    _TOP_HF_NAMES,
-    _block_hf_names,
-    _param_shapes,
-    _to_jax_layout,
+    VISION_TOP_HF_NAMES,
+    vision_block_hf_names,
+    vision_param_shapes,
+    vision_to_jax_layout,
     vision_hf_shapes,
     vision_params_from_hf,
     vision_params_to_hf,
@@ -233,22 +233,22 @@ def hf_leaf_specs(config: Qwen25VLConfig) -> list[HFLeafSpec]:
     functions), one entry per leaf, so a caller can build the params one leaf at a time."""
     t, v = config.text, config.vision
     d, L = t.hidden_size, t.num_hidden_layers
-    layer_shapes = _layer_shapes(t)
+    layer_shapes = text_layer_shapes(t)
     specs = [HFLeafSpec(("text", "embed"), ("model.embed_tokens.weight",), False, _identity, (t.vocab_size, d))]
-    for field, (name, transposed) in _HF_LAYER_NAMES.items():
+    for field, (name, transposed) in TEXT_LAYER_HF_NAMES.items():
         specs.append(HFLeafSpec(("text", "layers", field), tuple(f"model.layers.{i}.{name}" for i in range(L)), True,
                                 _transpose if transposed else _identity, (L, *layer_shapes[field])))
     specs.append(HFLeafSpec(("text", "norm"), ("model.norm.weight",), False, _identity, (d,)))
     if not t.tie_word_embeddings:
         specs.append(HFLeafSpec(("text", "lm_head"), ("lm_head.weight",), False, _transpose, (d, t.vocab_size)))
-    top, blocks = _param_shapes(v)
-    block_names = [_block_hf_names(i) for i in range(v.depth)]
-    for field, name in _TOP_HF_NAMES.items():
+    top, blocks = vision_param_shapes(v)
+    block_names = [vision_block_hf_names(i) for i in range(v.depth)]
+    for field, name in VISION_TOP_HF_NAMES.items():
         specs.append(HFLeafSpec(("vision", field), (name,), False,
-                                lambda x, field=field: _to_jax_layout(field, x, v), top[field]))
+                                lambda x, field=field: vision_to_jax_layout(field, x, v), top[field]))
     for field, shape in blocks.items():
         specs.append(HFLeafSpec(("vision", "blocks", field), tuple(names[field] for names in block_names), True,
-                                lambda x, field=field: _to_jax_layout(field, x, v), shape))
+                                lambda x, field=field: vision_to_jax_layout(field, x, v), shape))
     return specs
 
 

@@ -20,14 +20,14 @@ from .config import Qwen25VLConfig
 from .merge import check_feature_counts, merge_multimodal_embeddings
 from .rope_index import get_rope_index
 from .text import TextParams, decoder_forward, init_text_params, lm_logits
-from .vision import VisionParams, init_vision_params, vision_forward
-
-GridTHW = tuple[tuple[int, int, int], ...]
+from .vision import GridTHW, VisionParams, init_vision_params, vision_forward
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Qwen25VLParams:
+    """The whole model's weights: the language model and the vision tower."""
+
     text: TextParams
     vision: VisionParams
 
@@ -53,7 +53,9 @@ def static_grid(grid_thw) -> GridTHW | None:
     return tuple(tuple(int(v) for v in row) for row in g.reshape(-1, 3))
 
 
-def _n_features(grid: GridTHW | None, config: Qwen25VLConfig) -> int | None:
+def n_vision_features(grid: GridTHW | None, config: Qwen25VLConfig) -> int | None:
+    """Number of merged vision features (= pad tokens the prompt must hold) for the patch grids ``grid``:
+    ``sum(t * h * w) / merge_unit``; None when there is no grid (no images / no video)."""
     if grid is None:
         return None
     return sum(t * h * w for t, h, w in grid) // config.vision.merge_unit
@@ -129,7 +131,7 @@ def forward(
         raise ValueError("pixel_values and image_grid_thw must be given together")
     if (pixel_values_videos is None) != (video_grid is None):
         raise ValueError("pixel_values_videos and video_grid_thw must be given together")
-    check_feature_counts(config, ids, _n_features(image_grid, config), _n_features(video_grid, config))
+    check_feature_counts(config, ids, n_vision_features(image_grid, config), n_vision_features(video_grid, config))
     if attention_mask is not None:
         attention_mask = np.asarray(attention_mask).astype(np.int32)
         if attention_mask.shape != ids.shape:

@@ -53,8 +53,9 @@ class TextParams:
     lm_head: jax.Array | None  # [D, V] or None (tied)
 
 
-def _layer_shapes(cfg: TextConfig) -> dict[str, tuple[int, ...]]:
-    """Per-layer shapes in our ``[in, out]`` layout (without the leading ``[L]``)."""
+def text_layer_shapes(cfg: TextConfig) -> dict[str, tuple[int, ...]]:
+    """Field of :class:`TextLayerParams` -> one layer's shape in our ``[in, out]`` layout (without the
+    leading ``[L]``); the loader's leaf table and the Hub shapes are both derived from it."""
     d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
     return {
@@ -67,7 +68,7 @@ def init_text_params(cfg: TextConfig, key: jax.Array, dtype=jnp.float32, std: fl
     """Fresh random weights: normal(0, ``std``) everywhere, biases included (so bias bugs show), and
     norm weights ``1 + normal(0, 0.1)`` (so a missing or misplaced norm weight shows too)."""
     n_layers = cfg.num_hidden_layers
-    shapes = _layer_shapes(cfg)
+    shapes = text_layer_shapes(cfg)
     keys = jax.random.split(key, len(shapes) + 4)
     layer = {}
     for k, (name, shape) in zip(keys, shapes.items()):
@@ -187,8 +188,8 @@ def lm_logits(params: TextParams, hidden: jax.Array) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------------------------- HF keys
-# Our field -> (HF name inside ``model.layers.N.``, transposed?)
-_HF_LAYER_NAMES: dict[str, tuple[str, bool]] = {
+# Field of TextLayerParams -> (Hub name inside ``model.layers.N.``, stored transposed in torch layout?)
+TEXT_LAYER_HF_NAMES: dict[str, tuple[str, bool]] = {
     "input_norm": ("input_layernorm.weight", False),
     "q_w": ("self_attn.q_proj.weight", True),
     "q_b": ("self_attn.q_proj.bias", False),
@@ -208,9 +209,9 @@ def text_hf_shapes(cfg: TextConfig) -> dict[str, tuple[int, ...]]:
     """Hub name -> torch shape for every tensor of the text half (``lm_head.weight`` only when untied)."""
     d, v = cfg.hidden_size, cfg.vocab_size
     out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, d)}
-    shapes = _layer_shapes(cfg)
+    shapes = text_layer_shapes(cfg)
     for i in range(cfg.num_hidden_layers):
-        for field, (name, transposed) in _HF_LAYER_NAMES.items():
+        for field, (name, transposed) in TEXT_LAYER_HF_NAMES.items():
             shape = shapes[field]
             out[f"model.layers.{i}.{name}"] = shape[::-1] if transposed else shape
     out["model.norm.weight"] = (d,)
@@ -230,7 +231,7 @@ def text_params_from_hf(tensors: Mapping[str, np.ndarray], cfg: TextConfig, dtyp
         field: jnp.asarray(
             np.stack([get(f"model.layers.{i}.{name}", tr) for i in range(cfg.num_hidden_layers)]), dtype=dtype
         )
-        for field, (name, tr) in _HF_LAYER_NAMES.items()
+        for field, (name, tr) in TEXT_LAYER_HF_NAMES.items()
     }
     return TextParams(
         embed=jnp.asarray(get("model.embed_tokens.weight"), dtype=dtype),
@@ -243,7 +244,7 @@ def text_params_from_hf(tensors: Mapping[str, np.ndarray], cfg: TextConfig, dtyp
 def text_params_to_hf(params: TextParams, cfg: TextConfig) -> dict[str, np.ndarray]:
     """The inverse of :func:`text_params_from_hf`: Hub-named host arrays in torch layout."""
     out: dict[str, np.ndarray] = {"model.embed_tokens.weight": np.asarray(params.embed)}
-    for field, (name, transposed) in _HF_LAYER_NAMES.items():
+    for field, (name, transposed) in TEXT_LAYER_HF_NAMES.items():
         stacked = np.asarray(getattr(params.layers, field))
         for i in range(cfg.num_hidden_layers):
             out[f"model.layers.{i}.{name}"] = np.ascontiguousarray(stacked[i].T if transposed else stacked[i])

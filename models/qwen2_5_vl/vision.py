@@ -97,8 +97,9 @@ class VisionParams:
     merger_fc2_b: jax.Array
 
 
-def _param_shapes(cfg: VisionConfig) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
-    """JAX-side shapes of the top-level and (stacked) block fields."""
+def vision_param_shapes(cfg: VisionConfig) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """Our-layout shapes of the vision params: ``(top, blocks)``, field -> shape, the block fields with
+    their leading ``[depth]`` axis."""
     d, f, L = cfg.hidden_size, cfg.intermediate_size, cfg.depth
     m = d * cfg.merge_unit
     top = {
@@ -129,7 +130,7 @@ def _param_shapes(cfg: VisionConfig) -> tuple[dict[str, tuple[int, ...]], dict[s
 def init_vision_params(cfg: VisionConfig, key: jax.Array, dtype=jnp.float32) -> VisionParams:
     """Random weights for tests: matrices ~ N(0, 1/fan_in), biases ~ N(0, 0.1^2), norm weights
     ~ 1 + N(0, 0.1^2) (all random, so a swapped or dropped tensor shows in parity tests)."""
-    top, blocks = _param_shapes(cfg)
+    top, blocks = vision_param_shapes(cfg)
     specs = list(top.items()) + [("blocks." + k, s) for k, s in blocks.items()]
     keys = jax.random.split(key, len(specs))
     out: dict[str, jax.Array] = {}
@@ -148,7 +149,8 @@ def init_vision_params(cfg: VisionConfig, key: jax.Array, dtype=jnp.float32) -> 
 
 
 # ----------------------------------------------------------------------------- HF names
-def _block_hf_names(i: int) -> dict[str, str]:
+def vision_block_hf_names(i: int) -> dict[str, str]:
+    """Field of :class:`VisionBlockParams` -> Hub name of block ``i``'s tensor."""
     p = f"visual.blocks.{i}."
     return {
         "norm1": p + "norm1.weight",
@@ -166,7 +168,8 @@ def _block_hf_names(i: int) -> dict[str, str]:
     }
 
 
-_TOP_HF_NAMES = {
+# Top-level field of VisionParams -> Hub name.
+VISION_TOP_HF_NAMES = {
     "patch_embed": "visual.patch_embed.proj.weight",
     "merger_norm": "visual.merger.ln_q.weight",
     "merger_fc1_w": "visual.merger.mlp.0.weight",
@@ -186,15 +189,17 @@ def _torch_shape(field: str, jax_shape: tuple[int, ...], cfg: VisionConfig) -> t
 
 def vision_hf_shapes(cfg: VisionConfig) -> dict[str, tuple[int, ...]]:
     """Hub name (``visual.*``) -> torch shape, for every tensor of the vision tower."""
-    top, blocks = _param_shapes(cfg)
-    shapes = {_TOP_HF_NAMES[f]: _torch_shape(f, s, cfg) for f, s in top.items()}
+    top, blocks = vision_param_shapes(cfg)
+    shapes = {VISION_TOP_HF_NAMES[f]: _torch_shape(f, s, cfg) for f, s in top.items()}
     for i in range(cfg.depth):
-        for f, hf in _block_hf_names(i).items():
+        for f, hf in vision_block_hf_names(i).items():
             shapes[hf] = _torch_shape(f, blocks[f][1:], cfg)
     return shapes
 
 
-def _to_jax_layout(field: str, x: np.ndarray, cfg: VisionConfig) -> np.ndarray:
+def vision_to_jax_layout(field: str, x: np.ndarray, cfg: VisionConfig) -> np.ndarray:
+    """One torch-layout tensor of ``field`` in our layout: Linear weights transposed to ``[in, out]``, the
+    Conv3d patch embed flattened to ``[patch_dim, D]``."""
     if field == "patch_embed":
         return x.reshape(cfg.hidden_size, cfg.patch_dim).T
     if field.endswith("_w"):
@@ -227,10 +232,10 @@ def vision_params_from_hf(tensors: Mapping[str, np.ndarray], cfg: VisionConfig, 
             raise VisionWeightsError(f"vision tensor {name}: expected shape {shape}, got {got}")
 
     def load(field: str, name: str) -> np.ndarray:
-        return _to_jax_layout(field, np.asarray(tensors[name]), cfg)
+        return vision_to_jax_layout(field, np.asarray(tensors[name]), cfg)
 
-    top = {f: jnp.asarray(load(f, n), dtype) for f, n in _TOP_HF_NAMES.items()}
-    names = [_block_hf_names(i) for i in range(cfg.depth)]
+    top = {f: jnp.asarray(load(f, n), dtype) for f, n in VISION_TOP_HF_NAMES.items()}
+    names = [vision_block_hf_names(i) for i in range(cfg.depth)]
     blocks = {
         f: jnp.asarray(np.stack([load(f, names[i][f]) for i in range(cfg.depth)]), dtype)
         for f in names[0]
@@ -240,11 +245,11 @@ def vision_params_from_hf(tensors: Mapping[str, np.ndarray], cfg: VisionConfig, 
 
 def vision_params_to_hf(params: VisionParams, cfg: VisionConfig) -> dict[str, np.ndarray]:
     """Inverse of :func:`vision_params_from_hf`: Hub names -> torch-layout numpy arrays (params' dtype)."""
-    out = {n: np.ascontiguousarray(_to_torch_layout(f, np.asarray(getattr(params, f)), cfg)) for f, n in _TOP_HF_NAMES.items()}
-    for f in _param_shapes(cfg)[1]:
+    out = {n: np.ascontiguousarray(_to_torch_layout(f, np.asarray(getattr(params, f)), cfg)) for f, n in VISION_TOP_HF_NAMES.items()}
+    for f in vision_param_shapes(cfg)[1]:
         stacked = np.asarray(getattr(params.blocks, f))
         for i in range(cfg.depth):
-            out[_block_hf_names(i)[f]] = np.ascontiguousarray(_to_torch_layout(f, stacked[i], cfg))
+            out[vision_block_hf_names(i)[f]] = np.ascontiguousarray(_to_torch_layout(f, stacked[i], cfg))
     return out
 
 

@@ -11,7 +11,15 @@ import json
 import os
 import sys
 
-from purekv_jax.commands.generate import POLICIES, _anchors, _budget, _pixels, one_line, one_line_errors
+from models.qwen2_5_vl import Qwen25VLConfig
+from purekv_jax import sharding as S
+from purekv_jax.batch import BatchSettings, run_batch
+from purekv_jax.checkpoint import load_checkpoint
+from purekv_jax.presets import CLI_POLICIES, build_policy
+from purekv_jax.requests import check_checkpoint_folder, eos_ids, make_processor
+from purekv_jax.value_parsers import parse_anchors, parse_budget, parse_pixels
+
+from .errors import one_line, one_line_errors
 
 EPILOG = """\
 requests (one JSON object a line):
@@ -65,16 +73,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
     media = p.add_argument_group("media sampling")
     media.add_argument("--fps", type=float, default=None, help="video frames sampled per second")
     media.add_argument("--max-frames", type=int, default=None, metavar="N", help="at most N frames per video")
-    media.add_argument("--max-pixels", type=_pixels, default=None, metavar="PX", help="pixel cap per image / frame")
-    media.add_argument("--min-pixels", type=_pixels, default=None, metavar="PX", help="pixel floor per image / frame")
+    media.add_argument("--max-pixels", type=parse_pixels, default=None, metavar="PX", help="pixel cap per image / frame")
+    media.add_argument("--min-pixels", type=parse_pixels, default=None, metavar="PX", help="pixel floor per image / frame")
     media.add_argument("--system", default=None, metavar="TEXT", help="system prompt for 'prompt' requests")
 
     kv = p.add_argument_group("KV cache (defaults for requests without 'policy')")
-    kv.add_argument("--policy", default="purekv", metavar="NAME", help="one of: " + ", ".join(POLICIES))
+    kv.add_argument("--policy", default="purekv", metavar="NAME", help="one of: " + ", ".join(CLI_POLICIES))
     kv.add_argument("--budget", type=str, default="0.2", metavar="B", help="fraction in (0, 1] or a count (0.2)")
     kv.add_argument("--window", type=int, default=32, metavar="W", help="observation window (32)")
     kv.add_argument("--sink", type=int, default=4, metavar="N", help="first tokens always kept (4)")
-    kv.add_argument("--anchors", type=_anchors, default=(2,), metavar="L[,L...]", help="CLIE anchor layers (2)")
+    kv.add_argument("--anchors", type=parse_anchors, default=(2,), metavar="L[,L...]", help="CLIE anchor layers (2)")
     kv.add_argument("--st-sparse", action="store_true", help="ST-SpAttn sparse prefill for video tokens")
 
     gen = p.add_argument_group("decoding")
@@ -87,12 +95,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def settings_from_args(args: argparse.Namespace):
-    from purekv_jax.batch import BatchSettings
-    from purekv_jax.commands.generate import build_policy
-
-    budget = _budget(args.budget)
-    build_policy(args.policy, budget, args.window, args.sink, args.anchors, args.st_sparse, args.seed)  # checks
+def settings_from_args(args: argparse.Namespace) -> BatchSettings:
+    """The run's settings; the default policy is built once here, so a bad one stops the run at once."""
+    budget = parse_budget(args.budget)
+    build_policy(args.policy, budget, args.window, args.sink, args.anchors, args.st_sparse, args.seed)
     return BatchSettings(
         policy=args.policy, budget=budget, window=args.window, sink=args.sink, anchors=tuple(args.anchors),
         st_sparse=args.st_sparse, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -107,18 +113,11 @@ def run(args: argparse.Namespace) -> int:
     """The ``purekv batch`` command; user errors -> one line on stderr and exit status 2."""
     prog = "purekv batch"
     try:
-        from purekv_jax import sharding as S
-
         S.initialize_distributed()  # multi-host jobs: before any device is touched
         settings = settings_from_args(args)
-        from purekv_jax.commands.generate import check_checkpoint_folder, eos_ids, make_processor
-
         check_checkpoint_folder(args.model)
         if not os.path.isfile(args.requests):
             raise FileNotFoundError(f"--requests {args.requests}: no such file")
-        from models.qwen2_5_vl import Qwen25VLConfig
-        from purekv_jax.checkpoint import load_checkpoint
-
         config = Qwen25VLConfig.from_json(args.model)
         mesh = S.make_mesh(args.mesh) if args.mesh else None
         proc = make_processor(args.model, fps=args.fps, max_frames=args.max_frames, max_pixels=args.max_pixels,
@@ -129,8 +128,6 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return 2
-
-    from purekv_jax.batch import run_batch
 
     where = "1 device" if mesh is None else f"mesh {S.mesh_str(mesh)} ({mesh.size} devices)"
     print(f"{prog}: {args.model} on {where}; batch size {settings.batch_size}", file=sys.stderr, flush=True)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from purekv_jax.fidelity import main
+
 
 def _fidelity(args: argparse.Namespace) -> int:
-    from purekv_jax.fidelity import main
-
     return main(args.extra)
 
 

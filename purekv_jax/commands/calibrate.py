@@ -17,11 +17,15 @@ import time
 
 import numpy as np
 
+from purekv_jax.checkpoint import load_checkpoint
+from purekv_jax.config import PureKVConfig
+from purekv_jax.processing import Qwen25VLProcessor, user_message
+from purekv_jax.st_sparse import save_head_patterns
+from purekv_jax.st_sparse.prefill import calibrate_model, choose_patterns
+
 
 def prepare_inputs(model_dir: str, video: str, prompt: str, args: argparse.Namespace) -> dict:
     """The processor's inputs for one video prompt (a hook: tests replace it)."""
-    from purekv_jax.processing import Qwen25VLProcessor, user_message
-
     overrides = {}
     if args.fps is not None:
         overrides["fps"] = args.fps
@@ -36,10 +40,7 @@ def prepare_inputs(model_dir: str, video: str, prompt: str, args: argparse.Names
 
 
 def run(args: argparse.Namespace) -> int:
-    from purekv_jax.checkpoint import load_checkpoint
-    from purekv_jax.config import PureKVConfig
-    from purekv_jax.st_sparse.prefill import calibrate_model, choose_patterns, save_head_patterns
-
+    """The ``purekv calibrate`` command: calibrates on every ``--video`` and writes ``--out``."""
     anchors = tuple(int(a) for a in args.anchor_layers.split(",") if a.strip()) if args.anchor_layers else (2,)
     policy = PureKVConfig(st_sparse=True, anchor_layers=anchors, st_start=args.st_start,
                           spatial_radius=args.spatial_radius, temporal_window=args.temporal_window)

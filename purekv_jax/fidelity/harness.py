@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -43,90 +42,26 @@ from models.qwen2_5_vl.text import TextConfig, TextParams, layer_out, layer_qkv,
 from .. import cache as C
 from .. import policies as P
 from ..config import KVPlan, PureKVConfig
+from ..prefill import carried_score, scan_layers
+from ..presets import Preset, preset, presets_in
+from .data import DEFAULT_SOURCES, make_windows
 
 
 # ------------------------------------------------------------------------------------------ policies
-@dataclasses.dataclass(frozen=True)
-class PolicySpec:
-    """A named policy of the harness: ``make(budget, n_layers) -> PureKVConfig`` (``None`` = full cache)."""
-
-    name: str
-    make: Callable[[float, int], PureKVConfig | None]
-    group: str = "main"
-    note: str = ""
+#: The main rows: the pinned policies of :mod:`purekv_jax.presets` (group ``"main"``), less the library
+#: default's row, which :func:`default_policy_spec` adds when it measures something new.
+MAIN_POLICIES: tuple[Preset, ...] = tuple(p for p in presets_in("main") if p.name != "purekv_default")
+ABLATIONS: tuple[Preset, ...] = presets_in("ablation")
 
 
-def _cfg(**kw):
-    """A baseline as published (``PureKVConfig.paper``'s pinned window 32, 4 sinks, avg pooling 7, fixed window;
-    independent of the library default) with ``kw`` changed."""
-    return lambda budget, n_layers: PureKVConfig.paper(budget, **{"cross_layer": False, **kw})
-
-
-def _clie(**over):
-    """The paper's CLIE (``PureKVConfig.paper``: SnapKV score at anchor layer 2, value norms, window 32, 4 sinks,
-    avg pooling 7; pinned, independent of the library default) with ``over`` changed."""
-    return lambda budget, n_layers: PureKVConfig.paper(budget, **over)
-
-
-def _every(k: int, first: int = 2):
-    return lambda budget, n_layers: PureKVConfig.paper(budget, anchor_layers=tuple(range(first, n_layers, k)))
-
-
-MAIN_POLICIES: tuple[PolicySpec, ...] = (
-    PolicySpec("full", lambda b, n: None, note="every prompt entry"),
-    PolicySpec("random", _cfg(base="random", cross_layer=False), note="uniform random + window + sinks"),
-    PolicySpec("streaming", _cfg(base="streaming", cross_layer=False), note="StreamingLLM: sinks + most recent"),
-    PolicySpec("snapkv", _cfg(base="snapkv", cross_layer=False), note="per-layer window score"),
-    PolicySpec("pyramidkv", _cfg(base="pyramid", cross_layer=False), note="SnapKV, layer-decreasing budgets"),
-    PolicySpec("h2o", _cfg(base="h2o", cross_layer=False), note="accumulated attention (evaluation only)"),
-    PolicySpec("clie", _clie(), note="paper CLIE on SnapKV: anchor 2, value norm"),
-    PolicySpec("clie_no_vnorm", _clie(value_norm=False), note="CLIE without the value-norm factor"),
-)
-
-ABLATIONS: tuple[PolicySpec, ...] = (
-    PolicySpec("clie_anchor0", _clie(anchor_layers=(0,)), "ablation", "anchor layer 0"),
-    PolicySpec("clie_anchor1", _clie(anchor_layers=(1,)), "ablation", "anchor layer 1"),
-    PolicySpec("clie_anchor4", _clie(anchor_layers=(4,)), "ablation", "anchor layer 4"),
-    PolicySpec("clie_anchor8", _clie(anchor_layers=(8,)), "ablation", "anchor layer 8"),
-    PolicySpec("clie_anchor15", _clie(anchor_layers=(15,)), "ablation", "anchor layer 15"),
-    PolicySpec("clie_anchor15_no_vnorm", _clie(anchor_layers=(15,), value_norm=False), "ablation",
-               "anchor 15, no value norm"),
-    PolicySpec("clie_anchor8_no_vnorm", _clie(anchor_layers=(8,), value_norm=False), "ablation",
-               "anchor 8, no value norm"),
-    PolicySpec("clie_every8", _every(8), "ablation", "anchors 2, 10, 18, 26"),
-    PolicySpec("clie_every4", _every(4), "ablation", "anchors every 4 layers from 2"),
-    PolicySpec("clie_every2", _every(2), "ablation", "anchors every 2 layers from 2"),
-    PolicySpec("clie_pool_none", _clie(pooling="none"), "ablation", "no pooling"),
-    PolicySpec("clie_pool_max7", _clie(pooling="max"), "ablation", "max pooling, kernel 7"),
-    PolicySpec("clie_pool_avg15", _clie(kernel_size=15), "ablation", "avg pooling, kernel 15"),
-    PolicySpec("clie_window16", _clie(window=16), "ablation", "window 16"),
-    PolicySpec("clie_window64", _clie(window=64), "ablation", "window 64"),
-    PolicySpec("snapkv_window16", _cfg(base="snapkv", cross_layer=False, window=16), "ablation", "SnapKV, window 16"),
-    PolicySpec("snapkv_window64", _cfg(base="snapkv", cross_layer=False, window=64), "ablation", "SnapKV, window 64"),
-    PolicySpec("clie_sink0", _clie(sink=0), "ablation", "no sink tokens"),
-    PolicySpec("snapkv_sink0", _cfg(base="snapkv", cross_layer=False, sink=0), "ablation", "SnapKV, no sinks"),
-    PolicySpec("snapkv_pool_max7", _cfg(base="snapkv", cross_layer=False, pooling="max"), "ablation",
-               "SnapKV, max pooling"),
-    PolicySpec("snapkv_adakv", _cfg(base="snapkv", cross_layer=False, adaptive_heads=True), "ablation",
-               "SnapKV, AdaKV per-head budgets"),
-    PolicySpec("snapkv_pool_avg15", _cfg(base="snapkv", cross_layer=False, kernel_size=15), "ablation",
-               "SnapKV, avg pooling 15"),
-    PolicySpec("snapkv_pool_avg31", _cfg(base="snapkv", cross_layer=False, kernel_size=31), "ablation",
-               "SnapKV, avg pooling 31"),
-    PolicySpec("snapkv_pool_avg63", _cfg(base="snapkv", cross_layer=False, kernel_size=63), "ablation",
-               "SnapKV, avg pooling 63"),
-)
-
-
-def default_policy_spec() -> PolicySpec | None:
-    """The library's ``PureKVConfig()`` as a row, when it differs from every pinned main policy."""
-    d = PureKVConfig()
-    probe = dataclasses.replace(d, budget=0.2)
-    for spec in MAIN_POLICIES:
-        cfg = spec.make(0.2, 1000)
-        if cfg is not None and cfg == probe:
-            return None
-    return PolicySpec("purekv_default", lambda b, n: dataclasses.replace(d, budget=b), note="PureKVConfig()")
+def default_policy_spec() -> Preset | None:
+    """The library default's row (``purekv_default``: ``PureKVConfig()``), when its configuration differs
+    from every pinned main row's (the default was chosen among such policies; a duplicate adds nothing)."""
+    row = preset("purekv_default")
+    probe = row.make(0.2)
+    if any(spec.make(0.2, 1000) == probe for spec in MAIN_POLICIES):
+        return None
+    return row
 
 
 # ------------------------------------------------------------------------------------------ jitted parts
@@ -145,7 +80,7 @@ def analysis_prefill(params: TextParams, ids: jax.Array, window_len: jax.Array |
     """Dense prefill of ``ids [B, N]`` -> ``(k, v [L, B, Hkv, N, hd], scores: tuple of [L, B, Hkv, N],
     last-position logits [B, V])``, one score per policy of ``score_policies`` (the project's policy objects,
     each on its layer's context; ``window_len [B]``: the rows' question-aligned windows, used by the policies
-    with ``question_window``)."""
+    with ``question_window``). The layer loop is the prefill's own (:func:`purekv_jax.prefill.scan_layers`)."""
     b, n = ids.shape
     x = jnp.take(params.embed, ids, axis=0)
     pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None], (b, n))
@@ -154,38 +89,33 @@ def analysis_prefill(params: TextParams, ids: jax.Array, window_len: jax.Array |
     mask = jnp.tril(jnp.ones((n, n), bool))[None, None]
     need_probs = any(isinstance(p, P.H2O) for p in score_policies)
 
-    def body(x, xs):
-        lp, l = xs
-        q, k, v = layer_qkv(lp, x, cos, sin, cfg)
+    def step(carry, layer, q, k, v):
         attn = dense_attention(q, k, v, mask)
         probs = P.full_attention_probs(q, k, valid) if need_probs else None
-        scores = []
-        for pol in score_policies:
-            ctx = P.ScoreContext(q=q, k=k, v=v, valid=valid, layer=l, probs=probs if isinstance(pol, P.H2O) else None,
-                                 window_len=window_len)
-            scores.append(pol.score(ctx))
-        return layer_out(lp, x, attn, cfg), (k, v, tuple(scores))
+        scores = tuple(pol.score(P.ScoreContext(q=q, k=k, v=v, valid=valid, layer=layer,
+                                                probs=probs if isinstance(pol, P.H2O) else None,
+                                                window_len=window_len))
+                       for pol in score_policies)
+        return attn, carry, (k, v, scores)
 
-    x, (k, v, scores) = jax.lax.scan(body, x, (params.layers, jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)))
+    x, _, (k, v, scores) = scan_layers(params, cfg, x, cos, sin, (0, cfg.num_hidden_layers), step, ())
     logits = lm_logits(params, rms_norm(x[:, -1:], params.norm, cfg.rms_norm_eps))[:, 0]
     return k, v, scores, logits
 
 
-@functools.partial(jax.jit, static_argnames=("slots", "window", "sink", "adaptive", "capacity"))
-def build_cache(scores, k, v, budgets, window_len=None, *, slots: int, window: int, sink: int, adaptive: bool = False,
-                capacity: int | None = None):
-    """Keep-sets of every layer (``policies.keep_set`` on ``scores [L, B, Hkv, N]`` with per-layer
-    ``budgets [L]``; ``adaptive``: AdaKV-style per-head budgets; ``window_len [B]``: per-row windows instead
-    of ``window``) -> ``(cache, idx [L, B, Hkv, slots], kept)``; the cache has ``capacity`` slots (default
-    ``slots``; more leaves room to decode), next position ``N``."""
+@functools.partial(jax.jit, static_argnames=("plan", "capacity"))
+def build_cache(scores, k, v, window_len=None, *, plan: KVPlan, capacity: int | None = None):
+    """Every layer's keep-set under ``plan`` (``policies.keep_set`` on ``scores [L, B, Hkv, N]``, the plan's
+    per-layer budgets, window (``window_len [B]``: the rows' question-aligned windows, used when the plan
+    aligns windows to the question), sinks and per-head budgets) -> ``(cache, idx [L, B, Hkv, slots], kept)``;
+    the cache has ``capacity`` slots (default ``plan.slots``; more leaves room to decode), next position ``N``."""
     n_layers, b, _, n, _ = k.shape
     valid = jnp.ones((b, n), bool)
-    win = window if window_len is None else jnp.minimum(window_len, window)
-    idx, kept = jax.vmap(lambda s, bud: P.keep_set(s, valid, slots=slots, budget=bud, window=win, sink=sink,
-                                     adaptive=adaptive))(
-        scores, budgets
-    )
-    cache = C.from_keep(k, v, idx, kept, capacity=slots if capacity is None else capacity,
+    window = plan.keep_window(window_len)
+    keep = lambda s, budget: P.keep_set(s, valid, slots=plan.slots, budget=budget, window=window, sink=plan.sink,
+                                        adaptive=plan.head_adaptive)
+    idx, kept = jax.vmap(keep)(scores, jnp.asarray(plan.budgets, jnp.int32))
+    cache = C.from_keep(k, v, idx, kept, capacity=plan.slots if capacity is None else capacity,
                         next_position=jnp.full((b,), n, jnp.int32))
     return cache, idx, kept
 
@@ -242,19 +172,14 @@ def continuation_metrics(logits, ref_logits, targets):
 
 
 def layer_scores(plan: KVPlan, table: dict, v: jax.Array) -> jax.Array:
-    """Each layer's ranking score ``[L, B, Hkv, N]`` under ``plan``, as ``generate``'s prefill forms it:
-    own / anchor layers use their base score (from ``table[plan.base]``), owned layers
-    ``plan.clie.owned_score(carried anchor score, v_l)``."""
+    """Each layer's ranking score ``[L, B, Hkv, N]`` under ``plan``, formed by the prefill's own carry
+    (:func:`purekv_jax.prefill.carried_score`) from the base scores ``table[plan.base]`` and the values
+    ``v [L, B, Hkv, N, hd]``."""
     base = table[plan.base]
-    out, carried = [], None
-    for seg in plan.segments:
-        for l in range(seg.lo, seg.hi):
-            if seg.kind == "owned":
-                out.append(plan.clie.owned_score(carried, v[l]))
-            else:
-                out.append(base[l])
-                if seg.kind == "anchor":
-                    carried = base[l]
+    out, carried = [], jnp.zeros_like(base[0])
+    for layer, kind in enumerate(plan.layer_kinds):
+        score, carried = carried_score(plan, kind, layer, lambda: base[layer], carried, v[layer])
+        out.append(score)
     return jnp.stack(out)
 
 
@@ -282,8 +207,7 @@ def policy_cache(an: PromptAnalysis, cfg: TextConfig, pk: PureKVConfig | None):
         return cache, idx, kept, KVPlan.full(cfg.num_hidden_layers, an.n_prompt)
     plan = pk.resolve(cfg, an.n_prompt)
     scores = layer_scores(plan, an.table, an.v)
-    cache, idx, kept = build_cache(scores, an.k, an.v, jnp.asarray(plan.budgets, jnp.int32), slots=plan.slots,
-                                   window=plan.window, sink=plan.sink, adaptive=plan.head_adaptive)
+    cache, idx, kept = build_cache(scores, an.k, an.v, plan=plan)
     return cache, idx, kept, plan
 
 
@@ -346,8 +270,6 @@ class FidelitySettings:
 def run_fidelity(params: TextParams, cfg: TextConfig, tokenizer, settings: FidelitySettings,
                  sources=None, log=print) -> dict:
     """Runs every (length, policy, budget) over ``settings.prompts`` windows per length -> a JSON-able dict."""
-    from .data import DEFAULT_SOURCES, make_windows
-
     t_start = time.perf_counter()
     n_layers = cfg.num_hidden_layers
     main = list(MAIN_POLICIES)
@@ -400,7 +322,7 @@ def run_fidelity(params: TextParams, cfg: TextConfig, tokenizer, settings: Fidel
                 timings["cache_s"] += t1 - t0
                 timings["continuation_s"] += time.perf_counter() - t1
                 row = rows.setdefault((n, spec.name, b), {
-                    "n_prompt": n, "policy": spec.name, "group": spec.group, "note": spec.note, "budget": b,
+                    "n_prompt": n, "policy": spec.name, "group": spec.group, "note": spec.help, "budget": b,
                     "config": None if pk is None else _config_dict(pk), "nll": [], "agree": [], "kl": [],
                     "kept_fraction": [], "sources": [],
                 })

@@ -9,7 +9,11 @@ import platform
 import sys
 import time
 
+import jax
 import numpy as np
+
+from .harness import FidelitySettings, run_fidelity
+from .model import load_model
 
 
 def _pct(b: float) -> str:
@@ -104,7 +108,7 @@ def markdown_tables(out: dict) -> str:
 
 def plot(out: dict, path: str) -> None:
     """Quality against budget, one line per main policy: perplexity, top-1 agreement, KL (rows: lengths)."""
-    import matplotlib
+    import matplotlib  # optional (the ``test`` extra): only the plots need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -137,7 +141,8 @@ def plot(out: dict, path: str) -> None:
 
 
 def plot_spearman(out: dict, path: str) -> None:
-    import matplotlib
+    """CLIE's carried-estimate Spearman per layer, one line per prompt length and estimate."""
+    import matplotlib  # optional (the ``test`` extra): only the plots need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -191,9 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import load_model
-    from .harness import FidelitySettings, run_fidelity
-
+    """``purekv bench fidelity`` / ``python -m purekv_jax.fidelity``: run, write the report, print the tables;
+    returns the exit status (2 on a user error)."""
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
     try:
@@ -207,8 +211,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"purekv bench fidelity: error: {e}", file=sys.stderr)
         return 2
-    import jax
-
     out["command"] = "python -m purekv_jax.fidelity " + " ".join(argv if argv is not None else sys.argv[1:])
     out["wall_s"] = round(time.perf_counter() - t0, 1)
     out["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "jax": jax.__version__,

@@ -1,4 +1,4 @@
-"""Needle retrieval on the real LM (issue 8): does a compressed cache keep the fact a question needs?
+"""Needle retrieval on the real LM: does a compressed cache keep the fact a question needs?
 
 A prompt of exactly ``N`` tokens in SmolLM2's chat format::
 
@@ -13,8 +13,8 @@ Method (as the perplexity harness, ``harness.py``): one dense **analysis prefill
 every layer's keys / values, every needed base score (the project's policy objects) and the last position's
 logits. Pruning never changes the prefill's hidden states, so each policy's cache is exactly what
 ``generate``'s active prefill writes (``resolve`` -> per-layer scores (own / anchor / CLIE-owned) ->
-``policies.keep_set``, AdaKV included) and the first answer token is the full model's. The remaining tokens
-come from ``generate``'s own decode program (``generation._decode``) on that cache.
+``policies.keep_set``, AdaKV included; the carry is the prefill's own, :func:`purekv_jax.prefill.carried_score`) and the first answer token is the full model's. The remaining tokens
+come from ``generate``'s own decode program (:func:`purekv_jax.decode.decode_program`) on that cache.
 ``tests/test_retrieval.py`` checks the answers against ``generate`` itself.
 
 Command: ``python -m purekv_jax.fidelity.retrieval --prompts 30 --out docs/retrieval``.
@@ -24,17 +24,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import time
+from collections.abc import Callable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 
 from ..config import KVPlan, PureKVConfig
+from ..decode import SamplingSettings, decode_program
+from ..presets import preset
 from .data import DEFAULT_SOURCES, read_text
+from .model import load_model
 from .harness import analysis_prefill, build_cache, layer_scores, score_policies_needed as base_policies
 
 SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
@@ -94,15 +98,11 @@ def make_prompts(tokenizer, n_tokens: int, n_prompts: int, seed: int = 0, questi
 
 # ------------------------------------------------------------------------------------------ device parts
 def decode_answers(params, config, cache, logits, max_new: int):
-    """Greedy tokens ``[B, max_new]`` from ``cache`` with ``generate``'s decode program."""
-    from ..generation import _compiled, _decode
-
+    """Greedy tokens ``[B, max_new]`` from ``cache`` with ``generate``'s decode program (donates the cache)."""
     eos = tuple(config.eos_token_id)
-    dargs = (params, cache, logits, jnp.int32(max_new), jax.random.PRNGKey(0))
-    st = dict(cfg=config.text, n_tokens=max_new, temperature=0.0, top_k=None, top_p=None, eos=eos, pad_id=eos[0])
-    fn, _, _ = _compiled("decode", _decode, st, dargs, donate=(1,))
-    tokens, _, _ = fn(*dargs)
-    return np.asarray(tokens)
+    sampling = SamplingSettings(n_tokens=max_new, eos=eos, pad_id=eos[0])
+    program, args = decode_program(params, cache, logits, max_new, 0, cfg=config.text, sampling=sampling)
+    return np.asarray(program.run(*args).tokens)
 
 
 def policy_answers(params, config, an: dict, pk: PureKVConfig | None, max_new: int):
@@ -113,15 +113,10 @@ def policy_answers(params, config, an: dict, pk: PureKVConfig | None, max_new: i
     if pk is None:
         plan = KVPlan.full(cfg.num_hidden_layers, n)
         scores = jnp.zeros(k.shape[:4], jnp.float32)
-        adaptive = False
     else:
         plan = pk.resolve(cfg, n)
         scores = layer_scores(plan, table, v)
-        adaptive = plan.head_adaptive
-    wl = an["window_len"] if plan.question_window else None
-    cache, idx, kept = build_cache(scores, k, v, jnp.asarray(plan.budgets, jnp.int32), wl, slots=plan.slots,
-                                   capacity=plan.slots + max_new, window=plan.window, sink=plan.sink,
-                                   adaptive=adaptive)
+    cache, idx, kept = build_cache(scores, k, v, an.get("window_len"), plan=plan, capacity=plan.slots + max_new)
     kept_np = np.asarray(kept).sum() / (cfg.num_hidden_layers * k.shape[2] * n * k.shape[1])
     toks = decode_answers(params, config, cache, logits, max_new)  # (donates the cache)
     # fraction of (layer, head) caches holding every token of the fact (per row)
@@ -131,46 +126,22 @@ def policy_answers(params, config, an: dict, pk: PureKVConfig | None, max_new: i
 
 
 # ------------------------------------------------------------------------------------------ policies
-def policy_grid(n_layers: int) -> dict[str, callable]:
-    """name -> ``make(budget) -> PureKVConfig | None``; every one flash-compatible except none (H2O is left
-    out: it needs the N x N matrix)."""
-    every = lambda k, vn=True: (lambda b: PureKVConfig.paper(b, anchor_layers=tuple(range(0, n_layers, k)),
-                                                              value_norm=vn))
-    snap = lambda **kw: (lambda b: PureKVConfig.paper(b, cross_layer=False, **kw))
-    return {
-        "full": lambda b: None,
-        "streaming": lambda b: PureKVConfig.paper(b, base="streaming", cross_layer=False),
-        "snapkv": snap(),
-        "pyramidkv": lambda b: PureKVConfig.paper(b, base="pyramid", cross_layer=False),
-        "clie (paper, anchor 2)": lambda b: PureKVConfig.paper(b),
-        "clie anchor 2, no vnorm": lambda b: PureKVConfig.paper(b, value_norm=False),
-        "clie anchor 8": lambda b: PureKVConfig.paper(b, anchor_layers=(8,)),
-        "clie anchor 15": lambda b: PureKVConfig.paper(b, anchor_layers=(15,)),
-        "clie anchor 15, no vnorm": lambda b: PureKVConfig.paper(b, anchor_layers=(15,), value_norm=False),
-        "clie every 2": every(2),
-        "clie every 2, no vnorm": every(2, False),
-        "clie every 4": every(4),
-        "snapkv adakv": snap(adaptive_heads=True),
-        "snapkv qwin": snap(question_window=True),
-        "snapkv adakv qwin": snap(adaptive_heads=True, question_window=True),
-        "snapkv qwin, max pool": snap(question_window=True, pooling="max"),
-        "snapkv qwin, no pool": snap(question_window=True, pooling="none"),
-        "snapkv qwin, pool 15": snap(question_window=True, kernel_size=15),
-        "snapkv qwin, pool 11": snap(question_window=True, kernel_size=11),
-        "snapkv qwin, pool 21": snap(question_window=True, kernel_size=21),
-        "snapkv qwin, pool 31": snap(question_window=True, kernel_size=31),
-        "snapkv qwin, pool 63": snap(question_window=True, kernel_size=63),
-        "snapkv qwin, max pool 15": snap(question_window=True, pooling="max", kernel_size=15),
-        "snapkv qwin adakv, pool 15": snap(question_window=True, kernel_size=15, adaptive_heads=True),
-        "pyramidkv qwin, pool 15": lambda b: PureKVConfig.paper(b, base="pyramid", cross_layer=False,
-                                                                question_window=True, kernel_size=15),
-        "pyramidkv qwin": lambda b: PureKVConfig.paper(b, base="pyramid", cross_layer=False, question_window=True),
-        "snapkv max pool": snap(pooling="max"),
-        "snapkv pool 15": snap(kernel_size=15),
-        "clie every 2 adakv": lambda b: PureKVConfig.paper(b, anchor_layers=tuple(range(0, n_layers, 2)),
-                                                          adaptive_heads=True),
-        "default PureKVConfig()": lambda b: dataclasses.replace(PureKVConfig(), budget=b),
-    }
+#: The study's rows (presets of :mod:`purekv_jax.presets`), in the order of its tables; every one is
+#: flash-compatible (H2O is left out: it needs the N x N matrix).
+RETRIEVAL_POLICIES = (
+    "full", "streaming", "snapkv", "pyramidkv", "clie (paper, anchor 2)", "clie anchor 2, no vnorm", "clie anchor 8",
+    "clie anchor 15", "clie anchor 15, no vnorm", "clie every 2", "clie every 2, no vnorm", "clie every 4",
+    "snapkv adakv", "snapkv qwin", "snapkv adakv qwin", "snapkv qwin, max pool", "snapkv qwin, no pool",
+    "snapkv qwin, pool 15", "snapkv qwin, pool 11", "snapkv qwin, pool 21", "snapkv qwin, pool 31",
+    "snapkv qwin, pool 63", "snapkv qwin, max pool 15", "snapkv qwin adakv, pool 15", "pyramidkv qwin, pool 15",
+    "pyramidkv qwin", "snapkv max pool", "snapkv pool 15", "clie every 2 adakv", "default PureKVConfig()",
+)
+
+
+def policy_grid(n_layers: int) -> dict[str, Callable[[float], PureKVConfig | None]]:
+    """name -> ``make(budget) -> PureKVConfig | None`` for a model of ``n_layers`` layers, one per row of
+    :data:`RETRIEVAL_POLICIES`."""
+    return {name: functools.partial(preset(name).make, n_layers=n_layers) for name in RETRIEVAL_POLICIES}
 
 
 def run_retrieval(params, config, tokenizer, lengths=(1024, 2048), budgets=(0.1, 0.2, 0.4), prompts: int = 30,
@@ -297,8 +268,6 @@ def main(argv=None):
     ap.add_argument("--out", default="docs/retrieval")
     ap.add_argument("--tag", default="retrieval")
     a = ap.parse_args(argv)
-    from . import load_model
-
     config, params, tok = load_model()
     out = run_retrieval(params, config, tok, tuple(a.lengths), tuple(a.budgets), a.prompts, a.batch,
                         question=QUESTIONS[a.question], names=a.policies)

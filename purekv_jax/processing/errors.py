@@ -2,9 +2,13 @@
 
 Every class is a ``ValueError`` subclass, and every message names the file, input or field and the
 shape or count involved, so a command line can print ``str(err)`` as one line and exit non-zero.
+:func:`require_readable_file` is the one media-file check the image and video readers share.
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 
 class ProcessingError(ValueError):
@@ -29,3 +33,14 @@ class ImageTooSmallError(ProcessingError):
 
 class PromptError(ProcessingError):
     """Chat messages / placeholders do not match the images and videos given."""
+
+
+def require_readable_file(path: Path, what: str) -> None:
+    """Raises :class:`MediaFileError` unless ``path`` is an existing, regular, readable file; ``what``
+    (``"image"``, ``"video"``) names the input in the message."""
+    if not path.exists():
+        raise MediaFileError(f"{what} file not found: {path}")
+    if not path.is_file():
+        raise MediaFileError(f"{what} path is not a regular file: {path}")
+    if not os.access(path, os.R_OK):
+        raise MediaFileError(f"{what} file is not readable (permission denied): {path}")

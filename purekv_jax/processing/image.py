@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Sequence, Union
 
 import numpy as np
+import PIL.Image
+import PIL.ImageOps
 
-from .errors import ImageTooSmallError, MediaFileError, ProcessingError, UnsupportedFormatError
+from .errors import ImageTooSmallError, MediaFileError, ProcessingError, UnsupportedFormatError, require_readable_file
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -37,7 +39,7 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".jp2", ".ico"}
 )
 
-ImageLike = Union[str, os.PathLike, np.ndarray, "PIL.Image.Image"]  # noqa: F821
+ImageLike = Union[str, os.PathLike, np.ndarray, PIL.Image.Image]
 
 
 @dataclass(frozen=True)
@@ -132,19 +134,8 @@ def target_size(
 # ----------------------------------------------------------------------------------------- decoding
 
 
-def _require_file(path: Path, what: str) -> None:
-    if not path.exists():
-        raise MediaFileError(f"{what} file not found: {path}")
-    if not path.is_file():
-        raise MediaFileError(f"{what} path is not a regular file: {path}")
-    if not os.access(path, os.R_OK):
-        raise MediaFileError(f"{what} file is not readable (permission denied): {path}")
-
-
 def _pil_to_rgb(img) -> np.ndarray:
     """PIL image -> RGB uint8 [H, W, 3]; transparency composited onto white (as transformers does)."""
-    import PIL.Image
-
     has_alpha = "A" in img.getbands() or img.info.get("transparency") is not None
     if has_alpha:
         img = img.convert("RGBA")
@@ -157,11 +148,8 @@ def _pil_to_rgb(img) -> np.ndarray:
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
     """Decode an image file to RGB uint8 [H, W, 3] (EXIF orientation applied, as transformers' ``load_image``)."""
-    import PIL.Image
-    import PIL.ImageOps
-
     path = Path(path)
-    _require_file(path, "image")
+    require_readable_file(path, "image")
     try:
         with PIL.Image.open(path) as img:
             img = PIL.ImageOps.exif_transpose(img)
@@ -212,11 +200,7 @@ def to_rgb_uint8(image: ImageLike, name: str = "image") -> np.ndarray:
         return load_image(image)
     if isinstance(image, np.ndarray):
         return _array_to_rgb(image, name)
-    try:
-        import PIL.Image
-    except ImportError:  # pragma: no cover
-        PIL = None
-    if PIL is not None and isinstance(image, PIL.Image.Image):
+    if isinstance(image, PIL.Image.Image):
         return _pil_to_rgb(image)
     raise UnsupportedFormatError(
         f"{name}: unsupported input of type {type(image).__name__}; pass a file path, a PIL image or a numpy array"
@@ -228,8 +212,6 @@ def to_rgb_uint8(image: ImageLike, name: str = "image") -> np.ndarray:
 
 def resize_bicubic(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
     """PIL BICUBIC resize of RGB uint8 [H, W, 3] (the reference's resample; a no-op size is still resampled)."""
-    import PIL.Image
-
     img = PIL.Image.fromarray(rgb)
     return np.asarray(img.resize((width, height), resample=PIL.Image.Resampling.BICUBIC), dtype=np.uint8)
 

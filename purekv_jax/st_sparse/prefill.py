@@ -1,6 +1,7 @@
 """ST-SpAttn in the model's prefill, and model-level head calibration.
 
-``generate(..., policy=PureKVConfig(st_sparse=True, ...))`` builds, on the host, one :class:`STLayout`
+``generate(..., policy=PureKVConfig(st_sparse=True, ...))`` resolves the policy's ST settings into an
+:class:`~purekv_jax.config.STPlan` (``KVPlan.st``), then builds, on the host, one :class:`STLayout`
 per prompt row from the (left-padded) token ids and the video grids, and hands the prefill an
 :class:`STPrefillAttention`: a hashable callable ``fn(q, k, v, valid, layer)`` (the prefill attention
 protocol of :mod:`purekv_jax.attention`) that runs the block-sparse kernel in layers ``>= st_start``
@@ -16,88 +17,32 @@ exactly what the dense path gives a query that sees no valid key.
 Calibration (:func:`calibrate_model`): a dense prefill of one prompt, layer by layer; in each layer
 ``>= st_start`` sample video query rows (a different sample per layer), compare each candidate
 pattern's output with dense attention per q head (O(rows * N), no N x N matrix), keep the lowest error.
-The result is static data for ``PureKVConfig.head_patterns`` (:func:`save_head_patterns` /
-:func:`load_head_patterns` / ``PureKVConfig(head_patterns_file=...)``).
+The result is static data for ``PureKVConfig.head_patterns`` (the kernels' ``save_head_patterns`` /
+``load_head_patterns`` / ``PureKVConfig(head_patterns_file=...)``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from purekv_jax.st_sparse.layout import HeadPattern, LayoutError, STLayout, VideoSpan
+from kernels.block_sparse_attention import (HeadPattern, LayoutError, STLayout, VideoSpan,
+                                            block_sparse_attention)
+from models.qwen2_5_vl.merge import check_feature_counts
+from models.qwen2_5_vl.model import embed_inputs, n_vision_features, static_grid
+from models.qwen2_5_vl.rope_index import get_rope_index
+from models.qwen2_5_vl.text import layer_out, layer_qkv, mrope_cos_sin
+from purekv_jax.attention import prefill_attention_impl
+from purekv_jax.config import PureKVConfig, STPlan
+from purekv_jax.st_sparse.calibrate import DEFAULT_CANDIDATES, pattern_errors, sample_video_rows
 
-__all__ = [
-    "STPrefillAttention", "row_layouts", "st_prefill_attention", "normalize_layer_patterns",
-    "load_head_patterns", "save_head_patterns", "CalibrationResult", "calibrate_model", "choose_patterns",
-    "HEAD_PATTERNS_FORMAT",
-]
-
-HEAD_PATTERNS_FORMAT = "purekv-st-head-patterns/1"
-
-
-# --------------------------------------------------------------------------------- static patterns
-def normalize_layer_patterns(pats) -> tuple:
-    """``[layer] -> None | [head] -> pattern`` (names, ints or HeadPattern) to a hashable tuple."""
-    if isinstance(pats, (str, bytes)) or not hasattr(pats, "__iter__"):
-        raise ValueError(f"expected one entry per decoder layer (a list), got {pats!r}")
-    out = []
-    for l, entry in enumerate(pats):
-        if entry is None:
-            out.append(None)
-            continue
-        if isinstance(entry, (str, bytes, int)) or not hasattr(entry, "__iter__"):
-            raise ValueError(f"layer {l}: expected None or one pattern per q head, got {entry!r}")
-        try:
-            out.append(tuple(HeadPattern.parse(p) for p in entry))
-        except ValueError as e:
-            raise ValueError(f"layer {l}: {e}") from None
-    return tuple(out)
-
-
-def save_head_patterns(path, head_patterns, *, errors=None, candidates=None, **meta) -> None:
-    """Writes calibrated patterns as JSON (pattern names; ``null`` for layers without ST)."""
-    pats = normalize_layer_patterns(head_patterns)
-    doc: dict[str, Any] = {
-        "format": HEAD_PATTERNS_FORMAT,
-        "head_patterns": [None if p is None else [x.name.lower() for x in p] for p in pats],
-    }
-    if candidates is not None:
-        doc["candidates"] = [HeadPattern.parse(c).name.lower() for c in candidates]
-    if errors is not None:
-        e = np.asarray(errors, np.float64)
-        doc["errors"] = [None if not np.isfinite(el).all() else el.round(6).tolist() for el in e]
-    doc.update(meta)
-    tmp = f"{os.fspath(path)}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def load_head_patterns(path) -> tuple:
-    """Reads a JSON written by :func:`save_head_patterns` (or a bare list of per-layer lists)."""
-    try:
-        with open(path) as f:
-            doc = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"head patterns file not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"head patterns file {path} is not valid JSON: {e}") from None
-    if isinstance(doc, dict):
-        if "head_patterns" not in doc:
-            raise ValueError(f"head patterns file {path} has no 'head_patterns' field")
-        doc = doc["head_patterns"]
-    try:
-        return normalize_layer_patterns(doc)
-    except ValueError as e:
-        raise ValueError(f"head patterns file {path}: {e}") from None
+__all__ = ["STPrefillAttention", "row_layouts", "st_prefill_attention", "CalibrationResult", "calibrate_model",
+           "choose_patterns"]
 
 
 # --------------------------------------------------------------------------------- layouts
@@ -156,25 +101,19 @@ class STPrefillAttention:
 
     groups: ``(rows, offset, layout)``: rows sharing one layout, whose real tokens are ``[offset, N)``.
     dense_rows: rows without video (``base`` attention in every layer).
-    layer_patterns: per layer, ``None`` (``base``) or a tuple of HeadPattern per q head.
+    plan: the resolved ST settings (per-layer patterns, backend, block sizes).
     """
 
     groups: tuple
     dense_rows: tuple
-    layer_patterns: tuple
+    plan: STPlan
     base: Any = "auto"
-    backend: str = "auto"
-    block_q: int | None = None
-    block_k: int | None = None
 
     @property
     def st_layers(self) -> tuple[int, ...]:
-        return tuple(l for l, p in enumerate(self.layer_patterns) if p is not None)
+        return self.plan.layers
 
     def _st(self, pats, q, k, v, valid, layer, base_fn):
-        from kernels.block_sparse_attention import block_sparse_attention
-        import jax.numpy as jnp
-
         b, _, n, _ = q.shape
         out = None
         for rows, off, lay in self.groups:
@@ -182,7 +121,8 @@ class STPrefillAttention:
             r = np.asarray(rows)
             qs, ks, vs = (x if whole else x[r] for x in (q, k, v))
             o = block_sparse_attention(qs[:, :, off:], ks[:, :, off:], vs[:, :, off:], lay, head_patterns=pats,
-                                       backend=self.backend, block_q=self.block_q, block_k=self.block_k)
+                                       backend=self.plan.backend, block_q=self.plan.block_q,
+                                       block_k=self.plan.block_k)
             if off:
                 o = jnp.pad(o, ((0, 0), (0, 0), (off, 0), (0, 0)))
             if whole:
@@ -194,17 +134,13 @@ class STPrefillAttention:
         return out
 
     def __call__(self, q, k, v, valid, layer=None):
-        import jax.numpy as jnp
-
-        from purekv_jax.attention import prefill_attention_impl
-
         base_fn = prefill_attention_impl(self.base, q.shape[2])
-        sets = sorted({p for p in self.layer_patterns if p is not None})
+        sets = sorted({p for p in self.plan.layer_patterns if p is not None})
         if not sets:
             return base_fn(q, k, v, valid, layer)
         if layer is None:
             raise ValueError("STPrefillAttention needs the layer index")
-        branch = [0 if p is None else 1 + sets.index(p) for p in self.layer_patterns]
+        branch = [0 if p is None else 1 + sets.index(p) for p in self.plan.layer_patterns]
         if isinstance(layer, (int, np.integer)):
             i = branch[int(layer)]
             return base_fn(q, k, v, valid, layer) if i == 0 else self._st(sets[i - 1], q, k, v, valid, layer, base_fn)
@@ -214,12 +150,12 @@ class STPrefillAttention:
         return jax.lax.switch(idx, fns, q, k, v, valid, layer)
 
 
-def st_prefill_attention(policy, config, ids, valid, video_grid, base="auto"):
-    """The :class:`STPrefillAttention` for a left-padded batch, or ``None`` when no row holds a video
-    (ST-SpAttn then changes nothing: the prefill runs exactly as without it)."""
-    layer_patterns = policy.st_layer_patterns(config.text)  # validates even when no row holds a video
-    lays = row_layouts(config, ids, valid, video_grid, spatial_radius=policy.spatial_radius,
-                       temporal_window=policy.temporal_window)
+def st_prefill_attention(st_plan: STPlan, config, ids, valid, video_grid, base="auto"):
+    """The :class:`STPrefillAttention` for a left-padded batch (``ids``, ``valid`` [B, N]), or ``None``
+    when no row holds a video (ST-SpAttn then changes nothing: the prefill runs exactly as without it).
+    ``st_plan``: ``KVPlan.st`` (validated at resolution); ``base``: the prefill attention elsewhere."""
+    lays = row_layouts(config, ids, valid, video_grid, spatial_radius=st_plan.spatial_radius,
+                       temporal_window=st_plan.temporal_window)
     if all(lay is None for _, lay in lays):
         return None
     groups: dict = {}
@@ -232,11 +168,8 @@ def st_prefill_attention(policy, config, ids, valid, video_grid, base="auto"):
     return STPrefillAttention(
         groups=tuple((tuple(rows), off, lay) for (off, lay), rows in groups.items()),
         dense_rows=tuple(dense),
-        layer_patterns=layer_patterns,
+        plan=st_plan,
         base=base,
-        backend=policy.st_backend,
-        block_q=policy.st_block_q,
-        block_k=policy.st_block_k,
     )
 
 
@@ -277,9 +210,6 @@ def choose_patterns(errors, candidates, rel_tol: float = 0.0, atol: float = 0.0)
 
 @functools.partial(jax.jit, static_argnames=("cfg", "attention"))
 def _calib_layer(lp, x, cos, sin, valid, *, cfg, attention):
-    from models.qwen2_5_vl.text import layer_out, layer_qkv
-    from purekv_jax.attention import prefill_attention_impl
-
     q, k, v = layer_qkv(lp, x, cos, sin, cfg)
     attn = prefill_attention_impl(attention, x.shape[1])(q, k, v, valid, None)
     return layer_out(lp, x, attn, cfg), q, k, v
@@ -294,19 +224,11 @@ def calibrate_model(params, config, input_ids, *, pixel_values=None, image_grid_
     Runs the dense prefill layer by layer (``attention``: "auto" / "dense" / "flash"); in every layer
     ``>= policy.st_first_layer()`` samples ``num_rows`` video query rows (seed ``seed + layer``) and
     scores each candidate pattern (default: temporal, spatial, union; cheapest first) against dense
-    attention per q head (``pattern_errors``). ``policy`` (default ``PureKVConfig(st_sparse=True)``)
-    supplies ``st_start``, ``spatial_radius`` and ``temporal_window``. ``rel_tol`` / ``atol``: see
+    attention per q head (``pattern_errors``). ``policy`` (default ``PureKVConfig(st_sparse=True)``),
+    resolved against the model (``policy.st_plan``), supplies ``st_start``, ``spatial_radius`` and
+    ``temporal_window``. ``rel_tol`` / ``atol``: see
     :func:`choose_patterns` (errors below float noise are ties, which go to the cheaper pattern).
     """
-    import jax.numpy as jnp
-
-    from models.qwen2_5_vl.merge import check_feature_counts
-    from models.qwen2_5_vl.model import _n_features, embed_inputs, static_grid
-    from models.qwen2_5_vl.rope_index import get_rope_index
-    from models.qwen2_5_vl.text import mrope_cos_sin
-    from purekv_jax.config import PureKVConfig
-    from purekv_jax.st_sparse.calibrate import DEFAULT_CANDIDATES, pattern_errors, sample_video_rows
-
     policy = PureKVConfig(st_sparse=True) if policy is None else policy
     candidates = tuple(HeadPattern.parse(c) for c in (DEFAULT_CANDIDATES if candidates is None else candidates))
     ids = np.asarray(input_ids)
@@ -314,15 +236,15 @@ def calibrate_model(params, config, input_ids, *, pixel_values=None, image_grid_
         raise ValueError(f"calibrate_model takes one prompt, input_ids [1, N]; got shape {ids.shape}")
     cfg = config.text
     n_layers = cfg.num_hidden_layers
-    policy.st_layer_patterns(cfg)  # validates st_start against the model
-    start = policy.st_first_layer()
+    st = policy.st_plan(cfg)  # validates st_start (and the rest) against the model
+    start = st.layers[0]
     image_grid, video_grid = static_grid(image_grid_thw), static_grid(video_grid_thw)
     if video_grid is None:
         raise ValueError("calibrate_model needs a video prompt (pixel_values_videos and video_grid_thw)")
-    check_feature_counts(config, ids, _n_features(image_grid, config), _n_features(video_grid, config))
+    check_feature_counts(config, ids, n_vision_features(image_grid, config), n_vision_features(video_grid, config))
     valid = np.ones(ids.shape, bool)
-    ((_, layout),) = row_layouts(config, ids, valid, video_grid, spatial_radius=policy.spatial_radius,
-                                 temporal_window=policy.temporal_window)
+    ((_, layout),) = row_layouts(config, ids, valid, video_grid, spatial_radius=st.spatial_radius,
+                                 temporal_window=st.temporal_window)
 
     dtype = params.text.embed.dtype
     embed = jax.jit(embed_inputs, static_argnums=(1, 4, 6))

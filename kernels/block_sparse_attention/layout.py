@@ -1,24 +1,8 @@
 """ST-SpAttn layout: where the videos are in a prompt, and the O(N) per-token ids derived from it.
 
 A :class:`STLayout` is a static, hashable description (tuples of ints) so it can be a static argument
-of ``jax.jit``. Everything here is host numpy (layout bookkeeping, see docs/DESIGN.md).
-
-Mask (METHOD.md, ST-SpAttn) for query i and key j, on original sequence indices:
-
-    j <= i  AND  ( query i is not a video token
-                   OR key j is not in i's video          # everything before the video start is global
-                   OR pattern(i, j) )                    # same video
-    SPATIAL : same temporal slot f (optionally |dy| <= spatial_radius and |dx| <= spatial_radius)
-    TEMPORAL: same place (y, x)   (optionally f_i - f_j <= temporal_window, i.e. the query's own slot
-              plus the `temporal_window` slots before it)
-    UNION   : SPATIAL or TEMPORAL
-    DENSE   : always (plain causal attention)
-
-TEMPORAL_STRICT is an internal pattern, not one of the alternatives above: the temporal keys of a video
-query in strictly earlier slots (same video, same place, f_j < f_i, f_i - f_j <= temporal_window),
-with no global keys. SPATIAL and TEMPORAL_STRICT are disjoint and their union is UNION, so a UNION
-head is computed exactly as two passes merged by log-sum-exp (the strict one on the cheap
-position-major order). Rows with no key (non-video queries, first-slot queries) are empty.
+of ``jax.jit``. Everything here is host numpy (layout bookkeeping, see docs/DESIGN.md). The mask these
+ids define is in :mod:`kernels.block_sparse_attention.mask`.
 
 Padding tokens (positions >= seq_len) behave like non-video tokens placed after the prompt: causality
 on their index keeps them invisible to every real query.
@@ -40,10 +24,15 @@ __all__ = [
     "TokenIds",
     "ID_FIELDS",
     "NUM_ID_ROWS",
+    "IDX",
+    "VID",
+    "FRM",
+    "PLC",
+    "ROW",
+    "COL",
     "token_ids",
     "permutation",
     "inverse_permutation",
-    "reference_mask",
     "round_up",
 ]
 
@@ -199,7 +188,7 @@ def round_up(n: int, m: int) -> int:
 # Rows of the stacked per-token id array. Padded to 8 rows (a TPU sublane tile).
 ID_FIELDS = ("index", "video", "frame", "place", "row", "col")
 NUM_ID_ROWS = 8
-IDX, VID, FRM, PLC, ROW, COL = range(6)
+IDX, VID, FRM, PLC, ROW, COL = range(6)   # row of each field in the stacked array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,36 +261,3 @@ def inverse_permutation(layout: STLayout, padded_len: int | None = None) -> np.n
     inv = np.empty_like(perm)
     inv[perm] = np.arange(perm.shape[0], dtype=np.int32)
     return inv
-
-
-def _pattern_mask_np(qi: dict, kj: dict, pattern: HeadPattern, radius, window) -> np.ndarray:
-    """Element mask from ids (numpy broadcasting); used by the reference and the brute-force tests."""
-    causal = kj["index"] <= qi["index"]
-    if pattern is HeadPattern.DENSE:
-        return causal
-    same = (qi["video"] >= 0) & (kj["video"] == qi["video"])
-    sp = kj["frame"] == qi["frame"]
-    if radius is not None:
-        sp = sp & (np.abs(kj["row"] - qi["row"]) <= radius) & (np.abs(kj["col"] - qi["col"]) <= radius)
-    tp = kj["place"] == qi["place"]
-    if window is not None:
-        tp = tp & (qi["frame"] - kj["frame"] <= window)
-    if pattern is HeadPattern.SPATIAL:
-        pat = sp
-    elif pattern is HeadPattern.TEMPORAL:
-        pat = tp
-    elif pattern is HeadPattern.TEMPORAL_STRICT:
-        return causal & same & tp & (kj["frame"] < qi["frame"])
-    else:
-        pat = sp | tp
-    return causal & (~same | pat)
-
-
-def reference_mask(layout: STLayout, pattern=HeadPattern.UNION, *, padded_len=None,
-                   permuted: bool = False) -> np.ndarray:
-    """Explicit [N, N] boolean mask from the ids (TESTS / SMALL SIZES ONLY)."""
-    pattern = HeadPattern.parse(pattern)
-    ids = token_ids(layout, padded_len, permuted=permuted)
-    qi = {f: getattr(ids, f)[:, None] for f in ID_FIELDS}
-    kj = {f: getattr(ids, f)[None, :] for f in ID_FIELDS}
-    return _pattern_mask_np(qi, kj, pattern, layout.spatial_radius, layout.temporal_window)

@@ -9,7 +9,9 @@ original as well as in the position-major (permuted) order. TEMPORAL_STRICT coun
 video's temporal keys in earlier slots (no global keys). No N x N mask is ever built: the work is
 O(N * N / bk) integer arithmetic, done in query chunks to bound memory.
 
-A block is empty iff its count is 0 and full iff its count is bq * bk.
+A block is empty iff its count is 0 and full iff its count is bq * bk. The counts are the analytic
+counterpart of :func:`kernels.block_sparse_attention.mask.element_mask` (the tests check them against it
+by brute force).
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ import functools
 
 import numpy as np
 
-from purekv_jax.st_sparse.layout import (HeadPattern, LayoutError, STLayout, round_up,
-                                         token_ids)
+from kernels.block_sparse_attention.layout import (HeadPattern, LayoutError, STLayout, round_up,
+                                                   token_ids)
 
 __all__ = ["BlockSizeError", "BlockTables", "block_counts", "classify_blocks", "block_tables",
            "padded_length", "EMPTY", "PARTIAL", "FULL"]

@@ -1,4 +1,4 @@
-"""Pallas GPU block-sparse flash attention, Triton backend (Mosaic GPU: mosaic_gpu.py).
+"""Pallas Triton block-sparse flash attention (GPU; the Mosaic GPU kernel is mosaic_gpu.py).
 
 Grid (query block, batch, q head). Each program loads its query block once and walks its key-block
 list: first the partial blocks (element mask from the per-token ids), then the full blocks (no mask).
@@ -21,14 +21,17 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels.block_sparse_attention.common import MASK_VALUE, check_head_dim, element_mask
-from purekv_jax.st_sparse.blocks import BlockSizeError, BlockTables
-from purekv_jax.st_sparse.layout import HeadPattern
+from kernels.block_sparse_attention.blocks import BlockSizeError, BlockTables
+from kernels.block_sparse_attention.common import MASK_VALUE, check_head_dim
+from kernels.block_sparse_attention.layout import HeadPattern
+from kernels.block_sparse_attention.mask import element_mask
 
-__all__ = ["triton_block_sparse", "check_triton_blocks"]
+__all__ = ["triton_block_sparse", "check_triton_blocks", "check_triton_inputs"]
 
 
 def _triton_compiler_params(num_warps, num_stages):
+    # imported here: jax deprecates the Pallas Triton backend, and a jax without it must still
+    # import this package (the other backends)
     try:
         from jax.experimental.pallas import triton as plgpu
     except ImportError as e:  # pragma: no cover - jax without the Triton backend
@@ -36,6 +39,11 @@ def _triton_compiler_params(num_warps, num_stages):
             "this jax has no Pallas Triton backend (jax.experimental.pallas.triton); use "
             "backend='xla'") from e
     return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def check_triton_inputs(q, k, v):
+    """q [B,Hq,N,D], k/v [B,Hkv,N,D]: the Triton kernel takes any dtype, head_dim in PALLAS_HEAD_DIMS."""
+    check_head_dim(q.shape[-1], "triton")
 
 
 def check_triton_blocks(block_q: int, block_k: int):
@@ -106,7 +114,7 @@ def triton_block_sparse(q, k, v, tables: BlockTables, *, scale=None, interpret=F
     b, hq, npad, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
-    check_head_dim(d, "triton")
+    check_triton_inputs(q, k, v)
     bq, bk = tables.block_q, tables.block_k
     check_triton_blocks(bq, bk)
     nq = tables.num_q_blocks

@@ -1,0 +1,100 @@
+"""The backend table: per block-sparse backend, how to run it, what it accepts and its default blocks.
+
+One :class:`Backend` per kernel in :data:`BACKENDS` (as splash attention keeps its kernel choices in
+one place); :func:`resolve_backend` maps a name (or ``"auto"``: the platform's default) to its entry,
+and :data:`BACKEND_NAMES` is the list every caller validates against.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+
+from kernels.block_sparse_attention.mosaic_gpu import (check_mosaic_gpu_blocks, check_mosaic_gpu_inputs,
+                                                       mosaic_gpu_block_sparse)
+from kernels.block_sparse_attention.tpu import check_tpu_blocks, check_tpu_inputs, tpu_block_sparse
+from kernels.block_sparse_attention.triton import (check_triton_blocks, check_triton_inputs,
+                                                   triton_block_sparse)
+from kernels.block_sparse_attention.xla import xla_block_sparse
+
+__all__ = ["Backend", "KernelOptions", "BACKENDS", "BACKEND_NAMES", "DEFAULT_BLOCKS", "resolve_backend"]
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelOptions:
+    """Per-call kernel settings: softmax ``scale`` (None: head_dim ** -0.5), ``interpret`` (Pallas
+    interpret mode: a bool, or for mosaic_gpu also an InterpretGPUParams), ``num_warps`` /
+    ``num_stages`` (Triton only)."""
+
+    scale: float | None = None
+    interpret: Any = False
+    num_warps: int | None = None
+    num_stages: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """One block-sparse backend.
+
+    run(q, k, v, tables, options, return_lse): q [B,Hq,Np,D], k/v [B,Hkv,Np,D] in the tables' order
+      -> [B,Hq,Np,D] (and the [B,Hq,Np] float32 log-sum-exp with ``return_lse``).
+    check_blocks(block_q, block_k) / check_inputs(q, k, v): raise for what the kernel cannot take.
+    default_blocks: (block_q, block_k) when the caller gives none.
+    """
+
+    name: str
+    run: Callable
+    check_blocks: Callable[[int, int], None]
+    check_inputs: Callable
+    default_blocks: tuple[int, int]
+
+
+def _run_xla(q, k, v, tables, options: KernelOptions, return_lse: bool):
+    return xla_block_sparse(q, k, v, tables, scale=options.scale, return_lse=return_lse)
+
+
+def _run_triton(q, k, v, tables, options: KernelOptions, return_lse: bool):
+    return triton_block_sparse(q, k, v, tables, scale=options.scale, interpret=options.interpret,
+                               num_warps=options.num_warps, num_stages=options.num_stages,
+                               return_lse=return_lse)
+
+
+def _run_tpu(q, k, v, tables, options: KernelOptions, return_lse: bool):
+    return tpu_block_sparse(q, k, v, tables, scale=options.scale, interpret=options.interpret,
+                            return_lse=return_lse)
+
+
+def _run_mosaic_gpu(q, k, v, tables, options: KernelOptions, return_lse: bool):
+    return mosaic_gpu_block_sparse(q, k, v, tables, scale=options.scale, interpret=options.interpret,
+                                   return_lse=return_lse)
+
+
+def _accept_any(*_) -> None:
+    """The XLA path takes any block sizes, head_dim and dtype."""
+
+
+# triton 128 x 128: the best (or tied) of the sizes compared on an H200
+# (benchmarks/results/gpu_kernels.md). mosaic_gpu 64 x 128: one warpgroup per query block holds the
+# 64 x 128 scores and two 64 x D accumulators in registers (not timed yet)
+BACKENDS: dict[str, Backend] = {b.name: b for b in (
+    Backend("xla", _run_xla, _accept_any, _accept_any, (128, 128)),
+    Backend("triton", _run_triton, check_triton_blocks, check_triton_inputs, (128, 128)),
+    Backend("mosaic_gpu", _run_mosaic_gpu, check_mosaic_gpu_blocks, check_mosaic_gpu_inputs, (64, 128)),
+    Backend("tpu", _run_tpu, check_tpu_blocks, check_tpu_inputs, (128, 128)),
+)}
+BACKEND_NAMES = ("auto", *BACKENDS)
+DEFAULT_BLOCKS = {name: b.default_blocks for name, b in BACKENDS.items()}
+# "auto": the platform's kernel (jax.default_backend() names), the XLA fallback elsewhere
+_AUTO = {"gpu": "triton", "cuda": "triton", "tpu": "tpu"}
+
+
+def resolve_backend(name: str) -> Backend:
+    """The table entry for ``name`` (one of BACKEND_NAMES; ``"auto"``: tpu on TPU, triton on GPU, xla
+    elsewhere)."""
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKEND_NAMES}")
+    if name == "auto":
+        name = _AUTO.get(jax.default_backend(), "xla")
+    return BACKENDS[name]

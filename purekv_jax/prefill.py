@@ -1,0 +1,188 @@
+"""The prefill: the decoder's layer loop, each layer scoring and pruning its own KV entries as it goes.
+
+One layer loop (:func:`scan_layers`) serves every prefill of the project: ``generate``'s active prefill
+(:func:`compressed_prefill`) and the fidelity harness's analysis prefill. Each layer computes q / k / v,
+attends (dense, flash, a registered kernel or the ST-SpAttn block-sparse path), ranks its entries and
+writes only the kept ones into the cache, so the KV memory held during the prefill is about
+``L * budget + N`` entries rather than ``L * N``.
+
+A layer's ranking score comes from :func:`carried_score`, the one place where CLIE's carry lives: layers
+of an ``own`` segment score themselves with the plan's base policy, an ``anchor`` layer scores itself and
+hands its score up, and the ``owned`` layers above it rank by that carried score times their own value
+norms (they compute no attention probabilities).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from models.qwen2_5_vl.config import Qwen25VLConfig, TextConfig
+from models.qwen2_5_vl.layers import rms_norm
+from models.qwen2_5_vl.model import embed_inputs
+from models.qwen2_5_vl.text import TextParams, layer_out, layer_qkv, lm_logits, mrope_cos_sin
+
+from . import cache as C
+from . import policies as P
+from .attention import prefill_attention_impl
+from .compile_cache import count_trace
+from .config import KVPlan, Segment
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PrefillInputs:
+    """The device inputs of one prefill (a left-padded batch of ``B`` rows, ``N`` tokens each).
+
+    input_ids ``[B, N]`` int32; positions ``[3, B, N]`` int32 (M-RoPE); valid ``[B, N]`` bool (real tokens);
+    window_len ``[B]`` int32 (each row's observation window); next_position ``[B]`` int32 (each row's
+    number of real tokens: the logical position of its first generated token); rope_delta ``[B]`` int32;
+    pixel_values ``[P, patch_dim]`` / pixel_values_videos ``[Pv, patch_dim]`` or ``None``.
+    """
+
+    input_ids: jax.Array
+    positions: jax.Array
+    valid: jax.Array
+    window_len: jax.Array
+    next_position: jax.Array
+    rope_delta: jax.Array
+    pixel_values: jax.Array | None = None
+    pixel_values_videos: jax.Array | None = None
+
+    #: the batch axis of each field (``None``: not per row), for placing the batch on a mesh.
+    BATCH_AXES = dict(input_ids=0, positions=1, valid=0, window_len=0, next_position=0, rope_delta=0,
+                      pixel_values=None, pixel_values_videos=None)
+
+
+def text_params(params) -> TextParams:
+    """The language model's parameters of a full model (or the text parameters themselves)."""
+    return params if isinstance(params, TextParams) else params.text
+
+
+def layer_params(text: TextParams, layer):
+    """One decoder layer's parameters from the stacked ``[L, ...]`` leaves (``layer`` static or traced)."""
+    return jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, layer, 0, keepdims=False), text.layers)
+
+
+LayerStep = Callable[..., tuple]
+
+
+def scan_layers(text: TextParams, cfg: TextConfig, x, cos, sin, layers: tuple[int, int], step: LayerStep, carry):
+    """The decoder layers ``[lo, hi)`` as one ``lax.scan``.
+
+    Each layer computes ``q [B, Hq, N, hd]``, ``k`` / ``v [B, Hkv, N, hd]`` (rotary applied), then
+    ``step(carry, layer, q, k, v) -> (attn [B, Hq, N, hd], carry, out)`` attends and does whatever the
+    caller keeps of the layer (pruning into a cache, collecting scores), and the layer's output projection
+    and MLP follow. Returns ``(x, carry, outs)`` (``outs`` stacked over the layers).
+    """
+    def body(state, layer):
+        x, carry = state
+        lp = layer_params(text, layer)
+        q, k, v = layer_qkv(lp, x, cos, sin, cfg)
+        attn, carry, out = step(carry, layer, q, k, v)
+        return (layer_out(lp, x, attn, cfg), carry), out
+
+    lo, hi = layers
+    (x, carry), outs = jax.lax.scan(body, (x, carry), jnp.arange(lo, hi, dtype=jnp.int32))
+    return x, carry, outs
+
+
+def carried_score(plan: KVPlan, kind: str, layer, own_score: Callable[[], jax.Array], carried: jax.Array, v):
+    """One layer's ranking score ``[B, Hkv, N]`` and the carry handed to the layer above.
+
+    ``kind`` is the layer's segment kind (``own`` / ``anchor`` / ``owned``), or ``any`` when one loop runs
+    layers of every kind and the kind is looked up per (traced) ``layer`` in ``plan.layer_kinds``.
+    ``own_score()`` computes the layer's base score (called only where it is needed: an owned layer
+    computes no attention probabilities); ``carried`` is the last anchor's score; ``v [B, Hkv, N, hd]``
+    the layer's values (CLIE's value norms).
+    """
+    if kind == "owned":
+        return plan.clie.owned_score(carried, v), carried
+    if kind == "any":
+        kinds = plan.layer_kinds
+        owned = jnp.asarray([k == "owned" for k in kinds])[layer]
+        anchor = jnp.asarray([k == "anchor" for k in kinds])[layer]
+        score = jax.lax.cond(owned, lambda: plan.clie.owned_score(carried, v), own_score)
+        return score, jnp.where(anchor, score, carried)
+    score = own_score()
+    return score, (score if kind == "anchor" else carried)
+
+
+def compressed_prefill(
+    params,
+    inputs: PrefillInputs,
+    *,
+    config: Qwen25VLConfig,
+    plan: KVPlan,
+    capacity: int,
+    attention,
+    image_grid: tuple | None,
+    video_grid: tuple | None,
+    fused: bool = False,
+):
+    """-> (cache with every layer's kept prompt entries, last-position logits ``[B, V]`` float32).
+
+    ``fused=False``: one ``lax.scan`` per plan segment (own / anchor / owned layers), so owned layers' loop
+    bodies hold no scoring code at all. ``fused=True``: one ``lax.scan`` over all layers, the score chosen
+    per layer by ``lax.cond`` (owned layers run the branch without attention probabilities): on XLA:CPU
+    every extra loop gets its own activation temporaries, which the single loop avoids. H2O always runs
+    the segments (its scoring layers compute the full attention probabilities).
+    """
+    count_trace("prefill")
+    cfg = config.text
+    text = text_params(params)
+    if inputs.pixel_values is None and inputs.pixel_values_videos is None:
+        x = jnp.take(text.embed, inputs.input_ids, axis=0)
+    else:
+        x = embed_inputs(params, config, inputs.input_ids, inputs.pixel_values, image_grid,
+                         inputs.pixel_values_videos, video_grid)
+    b, n, _ = x.shape
+    hkv = cfg.num_key_value_heads
+    valid = inputs.valid
+    cos, sin = mrope_cos_sin(inputs.positions, cfg)
+    attend = prefill_attention_impl(attention, n)
+    budgets = jnp.asarray(plan.budgets, jnp.int32)
+    keep_window = plan.keep_window(inputs.window_len)
+    h2o = isinstance(plan.base, P.H2O)
+
+    def segment_step(kind: str):
+        def step(state, layer, q, k, v):
+            cache, carried = state
+            probs = None
+            if kind in ("own", "anchor") and h2o:
+                probs = P.full_attention_probs(q, k, valid)  # evaluation only: the [N, N] matrix
+                g = q.shape[1] // hkv
+                attn = jnp.einsum(
+                    "bhgqk,bhkd->bhgqd", probs.reshape(b, hkv, g, n, n).astype(v.dtype), v,
+                    preferred_element_type=jnp.float32,
+                ).reshape(q.shape).astype(q.dtype)
+            else:
+                attn = attend(q, k, v, valid, layer)
+            if kind == "full":
+                idx, kept = P.keep_all(valid, hkv)
+            else:
+                own = lambda: plan.base.score(P.ScoreContext(q=q, k=k, v=v, valid=valid, layer=layer, probs=probs,
+                                                             window_len=inputs.window_len))
+                score, carried = carried_score(plan, kind, layer, own, carried, v)
+                idx, kept = P.keep_set(score, valid, slots=plan.slots, budget=budgets[layer], window=keep_window,
+                                       sink=plan.sink, adaptive=plan.head_adaptive)
+            kk, vv = C.keep_indices(k, v, idx)
+            return attn, (C.write_layer(cache, layer, kk, vv, kept), carried), None
+
+        return step
+
+    segments = plan.segments
+    if fused and len(segments) > 1 and not h2o:
+        segments = (Segment("any", 0, cfg.num_hidden_layers),)
+    state = (C.create(cfg.num_hidden_layers, b, hkv, capacity, cfg.head_dim, x.dtype),
+             jnp.zeros((b, hkv, n), jnp.float32))
+    for seg in segments:
+        x, state, _ = scan_layers(text, cfg, x, cos, sin, (seg.lo, seg.hi), segment_step(seg.kind), state)
+    cache, _ = state
+    logits = lm_logits(text, rms_norm(x[:, -1:], text.norm, cfg.rms_norm_eps))[:, 0]
+    cache = dataclasses.replace(cache, length=jnp.full((b,), plan.slots, jnp.int32),
+                                next_position=inputs.next_position, rope_delta=inputs.rope_delta)
+    return cache, logits
