@@ -29,10 +29,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 
 from models.qwen2_5_vl.config import VisionConfig  # noqa: E402
 from models.qwen2_5_vl.vision import (  # noqa: E402
-    VisionBlockParams,
     _vision_forward,
     init_vision_params,
     batched_segment_attention,
@@ -47,7 +47,8 @@ CFG_7B = VisionConfig(depth=2, hidden_size=1280, num_heads=16, intermediate_size
                       fullatt_block_indexes=(1,))
 
 
-def random_block(cfg: VisionConfig, dtype, seed: int = 0) -> VisionBlockParams:
+def random_block(cfg: VisionConfig, dtype, seed: int = 0) -> nnx.State:
+    """One vision block's weights as the state the pure block function takes (``VisionBlocks`` sliced)."""
     rng = np.random.default_rng(seed)
     d, f = cfg.hidden_size, cfg.intermediate_size
 
@@ -57,9 +58,9 @@ def random_block(cfg: VisionConfig, dtype, seed: int = 0) -> VisionBlockParams:
     def b(n, base=0.0):
         return jnp.asarray(base + 0.1 * rng.standard_normal(n, np.float32), dtype)
 
-    return VisionBlockParams(norm1=b(d, 1.0), qkv_w=w(d, 3 * d), qkv_b=b(3 * d), proj_w=w(d, d), proj_b=b(d),
+    return nnx.State(dict(norm1=b(d, 1.0), qkv_w=w(d, 3 * d), qkv_b=b(3 * d), proj_w=w(d, d), proj_b=b(d),
                              norm2=b(d, 1.0), gate_w=w(d, f), gate_b=b(f), up_w=w(d, f), up_b=b(f),
-                             down_w=w(f, d), down_b=b(d))
+                             down_w=w(f, d), down_b=b(d)))
 
 
 def measure(fn, args, reps: int) -> tuple[int, float]:

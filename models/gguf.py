@@ -8,9 +8,9 @@ A GGUF file holds the weights (quantised or not), the model hyper-parameters and
   converter interleaves the two rotary halves of every head, for its GPT-J-style rope; the Hugging Face
   layout, and ours, rotates halves: ``rotate_half``). ``qwen2`` files are stored unpermuted;
 * renames the tensors to the Hub spelling (``model.layers.N.self_attn.q_proj.weight`` ...), adds zero q/k/v
-  biases where the architecture has none (llama), and builds :class:`~models.qwen2_5_vl.text.TextParams`
-  through the same ``text_params_from_hf`` as the safetensors loader, so tied embeddings, layouts and dtypes
-  follow one code path;
+  biases where the architecture has none (llama), and builds the pure state of a
+  :class:`~models.qwen2_5_vl.text.TextModel` through ``text_params_from_hf`` (the safetensors loader's
+  text tables), so tied embeddings, layouts and dtypes follow one code path;
 * builds a :class:`~models.qwen2_5_vl.config.TextConfig` from the metadata: text-only positions make M-RoPE
   plain RoPE (the three position rows are equal, so any ``mrope_section`` gives the same rotation); one
   proportional to Qwen2.5-VL's ``(16, 24, 24)`` is chosen so that ``sum * 2 == head_dim``;
@@ -19,7 +19,7 @@ A GGUF file holds the weights (quantised or not), the model hyper-parameters and
 
 Text-only use of the project's ``generate`` needs a :class:`~models.qwen2_5_vl.config.Qwen25VLConfig`;
 :func:`load_gguf` returns one whose ``text`` is the GGUF model and whose ``vision`` half is a placeholder
-(never run: :class:`TextParams` has no vision tower, and the image / video token ids lie outside the
+(never run: a text state has no vision tower, and the image / video token ids lie outside the
 vocabulary).
 """
 
@@ -32,11 +32,12 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
 from tokenizers.models import BPE
 
 from .qwen2_5_vl.config import Qwen25VLConfig, TextConfig, VisionConfig
-from .qwen2_5_vl.text import TextParams, text_hf_shapes, text_params_from_hf
+from .qwen2_5_vl.text import text_hf_shapes, text_params_from_hf
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 
@@ -311,12 +312,14 @@ def text_only_config(text: TextConfig, eos_token_id: int | None, bos_token_id: i
     )
 
 
-def load_gguf(path: str | os.PathLike, dtype=jnp.float32) -> tuple[Qwen25VLConfig, TextParams, GGUFTokenizer]:
+def load_gguf(path: str | os.PathLike, dtype=jnp.float32) -> tuple[Qwen25VLConfig, nnx.State, GGUFTokenizer]:
     """Reads a ``llama`` / ``qwen2`` GGUF text checkpoint.
 
     Returns ``(config, params, tokenizer)``: a :class:`Qwen25VLConfig` whose ``text`` is the model
     (``config.text``; the vision half is a placeholder, see :func:`text_only_config`), the dequantised
-    :class:`TextParams` in ``dtype``, and the :class:`GGUFTokenizer` (with the chat template).
+    :class:`~models.qwen2_5_vl.text.TextModel` state in ``dtype`` (``nnx.merge`` it with the graphdef of
+    :func:`~models.qwen2_5_vl.text.abstract_text_state` for the module), and the :class:`GGUFTokenizer`
+    (with the chat template).
     """
     path = os.fspath(path)
     reader = _reader(path)

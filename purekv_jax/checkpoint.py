@@ -1,4 +1,4 @@
-"""Orbax checkpoints of the Qwen2.5-VL params: conversion from Hugging Face safetensors and loading.
+"""Orbax checkpoints of the Qwen2.5-VL Flax model's state: conversion from Hugging Face safetensors and loading.
 
 :func:`convert` turns a Hugging Face folder (``model.safetensors`` or shards + index, Hub or transformers-5
 tensor names) into a folder::
@@ -6,8 +6,9 @@ tensor names) into a folder::
     DST/
       config.json, tokenizer.json, tokenizer_config.json, vocab.json, merges.txt, chat_template*,
       generation_config.json, preprocessor_config.json, video_preprocessor_config.json, ...  (copied)
-      params/                  the orbax checkpoint of the params pytree (nested dict of field names,
-                               e.g. params["text"]["layers"]["q_w"], every leaf in our [in, out] layout)
+      params/                  the orbax checkpoint of the model's state (``nnx.State.to_pure_dict()``'s
+                               nesting, e.g. params["text"]["layers"]["q_w"], every leaf in our [in, out]
+                               layout)
       purekv_checkpoint.json   format, dtype, every leaf's shape / dtype / sha256 (written last)
 
 It streams: one params leaf at a time is read tensor by tensor from the safetensors files into a
@@ -54,7 +55,6 @@ from models.qwen2_5_vl.loader import (
     inspect_hf_checkpoint,
     read_hf_leaf,
 )
-from models.qwen2_5_vl.model import Qwen25VLParams
 
 from .param_tree import abstract_params, leaf_names, path_name
 
@@ -126,8 +126,8 @@ def _nest(flat: Mapping[str, Any]) -> dict:
     return out
 
 
-def _fill(config: Qwen25VLConfig, values: Mapping[str, Any]) -> Qwen25VLParams:
-    """The params dataclass tree with every leaf taken from ``values`` by its dotted name."""
+def _fill(config: Qwen25VLConfig, values: Mapping[str, Any]):
+    """The model's state (``nnx.State``) with every leaf taken from ``values`` by its dotted name."""
     return jax.tree_util.tree_map_with_path(lambda p, _: values[path_name(p)], abstract_params(config))
 
 
@@ -138,7 +138,7 @@ def _checked_specs(config: Qwen25VLConfig):
     abstract = {path_name(p): tuple(x.shape)
                 for p, x in jax.tree_util.tree_flatten_with_path(abstract_params(config))[0]}
     if {n: tuple(s.shape) for n, s in specs.items()} != abstract:
-        raise RuntimeError(f"hf_leaf_specs does not match Qwen25VLParams: {sorted(set(specs) ^ set(abstract))}")
+        raise RuntimeError(f"hf_leaf_specs does not match the model's state: {sorted(set(specs) ^ set(abstract))}")
     return [specs[n] for n in abstract]
 
 
@@ -425,7 +425,7 @@ def _sharding_table(shardings: Shardings, names: list[str]) -> dict[str, jax.sha
         return dict.fromkeys(names)
     if isinstance(shardings, jax.sharding.Sharding):
         return dict.fromkeys(names, shardings)
-    if callable(shardings) and not isinstance(shardings, (Mapping, Qwen25VLParams)):
+    if callable(shardings) and not isinstance(shardings, Mapping):
         table = {n: shardings(n) for n in names}
     else:
         flat = jax.tree_util.tree_flatten_with_path(
@@ -500,8 +500,9 @@ def _load_hf(path: str, dtype: np.dtype | None, shardings: Shardings):
 
 
 def load_checkpoint(path: str | os.PathLike, dtype=None, shardings: Shardings = None
-                    ) -> tuple[Qwen25VLConfig, Qwen25VLParams]:
-    """Loads ``(config, params)`` from a folder written by :func:`convert` or from a Hugging Face folder.
+                    ) -> tuple[Qwen25VLConfig, Any]:
+    """Loads ``(config, state)`` (the Flax model's state: ``nnx.merge`` it with the model's graph, or pass it
+    to the pure functions) from a folder written by :func:`convert` or from a Hugging Face folder.
 
     Args:
       path: an orbax folder (with ``purekv_checkpoint.json``) or a Hugging Face folder (``config.json`` +
@@ -511,7 +512,7 @@ def load_checkpoint(path: str | os.PathLike, dtype=None, shardings: Shardings = 
       shardings: where to put each leaf: None (the default device), one ``jax.sharding.Sharding`` for every
         leaf, a callable ``leaf name -> Sharding`` (names like ``"text.layers.q_w"``, see
         :func:`~purekv_jax.param_tree.leaf_names`), or a pytree of shardings with the params' structure (a
-        :class:`Qwen25VLParams` of ``NamedSharding``, or the same nested dict of field names). An orbax
+        state of ``NamedSharding`` (an ``nnx.State``), or the same nested dict of field names). An orbax
         folder is restored straight into the shards (each device reads its slice); an HF folder is read
         one leaf at a time and each leaf placed before the next is read.
 

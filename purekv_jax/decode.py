@@ -16,12 +16,13 @@ import jax.numpy as jnp
 
 from models.qwen2_5_vl.config import TextConfig
 from models.qwen2_5_vl.layers import rms_norm
+from models.qwen2_5_vl.model import text_part
 from models.qwen2_5_vl.text import layer_out, layer_qkv, lm_logits, mrope_cos_sin
 
 from . import cache as C
 from .attention import decode_attention
 from .compile_cache import CompiledProgram, compiled, count_trace
-from .prefill import layer_params, text_params
+from .prefill import layer_params
 from .sampling import sample_tokens
 
 
@@ -63,7 +64,7 @@ def decode_loop(params, cache: C.KVCache, first_logits, max_new, key, *, cfg: Te
     """Samples the first token from ``first_logits [B, V]`` (the prefill's), then decodes until every row
     is done or ``max_new`` (traced, ``<= sampling.n_tokens``) tokens exist. Returns the final state."""
     count_trace("decode")
-    text = text_params(params)
+    text = text_part(params)
     b = first_logits.shape[0]
     eos = jnp.asarray(sampling.eos if sampling.eos else (-1,), jnp.int32)
 
@@ -105,5 +106,5 @@ def decode_program(params, cache: C.KVCache, first_logits, max_new: int, seed: i
                    sampling: SamplingSettings) -> tuple[CompiledProgram, tuple]:
     """The compiled decode for these shapes and settings (compiled once, then cached) and its arguments;
     ``program.run(*args)`` donates the cache."""
-    args = (text_params(params), cache, first_logits, jnp.int32(max_new), jax.random.PRNGKey(seed))
+    args = (text_part(params), cache, first_logits, jnp.int32(max_new), jax.random.PRNGKey(seed))
     return compiled("decode", decode_loop, dict(cfg=cfg, sampling=sampling), args, donate=(1,)), args

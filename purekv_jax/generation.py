@@ -19,9 +19,8 @@ import numpy as np
 
 from models.qwen2_5_vl.config import Qwen25VLConfig
 from models.qwen2_5_vl.merge import check_feature_counts
-from models.qwen2_5_vl.model import n_vision_features, static_grid
+from models.qwen2_5_vl.model import n_vision_features, static_grid, text_part
 from models.qwen2_5_vl.rope_index import get_rope_index
-from models.qwen2_5_vl.text import TextParams
 
 from . import cache as C
 from . import sharding as S
@@ -30,7 +29,7 @@ from .compile_cache import compiled, peak_bytes
 from .config import KVPlan, PureKVConfig
 from .decode import SamplingSettings, decode_program
 from .observation import question_window_lengths
-from .prefill import PrefillInputs, compressed_prefill, text_params
+from .prefill import PrefillInputs, compressed_prefill
 from .st_sparse.prefill import st_prefill_attention
 
 
@@ -220,7 +219,7 @@ def generate(
     """Generates ``max_new_tokens`` tokens per row with a (compressed) KV cache.
 
     Args:
-      params: ``Qwen25VLParams`` (or ``TextParams`` for text-only prompts).
+      params: the model's state (``nnx.state(Qwen25VLModel)``, or a text model's state for text-only prompts).
       config: the model's ``Qwen25VLConfig``.
       input_ids: ``[B, N]``; attention_mask ``[B, N]`` (1 = token, left or right padding).
       pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, second_per_grid_ts: as in the
@@ -263,8 +262,9 @@ def generate(
                             video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts,
                             has_pixels=pixel_values is not None, has_video_pixels=pixel_values_videos is not None,
                             prompt_bucket=prompt_bucket, max_new_tokens=int(max_new_tokens))
-    if prompt.multimodal and isinstance(params, TextParams):
-        raise GenerateError("image / video inputs need the full Qwen25VLParams (with the vision tower), got TextParams")
+    if prompt.multimodal and "vision" not in params:
+        raise GenerateError("image / video inputs need the whole model's state (with the vision tower), got a "
+                            "text model's state")
     plan = resolve_plan(policy, config, prompt, attention)
     prefill_attention_impl(attention, prompt.padded_len)  # validates the name
     window_len = np.full((prompt.ids.shape[0],), plan.window, np.int32)
@@ -279,7 +279,7 @@ def generate(
     eos, pad_id = eos_and_pad(config, eos_token_id, pad_token_id)
 
     # ---------------------------------------------------------------- prefill
-    text = text_params(params)
+    text = text_part(params)
     inputs = prefill_inputs(prompt, window_len, pixel_values, pixel_values_videos, text.embed.dtype,
                             S.params_mesh(params))
     statics = dict(config=config, plan=plan, capacity=capacity, attention=attention if st_attn is None else st_attn,
@@ -332,7 +332,7 @@ def prefill_jaxpr(params, config: Qwen25VLConfig, input_ids, policy: PureKVConfi
     prompt = prepare_prompt(config, input_ids, prompt_bucket=prompt_bucket)
     plan = resolve_plan(policy, config, prompt, attention)
     window_len = np.full((prompt.ids.shape[0],), plan.window, np.int32)
-    inputs = prefill_inputs(prompt, window_len, None, None, text_params(params).embed.dtype)
+    inputs = prefill_inputs(prompt, window_len, None, None, text_part(params).embed.dtype)
     fn = lambda p, i: compressed_prefill(p, i, config=config, plan=plan, capacity=plan.slots + 1,
                                          attention=attention, image_grid=None, video_grid=None, fused=fused)
-    return plan, jax.make_jaxpr(fn)(text_params(params), inputs)
+    return plan, jax.make_jaxpr(fn)(text_part(params), inputs)

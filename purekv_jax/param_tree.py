@@ -1,8 +1,9 @@
-"""Names and abstract structure of the Qwen2.5-VL params pytree, shared by checkpoints and sharding.
+"""Names and abstract structure of the Qwen2.5-VL state (the Flax model's parameters), shared by
+checkpoints and sharding.
 
-A leaf is named by its dotted field path (``text.layers.q_w``, ``vision.blocks.qkv_w``): the same name for
-a :class:`~models.qwen2_5_vl.model.Qwen25VLParams` leaf and for the nested dict orbax stores, so a
-checkpoint's leaves and a sharding rule meet by name.
+A leaf is named by its dotted attribute path in the module tree (``text.layers.q_w``,
+``vision.blocks.qkv_w``): the same name for an ``nnx.State`` leaf (whose ``nnx.Param`` wrapper is not part
+of the name) and for the nested dict orbax stores, so a checkpoint's leaves and a sharding rule meet by name.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from models.qwen2_5_vl.config import Qwen25VLConfig
-from models.qwen2_5_vl.model import Qwen25VLParams, init_params
+from models.qwen2_5_vl.model import abstract_state
 
 
 def _key_name(k) -> str:
@@ -22,16 +23,19 @@ def _key_name(k) -> str:
 
 
 def path_name(path) -> str:
-    """A pytree key path (dataclass fields, dict keys or sequence indices) as a dotted name."""
+    """A pytree key path (state / dict keys, attributes or sequence indices) as a dotted name; the trailing
+    ``.value`` of an ``nnx.Variable`` leaf is left out."""
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        path = path[:-1]
     return ".".join(_key_name(k) for k in path)
 
 
 def leaf_names(tree) -> list[str]:
     """Dotted field paths of a params pytree's leaves (``text.layers.q_w``, ``vision.blocks.qkv_w``, ...),
-    in flatten order. Works for :class:`Qwen25VLParams` and for the nested dicts stored by orbax."""
+    in flatten order. Works for the model's ``nnx.State`` and for the nested dicts stored by orbax."""
     return [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def abstract_params(config: Qwen25VLConfig, dtype=jnp.float32) -> Qwen25VLParams:
-    """The params structure as ``jax.ShapeDtypeStruct`` leaves (no memory, no compute)."""
-    return jax.eval_shape(lambda: init_params(config, jax.random.key(0), dtype))
+def abstract_params(config: Qwen25VLConfig, dtype=jnp.float32):
+    """The model's state with ``jax.ShapeDtypeStruct`` leaves (no memory, no compute)."""
+    return abstract_state(config, dtype)[1]

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 from models.qwen2_5_vl.config import Qwen25VLConfig, TextConfig
 from models.qwen2_5_vl.layers import rms_norm
 from models.qwen2_5_vl.model import embed_inputs
-from models.qwen2_5_vl.text import TextParams, layer_out, layer_qkv, lm_logits, mrope_cos_sin
+from models.qwen2_5_vl.model import text_part
+from models.qwen2_5_vl.text import layer_out, layer_qkv, lm_logits, mrope_cos_sin
 
 from . import cache as C
 from . import policies as P
@@ -57,20 +58,16 @@ class PrefillInputs:
                       pixel_values=None, pixel_values_videos=None)
 
 
-def text_params(params) -> TextParams:
-    """The language model's parameters of a full model (or the text parameters themselves)."""
-    return params if isinstance(params, TextParams) else params.text
-
-
-def layer_params(text: TextParams, layer):
-    """One decoder layer's parameters from the stacked ``[L, ...]`` leaves (``layer`` static or traced)."""
+def layer_params(text, layer):
+    """One decoder layer's parameters from the text state's stacked ``[L, ...]`` leaves (``layer`` static or
+    traced)."""
     return jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, layer, 0, keepdims=False), text.layers)
 
 
 LayerStep = Callable[..., tuple]
 
 
-def scan_layers(text: TextParams, cfg: TextConfig, x, cos, sin, layers: tuple[int, int], step: LayerStep, carry):
+def scan_layers(text, cfg: TextConfig, x, cos, sin, layers: tuple[int, int], step: LayerStep, carry):
     """The decoder layers ``[lo, hi)`` as one ``lax.scan``.
 
     Each layer computes ``q [B, Hq, N, hd]``, ``k`` / ``v [B, Hkv, N, hd]`` (rotary applied), then
@@ -133,7 +130,7 @@ def compressed_prefill(
     """
     count_trace("prefill")
     cfg = config.text
-    text = text_params(params)
+    text = text_part(params)
     if inputs.pixel_values is None and inputs.pixel_values_videos is None:
         x = jnp.take(text.embed, inputs.input_ids, axis=0)
     else:

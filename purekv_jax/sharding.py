@@ -212,8 +212,8 @@ def _spec(ndim: int, dim: int | None, ok: bool) -> P:
 
 
 def param_spec(name: str, ndim: int, config, model_size: int | Mesh) -> P:
-    """The PartitionSpec of one params leaf, by its dotted name (``"text.layers.q_w"``; a bare
-    ``TextParams`` gives ``"layers.q_w"``) and rank. ``config``: a ``Qwen25VLConfig`` (or a ``TextConfig``
+    """The PartitionSpec of one params leaf, by its dotted name (``"text.layers.q_w"``; a text
+    model's state gives ``"layers.q_w"``) and rank. ``config``: a ``Qwen25VLConfig`` (or a ``TextConfig``
     for text leaves). See the module doc for the rule."""
     m = _axis(model_size, MODEL)
     text = getattr(config, "text", config)

@@ -83,7 +83,7 @@ def test_param_rule_text_and_vision():
     assert spec("text.layers.q_w", 3, 4) == P(None, None, "model")
     assert spec("vision.blocks.qkv_w", 3, 4) == P()
     assert spec("vision.blocks.up_w", 3, 4) == P(None, None, "model")  # F=64 divides
-    # a bare TextParams names its leaves without the "text." prefix; model=1 replicates nothing away
+    # a text model's state names its leaves without the "text." prefix; model=1 replicates nothing away
     assert spec("layers.q_w", 3, 2) == P(None, None, "model")
     assert spec("text.layers.q_w", 3, 1) == P(None, None, "model")  # size-1 axis: harmless
     # vocab that does not divide

@@ -10,6 +10,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 import pytest
 
 from conftest import random_text_ids
@@ -226,9 +227,11 @@ def _place_frame_heads(cfg, params, layer, a=32.0):
     k_b = np.array(lay.k_b)
     q_b[layer, 0:hd], q_b[layer, hd:2 * hd] = u_hw, u_t   # q heads 0, 1 share KV head 0
     k_b[layer, 0:hd] = u_hw + u_t
-    new = dataclasses.replace(lay, q_w=lay.q_w.at[layer].set(0), k_w=lay.k_w.at[layer].set(0),
-                              q_b=jnp.asarray(q_b), k_b=jnp.asarray(k_b))
-    return dataclasses.replace(params, text=dataclasses.replace(params.text, layers=new))
+    new = dict(q_w=jnp.asarray(lay.q_w).at[layer].set(0), k_w=jnp.asarray(lay.k_w).at[layer].set(0),
+               q_b=jnp.asarray(q_b), k_b=jnp.asarray(k_b))
+    params = jax.tree.map(lambda x: x, params)  # a copy: the fixture's state stays as it is
+    nnx.replace_by_pure_dict(params, {"text": {"layers": new}})
+    return params
 
 
 def test_calibration_picks_lowest_error_and_the_constructed_patterns(model4, tmp_path):

@@ -6,9 +6,10 @@
   float32 files alike (numpy + ml_dtypes). The tensor names and shapes are checked against the model's
   specs from the safetensors headers *before* any tensor data is read.
 * :func:`inspect_hf_checkpoint` does the config + header checks alone (no tensor data), and
-  :func:`iter_hf_leaves` then builds the params one leaf at a time (a stacked ``[L, ...]`` leaf from its
-  ``L`` per-layer tensors, read one by one), so a converter or a sharded loader never holds the whole
-  model; :func:`hf_leaf_specs` is the leaf <-> Hub-name table they share.
+  :func:`iter_hf_leaves` then reads the model's state one leaf at a time (a stacked ``[L, ...]`` leaf from
+  its ``L`` per-layer tensors, read one by one), so a converter or a sharded loader never holds the whole
+  model; :func:`hf_leaf_specs` is the leaf <-> Hub-name table they share. :func:`load_hf_checkpoint`
+  fills the abstract state (:func:`~models.qwen2_5_vl.model.abstract_state`) the same way, leaf by leaf.
 * :func:`save_hf_checkpoint` writes ``config.json`` + ``model.safetensors`` in the Hub spelling,
   atomically (a temporary folder next to the target, then a rename), loadable by transformers'
   ``Qwen2_5_VLForConditionalGeneration.from_pretrained`` and by :func:`load_hf_checkpoint`.
@@ -26,19 +27,20 @@ from typing import Callable, Iterator, Mapping
 import jax.numpy as jnp
 import ml_dtypes  # registers bfloat16 with numpy, for bf16 safetensors files
 import numpy as np
+from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from .config import Qwen25VLConfig
-from .model import Qwen25VLParams
-from .text import TEXT_LAYER_HF_NAMES, text_hf_shapes, text_layer_shapes, text_params_from_hf, text_params_to_hf
+from .model import abstract_state
+from .state import state_from_leaves
+from .text import TEXT_LAYER_HF_NAMES, text_hf_shapes, text_layer_shapes, text_params_to_hf
 from .vision import (
     VISION_TOP_HF_NAMES,
     vision_block_hf_names,
     vision_param_shapes,
     vision_to_jax_layout,
     vision_hf_shapes,
-    vision_params_from_hf,
     vision_params_to_hf,
 )
 
@@ -177,8 +179,12 @@ def inspect_hf_checkpoint(path: str | os.PathLike) -> HFCheckpoint:
     return HFCheckpoint(path, config, files, {n: found[n] for n in expected})
 
 
-def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.float32) -> tuple[Qwen25VLConfig, Qwen25VLParams]:
-    """Loads a Hugging Face Qwen2.5-VL checkpoint folder -> ``(config, params)`` with params in ``dtype``.
+def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.float32) -> tuple[Qwen25VLConfig, nnx.State]:
+    """Loads a Hugging Face Qwen2.5-VL checkpoint folder -> ``(config, state)``: the pure state of a
+    :class:`~models.qwen2_5_vl.model.Qwen25VLModel`, in ``dtype``.
+
+    The abstract state is built first and filled leaf by leaf (:func:`iter_hf_leaves`: each host leaf is
+    moved to the device before the next is read), so the checkpoint never sits in memory twice.
 
     Raises :class:`~models.qwen2_5_vl.config.ConfigError` for a bad ``config.json`` and
     :class:`CheckpointError` for missing weights, missing / unexpected / wrong-shape tensors (each
@@ -186,23 +192,21 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.float32) -> tuple[Qwen
     ``lm_head.weight`` in the file is ignored (the embedding is used, as transformers does).
     """
     ckpt = inspect_hf_checkpoint(path)
-    by_file: dict[str, list[str]] = {}
-    for key, (fname, _, _, _) in ckpt.tensors.items():
-        by_file.setdefault(fname, []).append(key)
-    tensors: dict[str, np.ndarray] = {}
-    for fname, keys in by_file.items():
-        with safe_open(ckpt.files[fname], framework="numpy") as f:
-            for key in keys:
-                tensors[key] = f.get_tensor(ckpt.tensors[key][1])
-    return ckpt.config, params_from_hf(tensors, ckpt.config, dtype)
+    _, abstract = abstract_state(ckpt.config, dtype)
+    leaves = {}
+    for spec, host in iter_hf_leaves(ckpt):
+        leaves[spec.path] = jnp.asarray(host, dtype)
+        del host  # free before the next leaf is read
+    return ckpt.config, state_from_leaves(abstract, leaves)
 
 
 # ------------------------------------------------------------------------------------- leaf by leaf
 @dataclasses.dataclass(frozen=True)
 class HFLeafSpec:
-    """One params leaf and the Hub tensors it is built from.
+    """One leaf of the model's state and the Hub tensors it is built from.
 
-    ``path`` is the leaf's field path in :class:`Qwen25VLParams` (e.g. ``("text", "layers", "q_w")``);
+    ``path`` is the leaf's attribute path in the :class:`~models.qwen2_5_vl.model.Qwen25VLModel` state
+    (e.g. ``("text", "layers", "q_w")``);
     ``sources`` the Hub names, one per layer for a ``stacked`` leaf (the leading ``[L]`` axis) or a single
     one; ``to_jax`` turns one torch-layout source into our layout (transpose, patch-embed reshape);
     ``shape`` is the leaf's full shape in our layout."""
@@ -227,10 +231,9 @@ def _transpose(x: np.ndarray) -> np.ndarray:
 
 
 def hf_leaf_specs(config: Qwen25VLConfig) -> list[HFLeafSpec]:
-    """The leaf <-> Hub-name table of the whole model, in params order (text, then vision).
-
-    The same mapping as :func:`params_from_hf` (the text and vision halves' name tables and layout
-    functions), one entry per leaf, so a caller can build the params one leaf at a time."""
+    """The leaf <-> Hub-name table of the whole model (text, then vision), one entry per state leaf,
+    built from the text and vision halves' name tables and layout functions, so a caller can build the
+    state one leaf at a time (:func:`load_hf_checkpoint`, :func:`params_from_hf`)."""
     t, v = config.text, config.vision
     d, L = t.hidden_size, t.num_hidden_layers
     layer_shapes = text_layer_shapes(t)
@@ -284,24 +287,29 @@ def iter_hf_leaves(ckpt: HFCheckpoint, dtype=None, on_tensor: Callable[[str, int
         yield spec, read_hf_leaf(ckpt, spec, dtype, on_tensor)
 
 
-def params_from_hf(tensors: Mapping[str, np.ndarray], config: Qwen25VLConfig, dtype=jnp.float32) -> Qwen25VLParams:
-    """Builds the params from Hub-named torch-layout arrays (names and shapes already checked)."""
-    return Qwen25VLParams(
-        text=text_params_from_hf(tensors, config.text, dtype),
-        vision=vision_params_from_hf(tensors, config.vision, dtype),
-    )
+def params_from_hf(tensors: Mapping[str, np.ndarray], config: Qwen25VLConfig, dtype=jnp.float32) -> nnx.State:
+    """The model's state in ``dtype`` from Hub-named torch-layout arrays (names and shapes already
+    checked), through the same leaf table as :func:`load_hf_checkpoint`."""
+
+    def leaf(spec: HFLeafSpec) -> np.ndarray:
+        parts = [spec.to_jax(np.asarray(tensors[name])) for name in spec.sources]
+        return np.stack(parts) if spec.stacked else parts[0]
+
+    leaves = {spec.path: jnp.asarray(leaf(spec), dtype) for spec in hf_leaf_specs(config)}
+    return state_from_leaves(abstract_state(config, dtype)[1], leaves)
 
 
-def params_to_hf(params: Qwen25VLParams, config: Qwen25VLConfig) -> dict[str, np.ndarray]:
-    """Hub-named torch-layout host arrays for the whole model."""
+def params_to_hf(params: nnx.State, config: Qwen25VLConfig) -> dict[str, np.ndarray]:
+    """Hub-named torch-layout host arrays for the whole model's state."""
     return {**text_params_to_hf(params.text, config.text), **vision_params_to_hf(params.vision, config.vision)}
 
 
 def save_hf_checkpoint(
-    path: str | os.PathLike, config: Qwen25VLConfig, params: Qwen25VLParams, dtype=None
+    path: str | os.PathLike, config: Qwen25VLConfig, params: nnx.State, dtype=None
 ) -> str:
-    """Writes ``config.json`` and ``model.safetensors`` (Hub names; cast to ``dtype`` when given, e.g.
-    ``jnp.bfloat16``) into the folder ``path``, replacing it atomically. Returns the path."""
+    """Writes the model's state ``params`` as ``config.json`` and ``model.safetensors`` (Hub names; cast to
+    ``dtype`` when given, e.g. ``jnp.bfloat16``) into the folder ``path``, replacing it atomically. Returns
+    the path."""
     path = os.path.abspath(os.fspath(path))
     tensors = params_to_hf(params, config)
     if dtype is not None:

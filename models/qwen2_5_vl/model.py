@@ -1,4 +1,19 @@
-"""The whole Qwen2.5-VL model: params, input embedding (tokens + vision features) and the forward pass.
+"""The whole Qwen2.5-VL model: the Flax NNX module tree, its pure state, input embedding and the forward pass.
+
+Module tree (the modules ARE the parameters; ``config`` attributes are static)::
+
+    Qwen25VLModel                 config
+    ├── text: TextModel           embed, norm, lm_head (absent when tied), config
+    │   └── layers: TextDecoderLayers   q_w, k_w, ... stacked on a leading [L] axis
+    └── vision: VisionModel       patch_embed, merger_*, config
+        └── blocks: VisionBlocks        qkv_w, ... stacked on a leading [depth] axis
+
+The bridge to the pure functions: ``graphdef, state = nnx.split(model)`` (or ``nnx.state(model)``) gives
+an ``nnx.State`` with the same attribute paths (``state.text.layers.q_w``), whose ``nnx.Param`` leaves
+behave as arrays; :func:`forward`, :func:`embed_inputs` and the text / vision functions take that state
+(a valid jit argument, scanned over by ``jax.lax.scan``), and ``nnx.merge(graphdef, state)`` rebuilds the
+module (:func:`model_from_state`). :func:`abstract_state` gives the state's shapes without allocating,
+which the loaders fill leaf by leaf (:func:`~models.qwen2_5_vl.state.state_from_leaves`).
 
 :func:`forward` keeps Hugging Face's argument names. It is a thin host wrapper: it converts the grids to
 static tuples, checks the feature counts, computes the 3-D positions with
@@ -9,36 +24,92 @@ grids reuse the compiled program.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from flax.traverse_util import flatten_dict
 
 from .config import Qwen25VLConfig
 from .merge import check_feature_counts, merge_multimodal_embeddings
 from .rope_index import get_rope_index
-from .text import TextParams, decoder_forward, init_text_params, lm_logits
-from .vision import GridTHW, VisionParams, init_vision_params, vision_forward
+from .state import module_from_arrays, state_from_leaves
+from .text import TextModel, decoder_forward, draw_text_arrays, lm_logits
+from .vision import GridTHW, VisionModel, draw_vision_arrays, vision_forward
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Qwen25VLParams:
-    """The whole model's weights: the language model and the vision tower."""
-
-    text: TextParams
-    vision: VisionParams
-
-
-def init_params(config: Qwen25VLConfig, key: jax.Array, dtype=jnp.float32) -> Qwen25VLParams:
-    """Fresh random weights for both halves (see :func:`init_text_params`, :func:`init_vision_params`)."""
+def draw_model_arrays(config: Qwen25VLConfig, key: jax.Array, dtype=jnp.float32) -> dict:
+    """Every random weight of a :class:`Qwen25VLModel`, nested by attribute name: ``key`` split in two,
+    the text half as :func:`~models.qwen2_5_vl.text.draw_text_arrays` (default scale), the vision half
+    as :func:`~models.qwen2_5_vl.vision.draw_vision_arrays`."""
     k_text, k_vision = jax.random.split(key)
-    return Qwen25VLParams(
-        text=init_text_params(config.text, k_text, dtype),
-        vision=init_vision_params(config.vision, k_vision, dtype),
-    )
+    return {
+        "text": draw_text_arrays(config.text, k_text, dtype),
+        "vision": draw_vision_arrays(config.vision, k_vision, dtype),
+    }
+
+
+class Qwen25VLModel(nnx.Module):
+    """The whole model: ``text`` (:class:`~models.qwen2_5_vl.text.TextModel`), ``vision``
+    (:class:`~models.qwen2_5_vl.vision.VisionModel`) and the static ``config``.
+
+    All weights are drawn by :func:`draw_model_arrays` from one key taken from ``rngs``, so the state
+    equals ``init_params(config, key)`` for that key.
+    """
+
+    def __init__(self, config: Qwen25VLConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        arrays = draw_model_arrays(config, rngs.params(), dtype)
+        self.config = config
+        self.text = module_from_arrays(lambda: TextModel(config.text, dtype=dtype, rngs=nnx.Rngs(0)), arrays["text"])
+        self.vision = module_from_arrays(
+            lambda: VisionModel(config.vision, dtype=dtype, rngs=nnx.Rngs(0)), arrays["vision"]
+        )
+
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        pixel_values=None,
+        image_grid_thw=None,
+        pixel_values_videos=None,
+        video_grid_thw=None,
+        second_per_grid_ts=None,
+        position_ids=None,
+    ) -> jax.Array:
+        """Logits ``[B, N, V]`` float32: :func:`forward` on ``nnx.state(self)``. A host wrapper (it reads
+        the grids and ids on the host), not for use under a trace; text-only training calls ``model.text``."""
+        return forward(
+            nnx.state(self), self.config, input_ids, attention_mask, pixel_values, image_grid_thw,
+            pixel_values_videos, video_grid_thw, second_per_grid_ts, position_ids,
+        )
+
+
+def abstract_state(config: Qwen25VLConfig, dtype=jnp.float32) -> tuple[nnx.GraphDef, nnx.State]:
+    """``(graphdef, state)`` of a :class:`Qwen25VLModel` in ``dtype``, the state's leaves
+    ``jax.ShapeDtypeStruct`` (nothing drawn or allocated)."""
+    return nnx.split(nnx.eval_shape(lambda: Qwen25VLModel(config, dtype=dtype, rngs=nnx.Rngs(0))))
+
+
+def init_params(config: Qwen25VLConfig, key: jax.Array, dtype=jnp.float32) -> nnx.State:
+    """The pure state of a :class:`Qwen25VLModel` holding :func:`draw_model_arrays` ``(config, key)``
+    (jittable: ``jax.jit(lambda k: init_params(config, k))`` compiles the draws once)."""
+    _, abstract = abstract_state(config, dtype)
+    return state_from_leaves(abstract, flatten_dict(draw_model_arrays(config, key, dtype)))
+
+
+def model_from_state(config: Qwen25VLConfig, state: nnx.State) -> Qwen25VLModel:
+    """The :class:`Qwen25VLModel` holding ``state`` (its arrays, not copies); a leaf missing, unexpected or
+    of the wrong shape for ``config`` raises :class:`~models.qwen2_5_vl.state.StateLeafError`."""
+    graphdef, abstract = abstract_state(config)
+    return nnx.merge(graphdef, state_from_leaves(abstract, flatten_dict(nnx.to_pure_dict(state))))
+
+
+def text_part(params: nnx.State) -> nnx.State:
+    """The text state of a whole-model state (``params.text``), or ``params`` itself when it already is a
+    text state (a :class:`~models.qwen2_5_vl.text.TextModel`'s, e.g. from a GGUF file)."""
+    return params.text if "text" in params else params
 
 
 def static_grid(grid_thw) -> GridTHW | None:
@@ -62,7 +133,7 @@ def n_vision_features(grid: GridTHW | None, config: Qwen25VLConfig) -> int | Non
 
 
 def embed_inputs(
-    params: Qwen25VLParams,
+    params: nnx.State,
     config: Qwen25VLConfig,
     input_ids: jax.Array,
     pixel_values: jax.Array | None = None,
@@ -71,7 +142,7 @@ def embed_inputs(
     video_grid_thw: GridTHW | None = None,
 ) -> jax.Array:
     """Token embeddings ``[B, N, D]`` with image / video features placed at their pad tokens (jittable;
-    the grids are static tuples). Counts are not checked here: see :func:`check_feature_counts`."""
+    the grids are static tuples). ``params``: a :class:`Qwen25VLModel` state. Counts are not checked here: see :func:`check_feature_counts`."""
     embeds = jnp.take(params.text.embed, input_ids, axis=0)
     for pixels, grid, token_id in (
         (pixel_values, image_grid_thw, config.image_token_id),
@@ -85,7 +156,7 @@ def embed_inputs(
 
 @functools.partial(jax.jit, static_argnames=("config", "image_grid_thw", "video_grid_thw"))
 def forward_core(
-    params: Qwen25VLParams,
+    params: nnx.State,
     config: Qwen25VLConfig,
     input_ids: jax.Array,
     position_ids: jax.Array,
@@ -102,7 +173,7 @@ def forward_core(
 
 
 def forward(
-    params: Qwen25VLParams,
+    params: nnx.State,
     config: Qwen25VLConfig,
     input_ids,
     attention_mask=None,
@@ -116,6 +187,7 @@ def forward(
     """Qwen2.5-VL forward pass -> logits ``[B, N, V]`` float32 (Hugging Face argument names).
 
     Args:
+      params: a :class:`Qwen25VLModel` state (``nnx.state(model)``, :func:`init_params`, a loader).
       input_ids: ``[B, N]`` token ids (image / video pad tokens where features go).
       attention_mask: ``[B, N]``, 1 = token, 0 = padding (left or right); None = no padding.
       pixel_values / pixel_values_videos: ``[P, patch_dim]`` processor patches, grid after grid.

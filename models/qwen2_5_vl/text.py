@@ -1,60 +1,38 @@
-"""The Qwen2.5-VL language model (a Qwen2 decoder with M-RoPE) as pure functions over a params pytree.
+"""The Qwen2.5-VL language model (a Qwen2 decoder with M-RoPE): Flax NNX modules and the pure functions they run.
 
-Layout (see ``docs/DESIGN.md``, "Text interface"):
+Module tree (see ``docs/DESIGN.md``, "Text interface")::
 
-* :class:`TextLayerParams` holds every decoder layer stacked on a leading ``[L]`` axis, so the decoder
-  runs as one :func:`jax.lax.scan` and compile time does not grow with depth;
-* linear weights are ``[in, out]`` (torch's ``[out, in]`` transposed at load time);
-* numerics follow the reference: RMSNorm variance in float32, rotary in float32, softmax in float32.
+    TextModel            embed [V, D], norm [D], lm_head [D, V] (None when tied), config (static)
+    └── layers: TextDecoderLayers   every decoder layer STACKED: one nnx.Param per weight, leading [L] axis
 
-A prefill or decode step with a KV policy writes its own scan body from :func:`layer_qkv`, its own
-attention, and :func:`layer_out`; :func:`decoder_forward` is the dense reference path.
+The bridge: ``nnx.split(model)`` (or ``nnx.state(model)``) gives the pure state, an ``nnx.State`` with
+the same attribute paths (``state.layers.q_w``) whose leaves are ``nnx.Param`` variables that behave as
+arrays. The pure functions below take that state: :func:`decoder_forward` runs the stacked layers as
+one :func:`jax.lax.scan` (compile time does not grow with depth), and a prefill or decode step with a
+KV policy writes its own scan body from :func:`layer_qkv`, its own attention, and :func:`layer_out`.
+The modules' ``__call__`` run the same functions on ``nnx.state(self)``.
+
+Layout and numerics: linear weights are ``[in, out]`` (torch's ``[out, in]`` transposed at load time);
+RMSNorm variance, rotary and softmax in float32, as in the reference.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from flax.traverse_util import flatten_dict
 
 from .config import TextConfig
 from .layers import apply_rotary, dense_attention, rms_norm
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class TextLayerParams:
-    """All decoder layers, every leaf stacked on a leading ``[L]`` axis (one layer's slice inside scan)."""
-
-    input_norm: jax.Array  # [L, D]
-    q_w: jax.Array  # [L, D, Hq*hd]
-    q_b: jax.Array  # [L, Hq*hd]
-    k_w: jax.Array  # [L, D, Hkv*hd]
-    k_b: jax.Array  # [L, Hkv*hd]
-    v_w: jax.Array  # [L, D, Hkv*hd]
-    v_b: jax.Array  # [L, Hkv*hd]
-    o_w: jax.Array  # [L, Hq*hd, D]
-    post_norm: jax.Array  # [L, D]
-    gate_w: jax.Array  # [L, D, F]
-    up_w: jax.Array  # [L, D, F]
-    down_w: jax.Array  # [L, F, D]
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class TextParams:
-    """Embedding, stacked layers, final norm, and the LM head (``None`` when tied to the embedding)."""
-
-    embed: jax.Array  # [V, D]
-    layers: TextLayerParams
-    norm: jax.Array  # [D]
-    lm_head: jax.Array | None  # [D, V] or None (tied)
+from .state import module_from_arrays, state_from_leaves
 
 
 def text_layer_shapes(cfg: TextConfig) -> dict[str, tuple[int, ...]]:
-    """Field of :class:`TextLayerParams` -> one layer's shape in our ``[in, out]`` layout (without the
+    """Weight of :class:`TextDecoderLayers` -> one layer's shape in our ``[in, out]`` layout (without the
     leading ``[L]``); the loader's leaf table and the Hub shapes are both derived from it."""
     d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
@@ -64,26 +42,117 @@ def text_layer_shapes(cfg: TextConfig) -> dict[str, tuple[int, ...]]:
     }
 
 
-def init_text_params(cfg: TextConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> TextParams:
-    """Fresh random weights: normal(0, ``std``) everywhere, biases included (so bias bugs show), and
-    norm weights ``1 + normal(0, 0.1)`` (so a missing or misplaced norm weight shows too)."""
-    n_layers = cfg.num_hidden_layers
-    shapes = text_layer_shapes(cfg)
-    keys = jax.random.split(key, len(shapes) + 4)
-    layer = {}
-    for k, (name, shape) in zip(keys, shapes.items()):
-        x = jax.random.normal(k, (n_layers, *shape), jnp.float32)
-        layer[name] = (1.0 + 0.1 * x if name.endswith("norm") else std * x).astype(dtype)
+# ---------------------------------------------------------------------------------------------- init
+def draw_text_layers(cfg: TextConfig, keys: Sequence[jax.Array], dtype=jnp.float32, std: float = 0.02
+                     ) -> dict[str, jax.Array]:
+    """Random stacked layer weights, one key per weight (in :func:`text_layer_shapes` order): normal(0,
+    ``std``) everywhere, biases included (so bias bugs show), and norm weights ``1 + normal(0, 0.1)``
+    (so a missing or misplaced norm weight shows too). Each ``[L, *shape]`` in ``dtype``."""
+    layers = {}
+    for k, (name, shape) in zip(keys, text_layer_shapes(cfg).items()):
+        x = jax.random.normal(k, (cfg.num_hidden_layers, *shape), jnp.float32)
+        layers[name] = (1.0 + 0.1 * x if name.endswith("norm") else std * x).astype(dtype)
+    return layers
+
+
+def draw_text_arrays(cfg: TextConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> dict:
+    """Every random weight of a :class:`TextModel`, nested by attribute name (``lm_head`` only when
+    untied): the layers as :func:`draw_text_layers`, the embedding and head normal(0, ``std``), the final
+    norm ``1 + normal(0, 0.1)``. The one source of the text model's random weights."""
+    n_fields = len(text_layer_shapes(cfg))
+    keys = jax.random.split(key, n_fields + 4)
     d, v = cfg.hidden_size, cfg.vocab_size
     k_emb, k_norm, k_head = keys[-3:]
-    return TextParams(
-        embed=(std * jax.random.normal(k_emb, (v, d), jnp.float32)).astype(dtype),
-        layers=TextLayerParams(**layer),
-        norm=(1.0 + 0.1 * jax.random.normal(k_norm, (d,), jnp.float32)).astype(dtype),
-        lm_head=None
-        if cfg.tie_word_embeddings
-        else (std * jax.random.normal(k_head, (d, v), jnp.float32)).astype(dtype),
-    )
+    arrays = {
+        "embed": (std * jax.random.normal(k_emb, (v, d), jnp.float32)).astype(dtype),
+        "layers": draw_text_layers(cfg, keys[:n_fields], dtype, std),
+        "norm": (1.0 + 0.1 * jax.random.normal(k_norm, (d,), jnp.float32)).astype(dtype),
+    }
+    if not cfg.tie_word_embeddings:
+        arrays["lm_head"] = (std * jax.random.normal(k_head, (d, v), jnp.float32)).astype(dtype)
+    return arrays
+
+
+# ---------------------------------------------------------------------------------------------- modules
+class TextDecoderLayers(nnx.Module):
+    """All decoder layers, every weight stacked on a leading ``[L]`` axis (one layer's slice inside scan).
+
+    Weights are drawn by :func:`draw_text_layers` from a key taken from ``rngs``.
+    """
+
+    def __init__(self, cfg: TextConfig, *, dtype=jnp.float32, std: float = 0.02, rngs: nnx.Rngs):
+        w = draw_text_layers(cfg, jax.random.split(rngs.params(), len(text_layer_shapes(cfg))), dtype, std)
+        self.config = cfg
+        self.input_norm = nnx.Param(w["input_norm"])  # [L, D]
+        self.q_w = nnx.Param(w["q_w"])  # [L, D, Hq*hd]
+        self.q_b = nnx.Param(w["q_b"])  # [L, Hq*hd]
+        self.k_w = nnx.Param(w["k_w"])  # [L, D, Hkv*hd]
+        self.k_b = nnx.Param(w["k_b"])  # [L, Hkv*hd]
+        self.v_w = nnx.Param(w["v_w"])  # [L, D, Hkv*hd]
+        self.v_b = nnx.Param(w["v_b"])  # [L, Hkv*hd]
+        self.o_w = nnx.Param(w["o_w"])  # [L, Hq*hd, D]
+        self.post_norm = nnx.Param(w["post_norm"])  # [L, D]
+        self.gate_w = nnx.Param(w["gate_w"])  # [L, D, F]
+        self.up_w = nnx.Param(w["up_w"])  # [L, D, F]
+        self.down_w = nnx.Param(w["down_w"])  # [L, F, D]
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None) -> jax.Array:
+        """Hidden ``x [B, N, D]`` through every layer (dense attention): see :func:`run_text_layers`."""
+        return run_text_layers(nnx.state(self), x, cos, sin, mask, self.config)
+
+
+class TextModel(nnx.Module):
+    """The language model: ``embed [V, D]``, ``layers`` (:class:`TextDecoderLayers`), ``norm [D]`` and
+    ``lm_head [D, V]`` (``None`` when tied to the embedding, and then absent from the state).
+
+    All weights are drawn by :func:`draw_text_arrays` from one key taken from ``rngs``, so the state
+    equals ``init_text_params(cfg, key)`` for that key.
+    """
+
+    def __init__(self, cfg: TextConfig, *, dtype=jnp.float32, std: float = 0.02, rngs: nnx.Rngs):
+        arrays = draw_text_arrays(cfg, rngs.params(), dtype, std)
+        self.config = cfg
+        self.embed = nnx.Param(arrays["embed"])
+        self.layers = module_from_arrays(
+            lambda: TextDecoderLayers(cfg, dtype=dtype, std=std, rngs=nnx.Rngs(0)), arrays["layers"]
+        )
+        self.norm = nnx.Param(arrays["norm"])
+        self.lm_head = nnx.Param(arrays["lm_head"]) if "lm_head" in arrays else None
+
+    def __call__(
+        self,
+        input_ids: jax.Array | None = None,
+        *,
+        inputs_embeds: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """Logits ``[B, N, V]`` float32 of ``input_ids [B, N]`` or ``inputs_embeds [B, N, D]`` (exactly one).
+
+        ``position_ids``: ``[B, N]`` or ``[3, B, N]``; default ``arange(N)`` for every row (give them
+        for left padding). ``attention_mask`` ``[B, N]``: 1 = token, 0 = padding. Traceable (``nnx.jit``).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        params = nnx.state(self)
+        embeds = jnp.take(params.embed, input_ids, axis=0) if inputs_embeds is None else inputs_embeds
+        if position_ids is None:
+            b, n = embeds.shape[:2]
+            position_ids = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+        hidden = decoder_forward(params, embeds, position_ids, attention_mask, self.config)
+        return lm_logits(params, hidden)
+
+
+def abstract_text_state(cfg: TextConfig, dtype=jnp.float32) -> tuple[nnx.GraphDef, nnx.State]:
+    """``(graphdef, state)`` of a text-only :class:`TextModel` (e.g. a GGUF model), the state's leaves
+    ``jax.ShapeDtypeStruct`` (nothing drawn or allocated)."""
+    return nnx.split(nnx.eval_shape(lambda: TextModel(cfg, dtype=dtype, rngs=nnx.Rngs(0))))
+
+
+def init_text_params(cfg: TextConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> nnx.State:
+    """The pure state of a :class:`TextModel` holding :func:`draw_text_arrays` ``(cfg, key)`` (jittable)."""
+    _, abstract = abstract_text_state(cfg, dtype)
+    return state_from_leaves(abstract, flatten_dict(draw_text_arrays(cfg, key, dtype, std)))
 
 
 # ---------------------------------------------------------------------------------------------- rotary
@@ -118,9 +187,11 @@ def _split_heads(x: jax.Array, n_heads: int) -> jax.Array:
 
 
 def layer_qkv(
-    lp: TextLayerParams, x: jax.Array, cos: jax.Array, sin: jax.Array, cfg: TextConfig
+    lp: nnx.State, x: jax.Array, cos: jax.Array, sin: jax.Array, cfg: TextConfig
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Input RMSNorm and the q/k/v projections (with bias) of one layer; rotary applied to q and k.
+
+    ``lp`` is one layer's slice of the :class:`TextDecoderLayers` state (what scan hands its body).
 
     ``x`` ``[B, N, D]``; ``cos``/``sin`` ``[B, N, hd]`` float32 ->
     ``q [B, Hq, N, hd]``, ``k [B, Hkv, N, hd]``, ``v [B, Hkv, N, hd]`` in ``x.dtype``.
@@ -133,7 +204,7 @@ def layer_qkv(
     return apply_rotary(q, c, s), apply_rotary(k, c, s), v
 
 
-def layer_out(lp: TextLayerParams, x: jax.Array, attn: jax.Array, cfg: TextConfig) -> jax.Array:
+def layer_out(lp: nnx.State, x: jax.Array, attn: jax.Array, cfg: TextConfig) -> jax.Array:
     """``o_proj`` (no bias) + residual, then post-attention RMSNorm, SwiGLU MLP (no biases) + residual.
 
     ``x`` ``[B, N, D]`` is the layer input (the residual); ``attn`` ``[B, Hq, N, hd]``.
@@ -157,8 +228,23 @@ def causal_padding_mask(attention_mask: jax.Array | None, n: int) -> jax.Array:
     return causal & keys_ok
 
 
+def run_text_layers(
+    layers: nnx.State, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None, cfg: TextConfig
+) -> jax.Array:
+    """Hidden ``x [B, N, D]`` through every layer of the :class:`TextDecoderLayers` state ``layers`` with
+    dense attention, under one :func:`jax.lax.scan`. ``cos``/``sin`` ``[B, N, hd]`` float32 (from
+    :func:`mrope_cos_sin`); ``mask`` boolean, broadcastable to ``[B, 1, N, N]`` (True = attend)."""
+
+    def body(x, lp: nnx.State):
+        q, k, v = layer_qkv(lp, x, cos, sin, cfg)
+        return layer_out(lp, x, dense_attention(q, k, v, mask), cfg), None
+
+    x, _ = jax.lax.scan(body, x, layers)
+    return x
+
+
 def decoder_forward(
-    params: TextParams,
+    params: nnx.State,
     embeds: jax.Array,
     position_ids: jax.Array,
     attention_mask: jax.Array | None,
@@ -166,29 +252,27 @@ def decoder_forward(
 ) -> jax.Array:
     """Dense causal, padding-aware decoder over ``embeds [B, N, D]`` -> hidden ``[B, N, D]`` (final norm applied).
 
-    ``position_ids`` is ``[3, B, N]`` (from :func:`~models.qwen2_5_vl.rope_index.get_rope_index`) or
-    ``[B, N]`` for text-only positions. The layers run under :func:`jax.lax.scan`.
+    ``params``: a :class:`TextModel` state. ``position_ids`` is ``[3, B, N]`` (from
+    :func:`~models.qwen2_5_vl.rope_index.get_rope_index`) or ``[B, N]`` for text-only positions. The
+    layers run under :func:`jax.lax.scan` (:func:`run_text_layers`).
     """
     cos, sin = mrope_cos_sin(position_ids, cfg)
     mask = causal_padding_mask(attention_mask, embeds.shape[1])
-
-    def body(x, lp: TextLayerParams):
-        q, k, v = layer_qkv(lp, x, cos, sin, cfg)
-        return layer_out(lp, x, dense_attention(q, k, v, mask), cfg), None
-
-    x, _ = jax.lax.scan(body, embeds, params.layers)
+    x = run_text_layers(params.layers, embeds, cos, sin, mask, cfg)
     return rms_norm(x, params.norm, cfg.rms_norm_eps)
 
 
-def lm_logits(params: TextParams, hidden: jax.Array) -> jax.Array:
-    """``hidden [B, N, D]`` -> logits ``[B, N, V]`` float32 (through the embedding when the head is tied)."""
-    if params.lm_head is None:
+def lm_logits(params: nnx.State, hidden: jax.Array) -> jax.Array:
+    """``hidden [B, N, D]`` -> logits ``[B, N, V]`` float32 (through the embedding when the head is tied:
+    a tied :class:`TextModel` state has no ``lm_head``)."""
+    lm_head = getattr(params, "lm_head", None)
+    if lm_head is None:
         return jnp.einsum("bnd,vd->bnv", hidden, params.embed, preferred_element_type=jnp.float32)
-    return jnp.einsum("bnd,dv->bnv", hidden, params.lm_head, preferred_element_type=jnp.float32)
+    return jnp.einsum("bnd,dv->bnv", hidden, lm_head, preferred_element_type=jnp.float32)
 
 
 # ---------------------------------------------------------------------------------------------- HF keys
-# Field of TextLayerParams -> (Hub name inside ``model.layers.N.``, stored transposed in torch layout?)
+# Weight of TextDecoderLayers -> (Hub name inside ``model.layers.N.``, stored transposed in torch layout?)
 TEXT_LAYER_HF_NAMES: dict[str, tuple[str, bool]] = {
     "input_norm": ("input_layernorm.weight", False),
     "q_w": ("self_attn.q_proj.weight", True),
@@ -220,28 +304,23 @@ def text_hf_shapes(cfg: TextConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def text_params_from_hf(tensors: Mapping[str, np.ndarray], cfg: TextConfig, dtype=jnp.float32) -> TextParams:
-    """Builds :class:`TextParams` from Hub-named host arrays (shapes already checked by the loader)."""
+def text_params_from_hf(tensors: Mapping[str, np.ndarray], cfg: TextConfig, dtype=jnp.float32) -> nnx.State:
+    """A :class:`TextModel` state in ``dtype`` from Hub-named host arrays (shapes already checked)."""
 
-    def get(name: str, transposed: bool = False) -> np.ndarray:
+    def get(name: str, transposed: bool = False) -> jax.Array:
         a = np.asarray(tensors[name])
-        return a.T if transposed else a
+        return jnp.asarray(a.T if transposed else a, dtype=dtype)
 
-    layers = {
-        field: jnp.asarray(
-            np.stack([get(f"model.layers.{i}.{name}", tr) for i in range(cfg.num_hidden_layers)]), dtype=dtype
-        )
-        for field, (name, tr) in TEXT_LAYER_HF_NAMES.items()
-    }
-    return TextParams(
-        embed=jnp.asarray(get("model.embed_tokens.weight"), dtype=dtype),
-        layers=TextLayerParams(**layers),
-        norm=jnp.asarray(get("model.norm.weight"), dtype=dtype),
-        lm_head=None if cfg.tie_word_embeddings else jnp.asarray(get("lm_head.weight", True), dtype=dtype),
-    )
+    leaves = {("embed",): get("model.embed_tokens.weight"), ("norm",): get("model.norm.weight")}
+    for field, (name, tr) in TEXT_LAYER_HF_NAMES.items():
+        stacked = np.stack([np.asarray(tensors[f"model.layers.{i}.{name}"]) for i in range(cfg.num_hidden_layers)])
+        leaves[("layers", field)] = jnp.asarray(stacked.swapaxes(-1, -2) if tr else stacked, dtype=dtype)
+    if not cfg.tie_word_embeddings:
+        leaves[("lm_head",)] = get("lm_head.weight", True)
+    return state_from_leaves(abstract_text_state(cfg, dtype)[1], leaves)
 
 
-def text_params_to_hf(params: TextParams, cfg: TextConfig) -> dict[str, np.ndarray]:
+def text_params_to_hf(params: nnx.State, cfg: TextConfig) -> dict[str, np.ndarray]:
     """The inverse of :func:`text_params_from_hf`: Hub-named host arrays in torch layout."""
     out: dict[str, np.ndarray] = {"model.embed_tokens.weight": np.asarray(params.embed)}
     for field, (name, transposed) in TEXT_LAYER_HF_NAMES.items():
@@ -249,6 +328,7 @@ def text_params_to_hf(params: TextParams, cfg: TextConfig) -> dict[str, np.ndarr
         for i in range(cfg.num_hidden_layers):
             out[f"model.layers.{i}.{name}"] = np.ascontiguousarray(stacked[i].T if transposed else stacked[i])
     out["model.norm.weight"] = np.asarray(params.norm)
-    if params.lm_head is not None:
-        out["lm_head.weight"] = np.ascontiguousarray(np.asarray(params.lm_head).T)
+    lm_head = getattr(params, "lm_head", None)
+    if lm_head is not None:
+        out["lm_head.weight"] = np.ascontiguousarray(np.asarray(lm_head).T)
     return out

@@ -1,5 +1,9 @@
 """Qwen2.5-VL vision tower (ViT with 2-D rotary, window attention and a 2x2 patch merger).
 
+Module tree: :class:`VisionModel` (patch embed, merger weights, static ``config``) holding
+``blocks: VisionBlocks`` (every block's weights stacked on a leading ``[depth]`` axis). Its pure state
+(``nnx.state(model)``) is what :func:`vision_forward` runs on; ``VisionModel.__call__`` does exactly that.
+
 Mirrors ``Qwen2_5_VisionTransformerPretrainedModel`` from transformers:
 
 1. patch embed: the bias-free Conv3d as a matmul over rows of ``patch_dim`` (C * T * P * P) values;
@@ -29,9 +33,12 @@ from typing import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from flax.traverse_util import flatten_dict
 
 from models.qwen2_5_vl.config import VisionConfig
 from models.qwen2_5_vl.layers import apply_rotary, dense_attention, rms_norm
+from models.qwen2_5_vl.state import module_from_arrays, state_from_leaves
 
 GridTHW = tuple[tuple[int, int, int], ...]
 
@@ -48,58 +55,9 @@ class VisionWeightsError(ValueError):
 
 
 # ----------------------------------------------------------------------------- params
-@functools.partial(
-    jax.tree_util.register_dataclass,
-    data_fields=[
-        "norm1", "qkv_w", "qkv_b", "proj_w", "proj_b", "norm2",
-        "gate_w", "gate_b", "up_w", "up_b", "down_w", "down_b",
-    ],
-    meta_fields=[],
-)
-@dataclasses.dataclass(frozen=True)
-class VisionBlockParams:
-    """All vision blocks, every leaf with a leading ``[depth]`` axis; linear weights ``[in, out]``.
-
-    norm1 [L,D], qkv_w [L,D,3D], qkv_b [L,3D], proj_w [L,D,D], proj_b [L,D], norm2 [L,D],
-    gate_w [L,D,F], gate_b [L,F], up_w [L,D,F], up_b [L,F], down_w [L,F,D], down_b [L,D].
-    """
-
-    norm1: jax.Array
-    qkv_w: jax.Array
-    qkv_b: jax.Array
-    proj_w: jax.Array
-    proj_b: jax.Array
-    norm2: jax.Array
-    gate_w: jax.Array
-    gate_b: jax.Array
-    up_w: jax.Array
-    up_b: jax.Array
-    down_w: jax.Array
-    down_b: jax.Array
-
-
-@functools.partial(
-    jax.tree_util.register_dataclass,
-    data_fields=["patch_embed", "blocks", "merger_norm", "merger_fc1_w", "merger_fc1_b", "merger_fc2_w", "merger_fc2_b"],
-    meta_fields=[],
-)
-@dataclasses.dataclass(frozen=True)
-class VisionParams:
-    """patch_embed [patch_dim, D] (no bias), blocks (stacked), merger: norm [D],
-    fc1 [4D, 4D] + bias, fc2 [4D, out_hidden] + bias (4 = merge_unit)."""
-
-    patch_embed: jax.Array
-    blocks: VisionBlockParams
-    merger_norm: jax.Array
-    merger_fc1_w: jax.Array
-    merger_fc1_b: jax.Array
-    merger_fc2_w: jax.Array
-    merger_fc2_b: jax.Array
-
-
 def vision_param_shapes(cfg: VisionConfig) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
-    """Our-layout shapes of the vision params: ``(top, blocks)``, field -> shape, the block fields with
-    their leading ``[depth]`` axis."""
+    """Our-layout shapes of the vision weights: ``(top, blocks)``, attribute -> shape, the block weights
+    with their leading ``[depth]`` axis."""
     d, f, L = cfg.hidden_size, cfg.intermediate_size, cfg.depth
     m = d * cfg.merge_unit
     top = {
@@ -127,30 +85,97 @@ def vision_param_shapes(cfg: VisionConfig) -> tuple[dict[str, tuple[int, ...]], 
     return top, blocks
 
 
-def init_vision_params(cfg: VisionConfig, key: jax.Array, dtype=jnp.float32) -> VisionParams:
-    """Random weights for tests: matrices ~ N(0, 1/fan_in), biases ~ N(0, 0.1^2), norm weights
+def draw_vision_weight(name: str, key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+    """One random vision weight for tests: matrices ~ N(0, 1/fan_in), biases ~ N(0, 0.1^2), norm weights
     ~ 1 + N(0, 0.1^2) (all random, so a swapped or dropped tensor shows in parity tests)."""
+    z = jax.random.normal(key, shape, jnp.float32)
+    if name.startswith("norm") or name == "merger_norm":
+        v = 1.0 + 0.1 * z
+    elif name.endswith("_b"):
+        v = 0.1 * z
+    else:  # [.., in, out]
+        v = z / np.sqrt(shape[-2])
+    return v.astype(dtype)
+
+
+def draw_vision_blocks(cfg: VisionConfig, keys: Sequence[jax.Array], dtype=jnp.float32) -> dict[str, jax.Array]:
+    """The stacked block weights (:func:`draw_vision_weight`), one key per weight in
+    :func:`vision_param_shapes` order."""
+    shapes = vision_param_shapes(cfg)[1]
+    return {name: draw_vision_weight(name, k, shape, dtype) for k, (name, shape) in zip(keys, shapes.items())}
+
+
+def draw_vision_arrays(cfg: VisionConfig, key: jax.Array, dtype=jnp.float32) -> dict:
+    """Every random weight of a :class:`VisionModel`, nested by attribute name: the one source of the
+    tower's random weights (the top-level weights, then the blocks, each from its own split of ``key``)."""
     top, blocks = vision_param_shapes(cfg)
-    specs = list(top.items()) + [("blocks." + k, s) for k, s in blocks.items()]
-    keys = jax.random.split(key, len(specs))
-    out: dict[str, jax.Array] = {}
-    for (name, shape), k in zip(specs, keys):
-        field = name.split(".")[-1]
-        z = jax.random.normal(k, shape, jnp.float32)
-        if field.startswith("norm") or field == "merger_norm":
-            v = 1.0 + 0.1 * z
-        elif field.endswith("_b"):
-            v = 0.1 * z
-        else:  # [.., in, out]
-            v = z / np.sqrt(shape[-2])
-        out[name] = v.astype(dtype)
-    block_params = VisionBlockParams(**{k: out.pop("blocks." + k) for k in blocks})
-    return VisionParams(blocks=block_params, **out)
+    keys = jax.random.split(key, len(top) + len(blocks))
+    arrays: dict = {name: draw_vision_weight(name, k, shape, dtype) for k, (name, shape) in zip(keys, top.items())}
+    arrays["blocks"] = draw_vision_blocks(cfg, keys[len(top):], dtype)
+    return arrays
+
+
+class VisionBlocks(nnx.Module):
+    """All vision blocks, every weight with a leading ``[depth]`` axis; linear weights ``[in, out]``.
+
+    Weights are drawn by :func:`draw_vision_blocks` from a key taken from ``rngs``.
+    """
+
+    def __init__(self, cfg: VisionConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        w = draw_vision_blocks(cfg, jax.random.split(rngs.params(), len(vision_param_shapes(cfg)[1])), dtype)
+        self.norm1 = nnx.Param(w["norm1"])  # [L, D]
+        self.qkv_w = nnx.Param(w["qkv_w"])  # [L, D, 3D]
+        self.qkv_b = nnx.Param(w["qkv_b"])  # [L, 3D]
+        self.proj_w = nnx.Param(w["proj_w"])  # [L, D, D]
+        self.proj_b = nnx.Param(w["proj_b"])  # [L, D]
+        self.norm2 = nnx.Param(w["norm2"])  # [L, D]
+        self.gate_w = nnx.Param(w["gate_w"])  # [L, D, F]
+        self.gate_b = nnx.Param(w["gate_b"])  # [L, F]
+        self.up_w = nnx.Param(w["up_w"])  # [L, D, F]
+        self.up_b = nnx.Param(w["up_b"])  # [L, F]
+        self.down_w = nnx.Param(w["down_w"])  # [L, F, D]
+        self.down_b = nnx.Param(w["down_b"])  # [L, D]
+
+
+class VisionModel(nnx.Module):
+    """The vision tower: ``patch_embed [patch_dim, D]`` (no bias), ``blocks`` (:class:`VisionBlocks`),
+    and the merger: ``merger_norm [D]``, ``merger_fc1_w [4D, 4D]`` + ``merger_fc1_b``, ``merger_fc2_w
+    [4D, out_hidden]`` + ``merger_fc2_b`` (4 = merge_unit); ``config`` static.
+
+    All weights are drawn by :func:`draw_vision_arrays` from one key taken from ``rngs``, so the state
+    equals ``init_vision_params(cfg, key)`` for that key.
+    """
+
+    def __init__(self, cfg: VisionConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        arrays = draw_vision_arrays(cfg, rngs.params(), dtype)
+        self.config = cfg
+        self.patch_embed = nnx.Param(arrays["patch_embed"])
+        self.blocks = module_from_arrays(lambda: VisionBlocks(cfg, dtype=dtype, rngs=nnx.Rngs(0)), arrays["blocks"])
+        self.merger_norm = nnx.Param(arrays["merger_norm"])
+        self.merger_fc1_w = nnx.Param(arrays["merger_fc1_w"])
+        self.merger_fc1_b = nnx.Param(arrays["merger_fc1_b"])
+        self.merger_fc2_w = nnx.Param(arrays["merger_fc2_w"])
+        self.merger_fc2_b = nnx.Param(arrays["merger_fc2_b"])
+
+    def __call__(self, pixel_values: jax.Array, grid_thw) -> jax.Array:
+        """Merged features ``[P // merge_unit, out_hidden]``: see :func:`vision_forward`."""
+        return vision_forward(nnx.state(self), pixel_values, grid_thw, self.config)
+
+
+def abstract_vision_state(cfg: VisionConfig, dtype=jnp.float32) -> tuple[nnx.GraphDef, nnx.State]:
+    """``(graphdef, state)`` of a :class:`VisionModel`, the state's leaves ``jax.ShapeDtypeStruct``."""
+    return nnx.split(nnx.eval_shape(lambda: VisionModel(cfg, dtype=dtype, rngs=nnx.Rngs(0))))
+
+
+def init_vision_params(cfg: VisionConfig, key: jax.Array, dtype=jnp.float32) -> nnx.State:
+    """The pure state of a :class:`VisionModel` holding :func:`draw_vision_arrays` ``(cfg, key)`` (jittable)."""
+    _, abstract = abstract_vision_state(cfg, dtype)
+    return state_from_leaves(abstract, flatten_dict(draw_vision_arrays(cfg, key, dtype)))
 
 
 # ----------------------------------------------------------------------------- HF names
 def vision_block_hf_names(i: int) -> dict[str, str]:
-    """Field of :class:`VisionBlockParams` -> Hub name of block ``i``'s tensor."""
+    """Weight of :class:`VisionBlocks` -> Hub name of block ``i``'s tensor."""
     p = f"visual.blocks.{i}."
     return {
         "norm1": p + "norm1.weight",
@@ -168,7 +193,7 @@ def vision_block_hf_names(i: int) -> dict[str, str]:
     }
 
 
-# Top-level field of VisionParams -> Hub name.
+# Top-level weight of VisionModel -> Hub name.
 VISION_TOP_HF_NAMES = {
     "patch_embed": "visual.patch_embed.proj.weight",
     "merger_norm": "visual.merger.ln_q.weight",
@@ -215,8 +240,8 @@ def _to_torch_layout(field: str, x: np.ndarray, cfg: VisionConfig) -> np.ndarray
     return x
 
 
-def vision_params_from_hf(tensors: Mapping[str, np.ndarray], cfg: VisionConfig, dtype=jnp.float32) -> VisionParams:
-    """Builds :class:`VisionParams` from torch-layout arrays keyed by Hub names (``visual.*``).
+def vision_params_from_hf(tensors: Mapping[str, np.ndarray], cfg: VisionConfig, dtype=jnp.float32) -> nnx.State:
+    """A :class:`VisionModel` state in ``dtype`` from torch-layout arrays keyed by Hub names (``visual.*``).
 
     Extra keys (e.g. the text half) are ignored; a missing or wrong-shape vision tensor raises
     :class:`VisionWeightsError`.
@@ -234,16 +259,14 @@ def vision_params_from_hf(tensors: Mapping[str, np.ndarray], cfg: VisionConfig, 
     def load(field: str, name: str) -> np.ndarray:
         return vision_to_jax_layout(field, np.asarray(tensors[name]), cfg)
 
-    top = {f: jnp.asarray(load(f, n), dtype) for f, n in VISION_TOP_HF_NAMES.items()}
+    leaves = {(f,): jnp.asarray(load(f, n), dtype) for f, n in VISION_TOP_HF_NAMES.items()}
     names = [vision_block_hf_names(i) for i in range(cfg.depth)]
-    blocks = {
-        f: jnp.asarray(np.stack([load(f, names[i][f]) for i in range(cfg.depth)]), dtype)
-        for f in names[0]
-    }
-    return VisionParams(blocks=VisionBlockParams(**blocks), **top)
+    for f in names[0]:
+        leaves[("blocks", f)] = jnp.asarray(np.stack([load(f, names[i][f]) for i in range(cfg.depth)]), dtype)
+    return state_from_leaves(abstract_vision_state(cfg, dtype)[1], leaves)
 
 
-def vision_params_to_hf(params: VisionParams, cfg: VisionConfig) -> dict[str, np.ndarray]:
+def vision_params_to_hf(params: nnx.State, cfg: VisionConfig) -> dict[str, np.ndarray]:
     """Inverse of :func:`vision_params_from_hf`: Hub names -> torch-layout numpy arrays (params' dtype)."""
     out = {n: np.ascontiguousarray(_to_torch_layout(f, np.asarray(getattr(params, f)), cfg)) for f, n in VISION_TOP_HF_NAMES.items()}
     for f in vision_param_shapes(cfg)[1]:
@@ -540,9 +563,9 @@ def batched_segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, batches:
     return flat[jnp.asarray(batches.scatter)]
 
 
-def vision_block(bp: VisionBlockParams, x: jax.Array, cos: jax.Array, sin: jax.Array,
+def vision_block(bp: nnx.State, x: jax.Array, cos: jax.Array, sin: jax.Array,
                  segments: SegmentBatches | jax.Array, cfg: VisionConfig) -> jax.Array:
-    """One block (``bp`` is one layer's slice): x + attn(norm1(x)); x + mlp(norm2(x)).
+    """One block (``bp`` is one layer's slice of the :class:`VisionBlocks` state): x + attn(norm1(x)); x + mlp(norm2(x)).
 
     ``segments``: a :class:`SegmentBatches` (batched attention, what the tower runs) or per-row
     segment ids ``[P]`` (the dense ``[P, P]``-mask reference, for tests and benchmarks).
@@ -572,7 +595,7 @@ def _same_batches(a: SegmentBatches, b: SegmentBatches) -> bool:
 
 
 @functools.partial(jax.jit, static_argnames=("grid_thw", "cfg"))
-def _vision_forward(params: VisionParams, pixel_values: jax.Array, grid_thw: GridTHW, cfg: VisionConfig) -> jax.Array:
+def _vision_forward(params: nnx.State, pixel_values: jax.Array, grid_thw: GridTHW, cfg: VisionConfig) -> jax.Array:
     layout = vision_layout(grid_thw, cfg)
     dtype = params.patch_embed.dtype
     x = pixel_values.astype(dtype) @ params.patch_embed  # [P, D], original row order
@@ -603,8 +626,10 @@ def _vision_forward(params: VisionParams, pixel_values: jax.Array, grid_thw: Gri
     return x[layout.merged_unperm]
 
 
-def vision_forward(params: VisionParams, pixel_values: jax.Array, grid_thw, cfg: VisionConfig) -> jax.Array:
+def vision_forward(params: nnx.State, pixel_values: jax.Array, grid_thw, cfg: VisionConfig) -> jax.Array:
     """Vision tower: ``pixel_values [P, patch_dim]`` -> merged features ``[P // merge_unit, out_hidden]``.
+
+    ``params``: a :class:`VisionModel` state (``nnx.state(model)``, or from :func:`init_vision_params`).
 
     ``grid_thw`` is static: a tuple of ``(t, h, w)`` patch-grid triples (lists and ``[n, 3]`` host
     arrays are converted). Rows of ``pixel_values`` are the processor's patches, grid after grid.

@@ -22,7 +22,8 @@ import os
 import jax
 import numpy as np
 
-from models.qwen2_5_vl import init_params, save_hf_checkpoint, tiny_config
+from models.qwen2_5_vl import save_hf_checkpoint, tiny_config
+from purekv_jax.param_tree import abstract_params, path_name
 from purekv_jax.processing import QWEN25VL_CHAT_TEMPLATE, tokenizer_from_tiktoken
 
 #: Qwen2.5's 151,643 BPE ranks + 22 special tokens = 151,665 ids; rounded up to a multiple of 64.
@@ -65,11 +66,11 @@ def random_params(config, seed: int = 0):
     text matrices N(0, 0.02^2), vision matrices N(0, 1/fan_in), vision biases N(0, 0.1^2), norm weights
     1 + N(0, 0.1^2).
     """
-    shapes = jax.eval_shape(lambda key: init_params(config, key), jax.random.key(0))  # traces, never compiles
+    shapes = abstract_params(config)  # traces, never compiles
     rng = np.random.default_rng(seed)
 
     def draw(path, leaf):
-        names = [str(getattr(k, "name", getattr(k, "key", k))) for k in path]
+        names = path_name(path).split(".")
         field = names[-1]
         z = rng.standard_normal(leaf.shape, dtype=np.float32)
         if field.endswith("norm") or field.startswith("norm"):

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.qwen2_5_vl.layers import dense_attention, rms_norm
-from models.qwen2_5_vl.text import TextConfig, TextParams, layer_out, layer_qkv, lm_logits, mrope_cos_sin
+from models.qwen2_5_vl.text import TextConfig, layer_out, layer_qkv, lm_logits, mrope_cos_sin
 
 from .. import cache as C
 from .. import policies as P
@@ -75,7 +75,7 @@ def score_policies_needed(configs) -> tuple:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "score_policies"))
-def analysis_prefill(params: TextParams, ids: jax.Array, window_len: jax.Array | None = None, *, cfg: TextConfig,
+def analysis_prefill(params, ids: jax.Array, window_len: jax.Array | None = None, *, cfg: TextConfig,
                      score_policies: tuple):
     """Dense prefill of ``ids [B, N]`` -> ``(k, v [L, B, Hkv, N, hd], scores: tuple of [L, B, Hkv, N],
     last-position logits [B, V])``, one score per policy of ``score_policies`` (the project's policy objects,
@@ -131,7 +131,7 @@ def build_full_cache(k, v):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def continuation_logits(params: TextParams, cache: C.KVCache, ids: jax.Array, *, cfg: TextConfig) -> jax.Array:
+def continuation_logits(params, cache: C.KVCache, ids: jax.Array, *, cfg: TextConfig) -> jax.Array:
     """Teacher-forced logits ``[B, T, V]`` float32 of ``ids [B, T]`` fed after the cached prompt.
 
     Each layer appends the ``T`` new keys/values after the cache's slots; query ``t`` sees the valid cache
@@ -267,7 +267,7 @@ class FidelitySettings:
     policies: tuple[str, ...] | None = None  # run only these (and full, snapkv, clie); None = all
 
 
-def run_fidelity(params: TextParams, cfg: TextConfig, tokenizer, settings: FidelitySettings,
+def run_fidelity(params, cfg: TextConfig, tokenizer, settings: FidelitySettings,
                  sources=None, log=print) -> dict:
     """Runs every (length, policy, budget) over ``settings.prompts`` windows per length -> a JSON-able dict."""
     t_start = time.perf_counter()
