@@ -10,8 +10,8 @@ float32), then runs each case in a fresh subprocess and reports:
   sampled every 5 ms by the parent, minus its baseline;
 * the checkpoint size and the largest params leaf (in the output dtype) for comparison.
 
-For reference it also measures ``load_hf_checkpoint`` (reads every tensor, then builds the params: the
-whole model in memory, twice at the moment of building) and ``load_checkpoint`` on the orbax output.
+It also measures ``load_hf_checkpoint`` (the abstract state first, then filled one leaf at a time from the
+safetensors files) and ``load_checkpoint`` on the orbax output (restored leaf by leaf).
 
     JAX_PLATFORMS=cpu python benchmarks/convert_memory.py [--workdir DIR] [--keep]
 """
@@ -40,8 +40,8 @@ while writing, which here stays under the verify peak). While verifying, one res
 fixed 100 MB OCDBT cache pool. Peak anon ~ 2-3x the largest leaf here, i.e. ~0.4-0.6x the checkpoint; for
 Qwen2.5-VL-7B (largest leaf: a stacked MLP weight, 28 x 3584 x 18944 bf16 = 3.8 GB, of a 16.6 GB
 checkpoint) that projects to ~4-8 GB (not measured). `peak RSS` also counts the memory-mapped pages of the
-one source tensor being read (file-backed, reclaimable). `load_hf_checkpoint` holds every tensor and then
-the built params (2x); `load_checkpoint` restores leaf by leaf, so it holds the params plus one leaf.
+one source tensor being read (file-backed, reclaimable). `load_hf_checkpoint` and `load_checkpoint` both fill the
+model's abstract state leaf by leaf, so they hold the params plus one leaf.
 """
 
 
