@@ -116,12 +116,12 @@ def row_specs(st_backends):
            ("purekv", "PureKV default, budget 0.2", PureKVConfig(budget=0.2), "auto")]
     for b in st_backends:
         out.append((f"st-{b}", f"PureKV 0.2 + ST-SpAttn ({b})",
-                    PureKVConfig(budget=0.2, st_sparse=True, st_backend=b), "auto"))
+                    PureKVConfig(budget=0.2, st_sparse=True, st_backend=b, st_select="always"), "auto"))
     out.append(("paper", "paper CLIE, PureKVConfig.paper(0.2)", PureKVConfig.paper(0.2), "auto"))
     out.append(("full-sdpa", "ref: full cache, dense layers via sdpa", None, sdpa_attention))
     b = st_backends[0]
     out.append((f"st-{b}-sdpa", f"ref: PureKV 0.2 + ST ({b}), dense layers via sdpa",
-                PureKVConfig(budget=0.2, st_sparse=True, st_backend=b), sdpa_attention))
+                PureKVConfig(budget=0.2, st_sparse=True, st_backend=b, st_select="always"), sdpa_attention))
     return out
 
 

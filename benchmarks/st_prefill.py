@@ -47,7 +47,7 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--block", type=int, default=128)
     ap.add_argument("--budget", type=float, default=0.2)
-    ap.add_argument("--only", default=None, help="comma-separated row numbers to run (1-4)")
+    ap.add_argument("--only", default=None, help="comma-separated row numbers to run (1-6)")
     args = ap.parse_args(argv)
 
     config = bench_config(1024)
@@ -66,9 +66,11 @@ def main(argv=None) -> None:
     common = dict(window=32, sink=4, st_block_q=args.block, st_block_k=args.block, st_backend="xla")
     runs = [
         ("no compression", "off", PureKVConfig(budget=1.0, cross_layer=False, **common)),
-        ("no compression", "on", PureKVConfig(budget=1.0, cross_layer=False, st_sparse=True, **common)),
+        ("no compression", "on", PureKVConfig(budget=1.0, cross_layer=False, st_sparse=True, st_select="always", **common)),
         (f"CLIE {int(args.budget * 100)}%", "off", PureKVConfig(budget=args.budget, **common)),
-        (f"CLIE {int(args.budget * 100)}%", "on", PureKVConfig(budget=args.budget, st_sparse=True, **common)),
+        (f"CLIE {int(args.budget * 100)}%", "on", PureKVConfig(budget=args.budget, st_sparse=True, st_select="always", **common)),
+        ("no compression", "auto", PureKVConfig(budget=1.0, cross_layer=False, st_sparse=True, **common)),
+        (f"CLIE {int(args.budget * 100)}%", "auto", PureKVConfig(budget=args.budget, st_sparse=True, **common)),
     ]
     if args.only:
         keep = {int(x) for x in args.only.split(",")}
@@ -90,7 +92,8 @@ def main(argv=None) -> None:
           f"off = flash-style dense prefill attention. Median of {args.reps} interleaved rounds after one compile run each.\n")
     print(f"ST union density: {tab.density:.3f} of all blocks, {tab.causal_density:.3f} of causal blocks "
           f"(video rows only: see benchmarks/st_sparse_cpu.py)\n")
-    print("| policy | ST-SpAttn | density (ST layers, blocks computed / all) | prefill median s | min s | "
+    print("| policy | ST-SpAttn (on: always block-sparse; auto: the cost model's choice) | density (ST layers, "
+          "blocks computed / all) or path | prefill median s | min s | "
           "compile s | speed-up | kept KV |")
     print("|---|---|---|---|---|---|---|---|")
     # compile every program first, then interleave the runs (round r runs every row once) so that the
@@ -107,9 +110,11 @@ def main(argv=None) -> None:
         med = statistics.median(times[i])
         if st == "off":
             base[name] = med
-        sp = f"{base[name] / med:.2f}x" if st == "on" and name in base else "1.00x" if st == "off" else "-"
-        dens = f"{tab.density:.3f}" if st == "on" else "1.000 (flash: every block)"
+        sp = f"{base[name] / med:.2f}x" if st != "off" and name in base else "1.00x" if st == "off" else "-"
         res = first[i]
+        dens = {"on": f"{tab.density:.3f}", "off": "dense path (flash: the causal blocks)"}.get(st) or ", ".join(
+            f"{p['path']} (predicted sparse {p['sparse_s'] * 1e3:.0f} ms / dense {p['dense_s'] * 1e3:.0f} ms per layer)"
+            if p["sparse_s"] is not None else p["path"] for p in res.stats["st_paths"])
         kept = res.stats["kv_bytes_kept"] / res.stats["kv_bytes_full"]
         print(f"| {name} | {st} | {dens} | {med:.2f} | {min(times[i]):.2f} | "
               f"{res.stats['prefill_compile_s']:.1f} | {sp} | {kept:.0%} |", flush=True)

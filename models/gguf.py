@@ -93,15 +93,21 @@ class GGUFTokenizer:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """Renders ``messages`` with the stored template (``jinja2``), as transformers does."""
+        """Renders ``messages`` with the stored template in jinja2's immutable sandbox, as transformers does:
+        the template comes from the model file, so it may not reach attributes, call methods that change
+        objects or run code; such a template (or a broken one) is a :class:`GGUFError`."""
         if self.chat_template is None:
             raise GGUFError("this GGUF file holds no chat template (tokenizer.chat_template)")
         import jinja2  # optional (comes with transformers): only chat rendering needs it
+        import jinja2.sandbox
 
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt
-        )
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt
+            )
+        except jinja2.TemplateError as err:  # SecurityError included
+            raise GGUFError(f"the GGUF file's chat template cannot be rendered safely: {err}") from None
 
 
 # ------------------------------------------------------------------------------------------ reading

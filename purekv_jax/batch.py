@@ -6,24 +6,29 @@ Input (one JSON object a line; blank lines are ignored)::
     {"id": "q2", "prompt": "What is in the picture?", "image": "a.jpg", "policy": {"name": "snapkv", "budget": 0.3}}
     {"id": "q3", "input_ids": [151644, 872, 198, ...], "policy": "full", "max_new_tokens": 16}
 
-Fields: ``id`` (string or number; default ``"line-N"``), the prompt as ``prompt`` (user text, chat template
-applied, optional ``system``), ``messages`` (chat messages) or ``input_ids`` (token ids as they are),
-media as ``image`` / ``images`` / ``video`` / ``videos`` (paths), and overrides of the run's settings:
-``policy`` (a policy name, or an object with ``name``, ``budget``, ``window``, ``sink``, ``anchors``,
-``st_sparse``; missing keys come from the run) and ``max_new_tokens``.
+Fields: ``id`` (a string or an integer, kept as given: ``7`` and ``"7"`` are two ids; default
+``"line-N"``), the prompt as ``prompt`` (user text, chat template applied, optional ``system``),
+``messages`` (chat messages) or ``input_ids`` (token ids as they are), media as ``image`` / ``images`` /
+``video`` / ``videos`` (paths), and overrides of the run's settings: ``policy`` (a policy name, or an
+object with ``name``, ``budget``, ``window``, ``sink``, ``anchors``, ``st_sparse``; missing keys come from
+the run) and ``max_new_tokens``. Every field's JSON type is checked (:mod:`purekv_jax.batch_records`).
+Media paths (relative ones from there) must lie inside ``media_root`` (default: the requests file's
+folder), links resolved; user text is tokenised without special tokens unless the processor allows them.
 
-Output: one JSON object a line, appended and flushed as each batch finishes (written with one ``write``
-each; fsync after every batch). A result::
+Output: one JSON object a line, appended as each batch finishes (written with one ``write`` each; fsync
+after every batch of results, and at most once a second for error records), under an exclusive lock on
+the file (:mod:`purekv_jax.batch_output`: a second run on the same output stops at once). A result::
 
     {"id": "q1", "index": 1, "text": "...", "tokens": [...], "finish_reason": "stop" | "length",
      "prompt_tokens": 412, "generated_tokens": 17, "policy": "purekv budget=0.2",
      "batch": {"index": 3, "rows": 5, "padded_rows": 8, "prefill_s": ..., "decode_s": ...,
                "kv_bytes_full": ..., "kv_bytes_kept": ...}}
 
-and a bad request (unreadable line, missing or undecodable media file, prompt too long, a policy that
-cannot work for it) becomes ``{"id": ..., "index": ..., "error": "...", "error_type": "MediaFileError"}``
-while the run goes on. ``index`` is the request's 1-based line number (results are written in completion
-order, not input order).
+and a bad request (a line that is not UTF-8 or not JSON, a field of the wrong type, a missing or
+undecodable media file, a prompt too long, a policy that cannot work for it; whatever the exception)
+becomes ``{"id": ..., "index": ..., "error": "...", "error_type": "MediaFileError"}`` while the run goes
+on. ``index`` is the request's 1-based line number (results are written in completion order, not input
+order).
 
 Resuming: ids already in the output file (results and error records) are skipped, so rerunning the same
 command after a crash or a kill finishes the rest and writes every request exactly once. A line cut by a
@@ -42,34 +47,26 @@ the device generates.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import queue
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from .batch_output import ResultWriter, check_output_path, read_done_ids
+from .batch_records import (RequestError, check_messages, count_requests, id_key, input_id_list, iter_request_lines,
+                            media_list, policy_spec, typed, valid_id, with_media)
 from .generation import GenerateError, generate
 from .presets import build_policy, policy_label
-from .requests import build_inputs, check_file, check_policy, check_prompt
+from .requests import build_inputs, check_policy, check_prompt, confined_media
 from .sharding import DATA
 from .value_parsers import parse_budget
-
-#: Request fields understood by :func:`prepare_request` (others are ignored, but kept out of the output).
-REQUEST_FIELDS = ("id", "prompt", "system", "messages", "input_ids", "image", "images", "video", "videos",
-                  "policy", "max_new_tokens")
-POLICY_FIELDS = ("name", "budget", "window", "sink", "anchors", "st_sparse")
-
-
-class RequestError(ValueError):
-    """A request that cannot run (bad JSON, missing fields, a prompt too long, ...): becomes an error record."""
 
 
 class BatchError(ValueError):
@@ -100,6 +97,7 @@ class BatchSettings:
     max_frames: int | None = None
     max_pixels: int | None = None
     min_pixels: int | None = None
+    media_root: str | None = None  # default: the requests file's folder
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -160,179 +158,65 @@ class BatchSummary:
                 f"{self.tokens_per_s:.1f} tok/s, {self.requests_per_s:.2f} req/s (compile {self.compile_s:.1f} s)")
 
 
-# ------------------------------------------------------------------------------------------ output file
-def _id_key(rid) -> str:
-    return rid if isinstance(rid, str) else json.dumps(rid)
-
-
-def read_done_ids(path: str | os.PathLike, repair: bool = True) -> set[str]:
-    """Ids recorded in an output file (results and errors). A last line without its newline (a write cut
-    by a crash) is truncated away when ``repair`` (it is not counted: that request runs again); other
-    unparsable lines are ignored."""
-    path = os.fspath(path)
-    done: set[str] = set()
-    if not os.path.exists(path):
-        return done
-    with open(path, "rb") as f:
-        data = f.read()
-    end = data.rfind(b"\n") + 1
-    if end < len(data) and repair:
-        with open(path, "r+b") as f:
-            f.truncate(end)
-    for line in data[:end].splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and "id" in rec:
-            done.add(_id_key(rec["id"]))
-    return done
-
-
-class ResultWriter:
-    """Appends one JSON record per ``write`` call (``O_APPEND``, a single ``os.write`` per record);
-    :meth:`sync` fsyncs. Only process 0 of a multi-process job writes."""
-
-    def __init__(self, path: str | os.PathLike, enabled: bool = True):
-        self.path = os.fspath(path)
-        self.enabled = enabled
-        self.fd = None
-        if enabled:
-            parent = os.path.dirname(os.path.abspath(self.path))
-            os.makedirs(parent, exist_ok=True)
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-
-    def write(self, record: dict) -> None:
-        if self.fd is None:
-            return
-        data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
-        view = memoryview(data)
-        while view:
-            n = os.write(self.fd, view)
-            view = view[n:]
-
-    def sync(self) -> None:
-        if self.fd is not None:
-            os.fsync(self.fd)
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.fsync(self.fd)
-            os.close(self.fd)
-            self.fd = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def error_record(rid, index: int, err: BaseException) -> dict:
-    msg = " ".join(str(err).split()) or type(err).__name__
-    return {"id": rid, "index": index, "error": msg, "error_type": type(err).__name__}
-
-
 # ------------------------------------------------------------------------------------------ requests
-def iter_request_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
-    """``(line number, parsed object or the exception)`` for each non-blank line."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except ValueError as e:
-                yield lineno, RequestError(f"line {lineno}: not valid JSON ({e})")
-
-
-def count_requests(path: str | os.PathLike) -> int:
-    with open(path, "rb") as f:
-        return sum(1 for line in f if line.strip())
-
-
-def _as_list(req: dict, one: str, many: str) -> list[str]:
-    out: list[str] = []
-    for key in (one, many):
-        v = req.get(key)
-        if v is None:
-            continue
-        vals = [v] if isinstance(v, str) else v
-        if not isinstance(vals, list) or not all(isinstance(x, str) for x in vals):
-            raise RequestError(f"field {key!r} must be a path or a list of paths, got {v!r}")
-        out += vals
-    return out
-
-
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def resolve_policy(spec, settings: BatchSettings):
+def resolve_policy(spec, settings: BatchSettings, rid=None):
     """A request's ``policy`` field (None / name / object) over the run's settings -> (PureKVConfig | None,
     label), through :func:`purekv_jax.presets.build_policy` like the command line's flags."""
-    if spec is None:
-        spec = {}
-    elif isinstance(spec, str):
-        spec = {"name": spec}
-    elif not isinstance(spec, dict):
-        raise RequestError(f"field 'policy' must be a policy name or an object, got {spec!r}")
-    unknown = sorted(set(spec) - set(POLICY_FIELDS))
-    if unknown:
-        raise RequestError(f"policy has unknown field(s) {unknown}; known: {list(POLICY_FIELDS)}")
-    name = spec.get("name", settings.policy)
-    budget = spec.get("budget", settings.budget)
-    if isinstance(budget, bool) or not isinstance(budget, (int, float, str)):
-        raise RequestError(f"policy budget must be a number, got {budget!r}")
-    budget = parse_budget(str(budget))
-    anchors = spec.get("anchors", settings.anchors)
-    anchors = (anchors,) if isinstance(anchors, int) else tuple(int(a) for a in anchors)
-    policy = build_policy(str(name), budget, int(spec.get("window", settings.window)),
-                          int(spec.get("sink", settings.sink)), anchors,
-                          bool(spec.get("st_sparse", settings.st_sparse)), settings.seed)
-    return policy, policy_label(str(name), policy)
+    fields = policy_spec(spec, rid)
+    name = fields.get("name", settings.policy)
+    budget = parse_budget(str(fields.get("budget", settings.budget)))
+    anchors = fields.get("anchors", settings.anchors)
+    anchors = (anchors,) if isinstance(anchors, int) else tuple(anchors)
+    policy = build_policy(name, budget, fields.get("window", settings.window), fields.get("sink", settings.sink),
+                          anchors, fields.get("st_sparse", settings.st_sparse), settings.seed)
+    return policy, policy_label(name, policy)
 
 
-def prepare_request(obj, lineno: int, proc, config, settings: BatchSettings) -> Prepared:
-    """Checks and preprocesses one request (tokenizer, media); raises :class:`RequestError` (or the
-    processor's / policy's ``ValueError``) for a bad one."""
+def media_root(settings: BatchSettings, requests_path) -> str:
+    """Where a request's media may lie: ``settings.media_root``, else the requests file's folder."""
+    return settings.media_root or os.path.dirname(os.path.realpath(requests_path))
+
+
+def prepare_request(obj, lineno: int, proc, config, settings: BatchSettings, root: str = ".") -> Prepared:
+    """Checks and preprocesses one request (tokenizer, media under ``root``); raises :class:`RequestError`
+    (or the processor's / policy's ``ValueError``) for a bad one."""
     if isinstance(obj, BaseException):
         raise obj
     if not isinstance(obj, dict):
         raise RequestError(f"line {lineno}: a request is a JSON object, got {type(obj).__name__}")
     rid = obj.get("id", f"line-{lineno}")
-    if not isinstance(rid, (str, int)) or isinstance(rid, bool):
-        raise RequestError(f"line {lineno}: id must be a string or an integer, got {rid!r}")
+    if not valid_id(rid):
+        raise RequestError(f"line {lineno}: id must be a string or an integer, got {rid!r:.80}")
     prompts = [k for k in ("prompt", "messages", "input_ids") if obj.get(k) is not None]
     if len(prompts) != 1:
         raise RequestError(f"request {rid!r}: give exactly one of 'prompt', 'messages', 'input_ids' (got {prompts})")
     max_new = obj.get("max_new_tokens", settings.max_new_tokens)
     if not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1:
-        raise RequestError(f"request {rid!r}: max_new_tokens must be an integer >= 1, got {max_new!r}")
-    policy, label = resolve_policy(obj.get("policy"), settings)
-    images, videos = _as_list(obj, "image", "images"), _as_list(obj, "video", "videos")
-    for p in images:
-        check_file(p, "image")
-    for p in videos:
-        check_file(p, "video")
+        raise RequestError(f"request {rid!r}: max_new_tokens must be an integer >= 1, got {max_new!r:.80}")
+    policy, label = resolve_policy(obj.get("policy"), settings, rid)
+    images = [confined_media(p, root, "image") for p in media_list(obj, "image", "images", rid)]
+    videos = [confined_media(p, root, "video") for p in media_list(obj, "video", "videos", rid)]
     if "input_ids" in prompts:
-        ids = obj["input_ids"]
         if images or videos:
             raise RequestError(f"request {rid!r}: input_ids cannot be combined with media (give 'prompt')")
-        if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-            raise RequestError(f"request {rid!r}: input_ids must be a non-empty list of integers")
-        arr = np.asarray(ids, np.int64)[None]
-        if arr.min() < 0 or arr.max() >= config.text.vocab_size:
-            raise RequestError(f"request {rid!r}: input_ids hold ids outside [0, {config.text.vocab_size})")
+        arr = np.asarray(input_id_list(obj["input_ids"], config.text.vocab_size, rid), np.int64)[None]
         inputs = {"input_ids": arr, "attention_mask": np.ones_like(arr)}
     elif proc is None:
         raise RequestError(f"request {rid!r}: this run has no tokenizer / processor; give 'input_ids'")
     elif "messages" in prompts:
-        inputs = proc(messages=obj["messages"], images=images or None, videos=videos or None)
+        messages = with_media(check_messages(obj["messages"], rid), lambda p, kind: confined_media(p, root, kind))
+        inputs = proc(messages=messages, images=images or None, videos=videos or None)
     else:
-        if not isinstance(obj["prompt"], str) or not obj["prompt"].strip():
+        prompt = typed(obj["prompt"], (str,), "prompt", rid)
+        if not prompt.strip():
             raise RequestError(f"request {rid!r}: prompt must be a non-empty string")
-        inputs = build_inputs(proc, obj["prompt"], images, videos, obj.get("system", settings.system))
+        system = obj.get("system", settings.system)
+        system = None if system is None else typed(system, (str,), "system", rid)
+        inputs = build_inputs(proc, prompt, images, videos, system)
     n = int(inputs["input_ids"].shape[1])
     if settings.max_prompt_tokens is not None and n > settings.max_prompt_tokens:
         raise RequestError(f"request {rid!r}: the prompt has {n} tokens, more than --max-prompt-tokens "
@@ -432,15 +316,18 @@ _END = object()
 def _producer(path, todo: queue.Queue, proc, config, settings: BatchSettings, done: set[str], summary: BatchSummary,
               stop: threading.Event):
     """Reads and preprocesses requests into ``todo``: ``("ok", Prepared)``, ``("error", record)``,
-    ``("skip", None)``; then ``_END`` (or ``("crash", exc)``)."""
+    ``("skip", None)``; then ``_END`` (or ``("crash", exc)`` when the requests file itself cannot be read).
+    Anything wrong inside one request, whatever the exception, becomes that request's error record."""
     seen: set[str] = set()
+    root = media_root(settings, path)
     try:
         for lineno, obj in iter_request_lines(path):
             if stop.is_set():
                 break
             summary.requests += 1
             rid = obj.get("id", f"line-{lineno}") if isinstance(obj, dict) else f"line-{lineno}"
-            key = _id_key(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) else f"line-{lineno}"
+            rid = rid if valid_id(rid) else f"line-{lineno}"
+            key = id_key(rid)
             if key in seen:
                 summary.duplicates += 1
                 todo.put(("skip", None))
@@ -451,13 +338,17 @@ def _producer(path, todo: queue.Queue, proc, config, settings: BatchSettings, do
                 todo.put(("skip", None))
                 continue
             try:
-                todo.put(("ok", prepare_request(obj, lineno, proc, config, settings)))
-            except (ValueError, OSError) as e:  # RequestError, processing errors, policy errors, unreadable files
-                rid = rid if isinstance(rid, (str, int)) and not isinstance(rid, bool) else key
+                todo.put(("ok", prepare_request(obj, lineno, proc, config, settings, root)))
+            except Exception as e:  # noqa: BLE001 - one request's failure of any kind is its error record
                 todo.put(("error", error_record(rid, lineno, e)))
         todo.put(_END)
     except BaseException as e:  # pragma: no cover - surfaced in the main thread
         todo.put(("crash", e))
+
+
+def error_record(rid, index: int, err: BaseException) -> dict:
+    msg = " ".join(str(err).split()) or type(err).__name__
+    return {"id": rid, "index": index, "error": msg, "error_type": type(err).__name__}
 
 
 def run_batch(params, config, proc, requests_path, out_path, settings: BatchSettings = BatchSettings(), *,
@@ -474,8 +365,15 @@ def run_batch(params, config, proc, requests_path, out_path, settings: BatchSett
     data = int(mesh.shape.get(DATA, 1)) if mesh is not None else 1
     if not os.path.isfile(requests_path):
         raise BatchError(f"requests file not found: {requests_path}")
+    check_output_path(requests_path, out_path)
     writer_enabled = jax.process_index() == 0
-    done = read_done_ids(out_path, repair=writer_enabled)
+    with ResultWriter(out_path, enabled=writer_enabled) as writer:  # the lock, before the file is read
+        done = read_done_ids(out_path, repair=writer_enabled)
+        return _run(params, config, proc, requests_path, settings, writer, done, eos, data, progress)
+
+
+def _run(params, config, proc, requests_path, settings: BatchSettings, writer: ResultWriter, done: set[str], eos,
+         data: int, progress: bool) -> BatchSummary:
     total = count_requests(requests_path)
     summary = BatchSummary()
     max_pending = settings.max_pending or 4 * settings.batch_size
@@ -486,74 +384,75 @@ def run_batch(params, config, proc, requests_path, out_path, settings: BatchSett
     bar = None
     if progress:
         bar = tqdm(total=total, unit="req", desc="purekv batch", dynamic_ncols=True, file=sys.stderr,
-                   disable=not writer_enabled)
+                   disable=not writer.enabled)
     buckets: dict[tuple, list[Prepared]] = {}
     t0 = time.perf_counter()
 
-    with ResultWriter(out_path, enabled=writer_enabled) as writer:
-
-        def emit(records: list[dict]) -> None:
-            for rec in records:
-                writer.write(rec)
+    def emit(records: list[dict], results: bool = True) -> None:
+        for rec in records:
+            writer.write(rec)
+        if results:
             writer.sync()
-            if bar is not None:
-                bar.update(len(records))
-                el = time.perf_counter() - t0
-                bar.set_postfix_str(f"{summary.generated_tokens / el:.1f} tok/s, {summary.completed / el:.2f} req/s, "
-                                    f"{summary.errors} err", refresh=False)
+        else:  # error records: fsync at most once per interval (and with the next results / at the end)
+            writer.sync_if_due()
+        if bar is not None:
+            bar.update(len(records))
+            el = time.perf_counter() - t0
+            bar.set_postfix_str(f"{summary.generated_tokens / el:.1f} tok/s, {summary.completed / el:.2f} req/s, "
+                                f"{summary.errors} err", refresh=False)
 
-        def run(items: list[Prepared]) -> None:
-            try:
-                res, rows = generate_batch(params, config, items, settings, eos, data=data)
-            except (GenerateError, ValueError) as e:
-                if len(items) > 1:  # one bad request must not sink the others: run them one by one
-                    for it in items:
-                        run([it])
-                    return
-                summary.errors += 1
-                emit([error_record(items[0].id, items[0].index, e)])
-                return
-            recs = result_records(items, res, rows, summary.batches, proc, eos)
-            summary.batches += 1
-            summary.padded_rows += rows - len(items)
-            summary.completed += len(items)
-            summary.prompt_tokens += sum(it.n_tokens for it in items)
-            summary.generated_tokens += sum(r["generated_tokens"] for r in recs)
-            summary.compile_s += res.stats["prefill_compile_s"] + res.stats["decode_compile_s"]
-            emit(recs)
-
-        def pending() -> int:
-            return sum(len(v) for v in buckets.values())
-
-        thread.start()
+    def run(items: list[Prepared]) -> None:
         try:
-            while True:
-                msg = todo.get()
-                if msg is _END:
-                    break
-                kind, value = msg
-                if kind == "crash":
-                    raise value
-                if kind == "skip":
-                    if bar is not None:
-                        bar.update(1)
-                    continue
-                if kind == "error":
-                    summary.errors += 1
-                    emit([value])
-                    continue
-                bucket = buckets.setdefault(value.key, [])
-                bucket.append(value)
-                if len(bucket) >= settings.batch_size:
-                    run(buckets.pop(value.key))
-                elif pending() > max_pending:
-                    key = max(buckets, key=lambda k: len(buckets[k]))  # the fullest (oldest on ties)
-                    run(buckets.pop(key))
-            for key in list(buckets):  # end of input: every bucket, in order of its first request
+            res, rows = generate_batch(params, config, items, settings, eos, data=data)
+        except (GenerateError, ValueError) as e:
+            if len(items) > 1:  # one bad request must not sink the others: run them one by one
+                for it in items:
+                    run([it])
+                return
+            summary.errors += 1
+            emit([error_record(items[0].id, items[0].index, e)], results=False)
+            return
+        recs = result_records(items, res, rows, summary.batches, proc, eos)
+        summary.batches += 1
+        summary.padded_rows += rows - len(items)
+        summary.completed += len(items)
+        summary.prompt_tokens += sum(it.n_tokens for it in items)
+        summary.generated_tokens += sum(r["generated_tokens"] for r in recs)
+        summary.compile_s += res.stats["prefill_compile_s"] + res.stats["decode_compile_s"]
+        emit(recs)
+
+    def pending() -> int:
+        return sum(len(v) for v in buckets.values())
+
+    thread.start()
+    try:
+        while True:
+            msg = todo.get()
+            if msg is _END:
+                break
+            kind, value = msg
+            if kind == "crash":
+                raise value
+            if kind == "skip":
+                if bar is not None:
+                    bar.update(1)
+                continue
+            if kind == "error":
+                summary.errors += 1
+                emit([value], results=False)
+                continue
+            bucket = buckets.setdefault(value.key, [])
+            bucket.append(value)
+            if len(bucket) >= settings.batch_size:
+                run(buckets.pop(value.key))
+            elif pending() > max_pending:
+                key = max(buckets, key=lambda k: len(buckets[k]))  # the fullest (oldest on ties)
                 run(buckets.pop(key))
-        finally:
-            stop.set()
-            if bar is not None:
-                bar.close()
+        for key in list(buckets):  # end of input: every bucket, in order of its first request
+            run(buckets.pop(key))
+    finally:
+        stop.set()
+        if bar is not None:
+            bar.close()
     summary.wall_s = time.perf_counter() - t0
     return summary

@@ -9,7 +9,8 @@ tensor names) into a folder::
       params/                  the orbax checkpoint of the model's state (``nnx.State.to_pure_dict()``'s
                                nesting, e.g. params["text"]["layers"]["q_w"], every leaf in our [in, out]
                                layout)
-      purekv_checkpoint.json   format, dtype, every leaf's shape / dtype / sha256 (written last)
+      purekv_checkpoint.json   format, dtype, every leaf's shape / dtype / sha256, every params file's size
+                               and sha256 (written last)
 
 It streams: one params leaf at a time is read tensor by tensor from the safetensors files into a
 preallocated array, checksummed and appended to the orbax checkpoint (orbax partial saves, finalized at the
@@ -17,9 +18,12 @@ end), so the peak memory is about the largest stacked leaf plus what orbax is wr
 Everything is written into a hidden temporary sibling ``.DST.tmp-*``; after the whole checkpoint has been
 restored leaf by leaf and every checksum matched, ``purekv_checkpoint.json`` is written and the folder is
 renamed to ``DST``. A run killed at any point therefore leaves no ``DST`` (or the old one, with ``force``)
-and no folder with the marker.
+and no folder with the marker. The temporary folder carries an owner lock, so the next conversion into the
+same parent removes the folders of killed runs and leaves live ones alone
+(:mod:`purekv_jax.owned_folders`); ``force`` replaces only an empty folder or one of our checkpoints.
 
-:func:`load_checkpoint` takes either kind of folder and can restore straight onto a device mesh.
+:func:`load_checkpoint` takes either kind of folder and can restore straight onto a device mesh; an orbax
+folder's files are checked against the marker first (:mod:`purekv_jax.checkpoint_files`).
 """
 
 from __future__ import annotations
@@ -56,14 +60,10 @@ from models.qwen2_5_vl.loader import (
     read_hf_leaf,
 )
 
+from .checkpoint_files import (FORMAT, FORMAT_VERSION, MARKER_FILE, PARAMS_DIR, PYTREE_SUBDIR, check_file_table,
+                               file_table, read_marker)
+from .owned_folders import OwnedTempFolder, replace_refusal, sweep_temp_folders
 from .param_tree import abstract_params, leaf_names, path_name
-
-FORMAT = "purekv-orbax"
-FORMAT_VERSION = 1
-MARKER_FILE = "purekv_checkpoint.json"
-PARAMS_DIR = "params"
-# The pytree checkpoint inside PARAMS_DIR (orbax's layout for a pytree saved through orbax.checkpoint.v1).
-_PYTREE_SUBDIR = "state"
 
 # Copied beside the params when present in the source folder (config.json is required).
 COPY_FILES = (
@@ -158,7 +158,8 @@ class ConvertResult:
     params_bytes: int
     copied_files: tuple[str, ...]
     seconds: float
-    stale_temp_folders: tuple[str, ...] = ()  # left by earlier interrupted runs into the same DST
+    removed_temp_folders: tuple[str, ...] = ()  # of earlier conversions into DST that were killed
+    stale_temp_folders: tuple[str, ...] = ()  # of conversions into DST still running (or without an owner lock)
 
 
 def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
@@ -185,8 +186,9 @@ def _check_paths(src: str, dst: str, force: bool) -> None:
     if os.path.lexists(dst):
         if not force:
             raise ConvertError(f"{dst} already exists; pass force=True (--force) to replace it")
-        if not os.path.isdir(dst) or os.path.islink(dst):
-            raise ConvertError(f"{dst} exists and is not a folder; refusing to replace it")
+        refusal = replace_refusal(dst, (MARKER_FILE,), "a converted checkpoint")
+        if refusal:
+            raise ConvertError(refusal)
 
 
 def _copy_side_files(src: str, tmp: str) -> tuple[str, ...]:
@@ -241,10 +243,16 @@ def _deferred_signals():
 
 
 def _restore_one(pytree_dir: str, name: str, restore_arg):
-    """One leaf of the orbax pytree (a partial restore: nothing else is read)."""
-    with ocp.PyTreeCheckpointer() as ckptr:
-        out = ckptr.restore(pytree_dir, args=ocp.args.PyTreeRestore(
-            item=_nest({name: 0}), restore_args=_nest({name: restore_arg}), partial_restore=True))
+    """One leaf of the orbax pytree (a partial restore: nothing else is read); a leaf that cannot be read
+    (a missing or short data file) is a :class:`CheckpointError` naming it."""
+    try:
+        with ocp.PyTreeCheckpointer() as ckptr:
+            out = ckptr.restore(pytree_dir, args=ocp.args.PyTreeRestore(
+                item=_nest({name: 0}), restore_args=_nest({name: restore_arg}), partial_restore=True))
+    except Exception as e:  # noqa: BLE001 - tensorstore raises bare Exceptions for missing / short files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{pytree_dir}: cannot read leaf {name} ({first[:200]}); the checkpoint is damaged: "
+                              "convert it again") from None
     for part in name.split("."):
         out = out[part]
     return out
@@ -277,8 +285,8 @@ def verify_checkpoint(path: str | os.PathLike, progress: bool = False) -> None:
     path = os.path.abspath(os.fspath(path))
     if not is_orbax_checkpoint(path):
         raise CheckpointError(f"{path}: not a converted checkpoint (no {MARKER_FILE})")
-    marker = _read_marker(path)
-    _verify(os.path.join(path, marker.get("params", f"{PARAMS_DIR}/{_PYTREE_SUBDIR}")), marker["leaves"], progress)
+    marker = read_marker(path)
+    _verify(marker["params"], marker["leaves"], progress)
 
 
 def _progress(total: int, desc: str, enabled: bool, unit: str = "B"):
@@ -346,8 +354,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype="bf16", force:
 
     parent, base = os.path.dirname(dst), os.path.basename(dst)
     os.makedirs(parent, exist_ok=True)
-    stale = tuple(sorted(glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(base)}.tmp-*"))))
-    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+    removed, stale = sweep_temp_folders(parent, base)
+    owned = OwnedTempFolder(parent, base)
+    tmp = owned.path
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -376,14 +385,14 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype="bf16", force:
             with _deferred_signals():
                 ocp1.partial.finalize(params_dir)
 
-        _verify(os.path.join(params_dir, _PYTREE_SUBDIR), leaves, progress)
+        _verify(os.path.join(params_dir, PYTREE_SUBDIR), leaves, progress)
 
         params_bytes = sum(int(np.prod(m["shape"])) * np_dtype.itemsize for m in leaves.values())
         marker = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
             "dtype": _dtype_name(np_dtype),
-            "params": f"{PARAMS_DIR}/{_PYTREE_SUBDIR}",
+            "params": f"{PARAMS_DIR}/{PYTREE_SUBDIR}",
             "source": src,
             "source_bytes": ckpt.nbytes,
             "params_bytes": params_bytes,
@@ -391,6 +400,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype="bf16", force:
             "copied_files": list(copied),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "leaves": leaves,
+            "files": file_table(tmp),
         }
         marker_path = os.path.join(tmp, MARKER_FILE)
         with open(marker_path + ".part", "w") as f:
@@ -398,6 +408,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype="bf16", force:
             f.flush()
             os.fsync(f.fileno())
         os.rename(marker_path + ".part", marker_path)
+        owned.disown()
         _fsync_file(tmp)
 
         if os.path.lexists(dst):  # force: swap in the new folder, then drop the old one
@@ -411,8 +422,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype="bf16", force:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        owned.close()
     return ConvertResult(dst, _dtype_name(np_dtype), len(leaves), n_tensors, ckpt.nbytes, params_bytes, copied,
-                         time.perf_counter() - t0, stale)
+                         time.perf_counter() - t0, removed, stale)
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -444,23 +457,12 @@ def _sharding_table(shardings: Shardings, names: list[str]) -> dict[str, jax.sha
     return table
 
 
-def _read_marker(path: str) -> dict:
-    marker_path = os.path.join(path, MARKER_FILE)
-    try:
-        with open(marker_path) as f:
-            marker = json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{marker_path}: not valid JSON ({e})") from None
-    if marker.get("format") != FORMAT or not isinstance(marker.get("leaves"), dict):
-        raise CheckpointError(f"{marker_path}: not a {FORMAT} marker")
-    if int(marker.get("version", 0)) > FORMAT_VERSION:
-        raise CheckpointError(f"{marker_path}: format version {marker.get('version')} is newer than this "
-                              f"purekv ({FORMAT_VERSION}); upgrade purekv-jax")
-    return marker
-
-
-def _load_orbax(path: str, dtype: np.dtype | None, shardings: Shardings):
-    marker = _read_marker(path)
+def _load_orbax(path: str, dtype: np.dtype | None, shardings: Shardings, verify: bool):
+    marker = read_marker(path)
+    if "files" in marker:
+        check_file_table(path, marker["files"], verify)
+    elif verify:  # a marker from before the file table: every leaf read on the host and its sha256 compared
+        _verify(marker["params"], marker["leaves"], progress=False)
     config = Qwen25VLConfig.from_json(path)
     abstract = abstract_params(config)
     names = leaf_names(abstract)
@@ -475,12 +477,11 @@ def _load_orbax(path: str, dtype: np.dtype | None, shardings: Shardings):
                                           + [f"unexpected {n}" for n in extra[:6]]))
     table = _sharding_table(shardings, names)
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    pytree_dir = os.path.join(path, marker.get("params", f"{PARAMS_DIR}/{_PYTREE_SUBDIR}"))
     values = {}
     for n in names:  # leaf by leaf: the host never holds more than one leaf's read buffers
-        values[n] = _restore_one(pytree_dir, n, ocp.ArrayRestoreArgs(
-            sharding=table[n] or default, global_shape=shapes[n],
-            dtype=dtype if dtype is not None else _np_dtype(stored[n]["dtype"])))
+        args = ocp.ArrayRestoreArgs(sharding=table[n] or default, global_shape=shapes[n],
+                                    dtype=dtype if dtype is not None else _np_dtype(stored[n]["dtype"]))
+        values[n] = _restore_one(marker["params"], n, args)
         _malloc_trim()
     return config, _fill(config, values)
 
@@ -499,7 +500,7 @@ def _load_hf(path: str, dtype: np.dtype | None, shardings: Shardings):
     return ckpt.config, _fill(ckpt.config, values)
 
 
-def load_checkpoint(path: str | os.PathLike, dtype=None, shardings: Shardings = None
+def load_checkpoint(path: str | os.PathLike, dtype=None, shardings: Shardings = None, verify: bool = True
                     ) -> tuple[Qwen25VLConfig, Any]:
     """Loads ``(config, state)`` (the Flax model's state: ``nnx.merge`` it with the model's graph, or pass it
     to the pure functions) from a folder written by :func:`convert` or from a Hugging Face folder.
@@ -515,6 +516,8 @@ def load_checkpoint(path: str | os.PathLike, dtype=None, shardings: Shardings = 
         state of ``NamedSharding`` (an ``nnx.State``), or the same nested dict of field names). An orbax
         folder is restored straight into the shards (each device reads its slice); an HF folder is read
         one leaf at a time and each leaf placed before the next is read.
+      verify: for an orbax folder, compare every params file's sha256 with the marker's before restoring
+        (:mod:`purekv_jax.checkpoint_files`; False skips the hashes, the names and sizes are still checked).
 
     Raises :class:`~models.qwen2_5_vl.loader.CheckpointError` for a folder with no weights, an
     interrupted conversion (orbax params without the marker file) or params that do not fit the config.
@@ -524,7 +527,7 @@ def load_checkpoint(path: str | os.PathLike, dtype=None, shardings: Shardings = 
         raise CheckpointError(f"{path}: not a checkpoint folder" if os.path.exists(path) else f"{path}: no such folder")
     np_dtype = _np_dtype(dtype)
     if is_orbax_checkpoint(path):
-        return _load_orbax(path, np_dtype, shardings)
+        return _load_orbax(path, np_dtype, shardings, verify)
     if os.path.exists(os.path.join(path, SINGLE_FILE)) or os.path.exists(os.path.join(path, INDEX_FILE)):
         return _load_hf(path, np_dtype, shardings)
     if glob.glob(os.path.join(path, PARAMS_DIR + "*")):

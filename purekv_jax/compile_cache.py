@@ -37,6 +37,15 @@ def clear_compile_cache() -> None:
     TRACE_COUNTS.clear()
 
 
+def compiled_programs() -> dict[str, list[CompiledProgram]]:
+    """The programs compiled since the last :func:`clear_compile_cache`, by name (for inspection: their
+    HLO is ``program.run.as_text()``)."""
+    out: dict[str, list[CompiledProgram]] = {}
+    for key, program in _PROGRAMS.items():
+        out.setdefault(key[0], []).append(program)
+    return out
+
+
 def count_trace(name: str) -> None:
     """Called at the top of a traced function body: one more trace of ``name``."""
     TRACE_COUNTS[name] += 1

@@ -18,6 +18,13 @@ to a multiple of ``budget_multiple`` (default 16) so that nearby prompt lengths 
 and clipped to the (bucketed) prompt length: a budget that covers the whole prompt keeps everything,
 exactly like the full cache. A prompt no longer than ``window + sink`` keeps everything (nothing can be
 pruned).
+
+Byte budgets (``budget_unit="bytes"``): ``budget`` is a fraction of the full cache's bytes in the model's
+dtype, and the plan keeps as many tokens as that many bytes hold at the chosen width (``kv_bits``): the
+most recent kept tokens (at least ``window``) in the model's dtype, the others as KIVI codes with their
+scales and zero points (:mod:`purekv_jax.kv_quant`), counted in full (:func:`byte_budget_tokens`). The
+count is rounded *down* to a multiple of ``budget_multiple`` (the bytes are a ceiling) and clipped to the
+prompt.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import numpy as np
 from kernels.block_sparse_attention import (BACKEND_NAMES, HeadPattern, load_head_patterns,
                                             normalize_layer_patterns)
 
+from . import kv_quant as Q
 from . import policies as P
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -79,7 +87,64 @@ def budget_tokens(budget: float | int, window: int, sink: int, prompt_len: int |
     return kept
 
 
+def quantized_split(slots: int, recent: int, group: int) -> int:
+    """How many of ``slots`` kept prompt slots a quantised cache stores as codes: all but the ``recent`` most
+    recent ones, rounded down to whole groups of ``group`` (the remainder stays in the model's dtype too)."""
+    return max(0, (slots - recent) // group * group)
+
+
+def kept_bytes(slots: int, full_token_bytes: int, bits: int | None, head_dim: int, recent: int, group: int) -> float:
+    """Bytes ``slots`` kept prompt tokens cost per layer and KV head: ``full_token_bytes`` each in the model's
+    dtype, or, with ``bits``, the quantised ones at :func:`purekv_jax.kv_quant.token_bytes` each (codes,
+    scales and zero points)."""
+    n_quant = 0 if bits is None else quantized_split(slots, recent, group)
+    quant = Q.token_bytes(head_dim, bits, group) if n_quant else 0.0
+    return (slots - n_quant) * full_token_bytes + n_quant * quant
+
+
+def byte_budget_tokens(budget_bytes: float, full_token_bytes: int, bits: int | None, head_dim: int, recent: int,
+                       group: int, limit: int, multiple: int) -> int:
+    """The most tokens whose :func:`kept_bytes` fit ``budget_bytes``: ``limit`` (the prompt) when it fits,
+    else the most below it, rounded down to a multiple of ``multiple``.
+
+    :func:`kept_bytes` is not monotone in the count (one more token can complete a group, which then costs
+    less as codes), but for each number of quantised slots it is: so the most tokens for each split, and
+    the best of those.
+    """
+    cost = lambda s: kept_bytes(s, full_token_bytes, bits, head_dim, recent, group)
+    if cost(limit) <= budget_bytes:
+        return limit
+    quant = 0.0 if bits is None else Q.token_bytes(head_dim, bits, group)
+    best = 0
+    for n_quant in (0,) if bits is None else range(0, max(limit - recent, 0) + 1, group):
+        # with n_quant slots quantised, the model-dtype ones number recent .. recent + group - 1
+        most = limit if bits is None else min(limit, n_quant + recent + group - 1)
+        fit = min(most, n_quant + int((budget_bytes - n_quant * quant) // full_token_bytes))
+        if fit >= (n_quant + recent if n_quant else 0):
+            best = max(best, fit)
+    count = best // multiple * multiple
+    while count > 0 and cost(count) > budget_bytes:  # rounding down can move a group back to the model's dtype
+        count -= multiple
+    return count
+
+
+#: ``kv_bits="auto"``, chosen by the fidelity tables of docs/kv_bytes.md: ``(whole, evicting)``: the width
+#: when its codes hold the whole prompt within the bytes, and the width otherwise (where the tables' best
+#: trades eviction for narrower codes).
+AUTO_KV_BITS: tuple[int, int] = (8, 4)
+
+
+def auto_kv_bits(budget_bytes: float, prompt_len: int, full_token_bytes: int, head_dim: int, recent: int,
+                 group: int) -> int:
+    """The code width ``kv_bits="auto"`` picks for ``budget_bytes`` (per layer and KV head) and a
+    ``prompt_len``-token prompt (:data:`AUTO_KV_BITS`)."""
+    whole, evicting = AUTO_KV_BITS
+    fits = kept_bytes(prompt_len, full_token_bytes, whole, head_dim, recent, group) <= budget_bytes
+    return whole if fits else evicting
+
+
 BASES = ("snapkv", "h2o", "streaming", "random", "pyramid")
+BUDGET_UNITS = ("tokens", "bytes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +154,16 @@ class PureKVConfig:
     Attributes:
       budget: KV entries kept per layer and KV head. A ``float`` in ``(0, 1]`` is a fraction of the
         prompt length; an ``int >= 1`` is an absolute count. Bucketed outside jit (see module doc).
+        With ``budget_unit="bytes"``: a fraction of the full cache's bytes in the model's dtype, or the bytes
+        an int count of tokens takes in the model's dtype.
+      budget_unit: ``"tokens"`` (the budget counts tokens) or ``"bytes"`` (it counts bytes: as many tokens
+        are kept as fit at the chosen ``kv_bits``).
+      kv_bits: ``None`` (the cache in the model's dtype), ``8``, ``4`` or ``2`` (KIVI-style quantised keys and
+        values, :mod:`purekv_jax.kv_quant`; the most recent ``window`` kept tokens (up to a group more) and
+        the decoded ones stay in the model's dtype) or ``"auto"`` (byte budgets only: the width the measured
+        fidelity tables favour at the budget: :data:`AUTO_KV_BITS`).
+      kv_group: slots per key scale (keys are quantised per channel) and channels per value scale (values
+        per token); must divide the model's head_dim.
       window: observation window W: the last ``window`` prompt tokens, whose queries score the keys
         and which are always kept (with ``question_window``: the most a row's window may hold).
       question_window: align each row's observation window to the question the prompt ends with (SnapKV /
@@ -128,6 +203,10 @@ class PureKVConfig:
       st_backend: one of the kernels' ``BACKEND_NAMES``: ``"auto"`` (Triton on GPU, Mosaic on TPU, the XLA
         gathered-block fallback elsewhere), ``"xla"``, ``"triton"``, ``"mosaic_gpu"`` (Hopper TMA + WGMMA,
         bf16 / f16), ``"tpu"``.
+      st_select: ``"auto"``: a pattern set runs block-sparse only in the layers where the backend's measured
+        cost model (:mod:`purekv_jax.st_sparse.cost`) predicts it faster than the dense prefill attention for
+        this prompt, so ST-SpAttn never slows a prefill down; ``"always"``: block-sparse in every ST layer
+        (the paper's rule).
       spatial_radius / temporal_window: optional limits of the spatial (|dy|, |dx| <= r) and temporal
         (the last T slots) patterns.
       seed: seed of the ``"random"`` policy.
@@ -156,6 +235,7 @@ class PureKVConfig:
     st_block_q: int | None = None
     st_block_k: int | None = None
     st_backend: str = "auto"
+    st_select: str = "auto"
     spatial_radius: int | None = None
     temporal_window: int | None = None
     seed: int = 0
@@ -163,6 +243,9 @@ class PureKVConfig:
     budget_multiple: int = 16
     adaptive_heads: bool = False
     adaptive_cap: float = 2.0
+    budget_unit: str = "tokens"
+    kv_bits: int | str | None = None
+    kv_group: int = 64
 
     @classmethod
     def paper(cls, budget: float | int = 0.2, **overrides) -> "PureKVConfig":
@@ -190,6 +273,7 @@ class PureKVConfig:
             raise PureKVConfigError(f"PureKVConfig.window={self.window} must be >= 1")
         if self.sink < 0:
             raise PureKVConfigError(f"PureKVConfig.sink={self.sink} must be >= 0")
+        self._check_kv_storage()
         budget_tokens(b, self.window, self.sink)  # an int count must cover the window and the sinks
         if self.base not in BASES:
             raise PureKVConfigError(f"PureKVConfig.base={self.base!r} is not one of {BASES}")
@@ -221,6 +305,34 @@ class PureKVConfig:
                 f"PureKVConfig.adaptive_heads=True needs base='snapkv' (scores comparable across heads) and "
                 f"adaptive_cap >= 1, got base={self.base!r}, adaptive_cap={self.adaptive_cap}")
 
+    def _check_kv_storage(self):
+        """The budget unit and the quantisation fields on their own (the head_dim is :meth:`resolve`'s)."""
+        if self.budget_unit not in BUDGET_UNITS:
+            raise PureKVConfigError(f"PureKVConfig.budget_unit={self.budget_unit!r} is not one of {BUDGET_UNITS}")
+        if self.kv_bits not in (None, *Q.KV_BITS, "auto") or isinstance(self.kv_bits, bool):
+            raise PureKVConfigError(f"PureKVConfig.kv_bits={self.kv_bits!r} is not one of None, "
+                                    f"{', '.join(map(str, Q.KV_BITS))}, 'auto'")
+        if self.kv_bits == "auto" and self.budget_unit != "bytes":
+            raise PureKVConfigError("PureKVConfig.kv_bits='auto' picks the width for a byte budget: set "
+                                    "budget_unit='bytes'")
+        if self.kv_group < 4 or self.kv_group % 4:
+            raise PureKVConfigError(f"PureKVConfig.kv_group={self.kv_group} must be a multiple of 4 (a group "
+                                    "packs into whole bytes at every width)")
+
+    def budget_bytes(self, prompt_len: int, head_dim: int, kv_dtype) -> tuple[float, int]:
+        """A byte budget's bytes per layer and KV head, and a full token's (K and V in ``kv_dtype``)."""
+        full_token = 2 * head_dim * jnp.dtype(kv_dtype).itemsize
+        tokens_worth = self.budget if isinstance(self.budget, int) else self.budget * prompt_len
+        return tokens_worth * full_token, full_token
+
+    def code_bits(self, prompt_len: int, head_dim: int, kv_dtype) -> int | None:
+        """The code width of the cache: ``kv_bits``, with ``"auto"`` resolved for the byte budget
+        (:func:`auto_kv_bits`)."""
+        if self.kv_bits != "auto":
+            return self.kv_bits
+        budget_bytes, full_token = self.budget_bytes(prompt_len, head_dim, kv_dtype)
+        return auto_kv_bits(budget_bytes, prompt_len, full_token, head_dim, self.window, self.kv_group)
+
     # ------------------------------------------------------------------------------------- ST-SpAttn
     def _check_st(self):
         """The cheap ST-SpAttn checks (no file, no model): the rest is :meth:`st_plan`'s."""
@@ -234,6 +346,8 @@ class PureKVConfig:
             val = getattr(self, name)
             if val is not None and int(val) < 0:
                 raise PureKVConfigError(f"PureKVConfig.{name}={val} must be >= 0 or None")
+        if self.st_select not in ("auto", "always"):
+            raise PureKVConfigError(f"PureKVConfig.st_select={self.st_select!r} is not one of ('auto', 'always')")
         if self.st_backend not in BACKEND_NAMES:
             raise PureKVConfigError(f"PureKVConfig.st_backend={self.st_backend!r} is not one of "
                                     f"{BACKEND_NAMES}")
@@ -294,16 +408,25 @@ class PureKVConfig:
                     f"st_start above the anchors")
         return STPlan(layer_patterns=tuple(out), backend=self.st_backend, block_q=self.st_block_q,
                       block_k=self.st_block_k, spatial_radius=self.spatial_radius,
-                      temporal_window=self.temporal_window)
+                      temporal_window=self.temporal_window, select=self.st_select)
 
     # ------------------------------------------------------------------------------------- resolution
-    def budget_count(self, prompt_len: int) -> int:
+    def budget_count(self, prompt_len: int, head_dim: int, kv_dtype=jnp.float32) -> int:
         """The bucketed per-layer budget (tokens per KV head) for a prompt of ``prompt_len`` tokens
-        (before clipping to the prompt)."""
+        (before clipping to the prompt). A byte budget needs the model's ``head_dim`` and ``kv_dtype``: the
+        tokens whose bytes at :meth:`code_bits` fit the bytes of ``budget * prompt_len`` tokens (an int
+        budget: ``budget`` tokens) in ``kv_dtype``."""
         if prompt_len <= self.window + self.sink:
             return prompt_len  # nothing can be pruned: the window and the sinks cover the prompt
         m = self.budget_multiple
-        return -(-budget_tokens(self.budget, self.window, self.sink, prompt_len) // m) * m
+        if self.budget_unit == "tokens":
+            return -(-budget_tokens(self.budget, self.window, self.sink, prompt_len) // m) * m
+        budget_bytes, full_token = self.budget_bytes(prompt_len, head_dim, kv_dtype)
+        kept = byte_budget_tokens(budget_bytes, full_token, self.code_bits(prompt_len, head_dim, kv_dtype), head_dim,
+                                  self.window, self.kv_group, prompt_len, m)
+        if kept < self.window + self.sink:
+            raise BudgetBelowWindowError(self.budget, kept, self.window, self.sink, prompt_len)
+        return kept
 
     def base_policy(self) -> P.ScorePolicy:
         """The per-layer score policy named by ``base``."""
@@ -316,14 +439,21 @@ class PureKVConfig:
             return P.StreamingLLM()
         return P.RandomScore(seed=self.seed)
 
-    def resolve(self, text_cfg: "TextConfig", prompt_len: int, padded_len: int | None = None) -> "KVPlan":
+    def resolve(self, text_cfg: "TextConfig", prompt_len: int, padded_len: int | None = None,
+                kv_dtype=jnp.float32) -> "KVPlan":
         """Static plan for a model and a prompt: validates everything that depends on them.
 
         ``prompt_len`` is the longest row's number of real tokens (fractions apply to it);
-        ``padded_len`` (default ``prompt_len``) is the bucketed sequence length the prefill runs at.
+        ``padded_len`` (default ``prompt_len``) is the bucketed sequence length the prefill runs at;
+        ``kv_dtype``: the dtype of the model's keys and values (a byte budget's reference).
         """
         n_layers = text_cfg.num_hidden_layers
         padded_len = prompt_len if padded_len is None else padded_len
+        head_dim = text_cfg.head_dim
+        bits = self.code_bits(prompt_len, head_dim, kv_dtype)
+        if bits is not None and head_dim % self.kv_group:
+            raise PureKVConfigError(f"PureKVConfig.kv_group={self.kv_group} does not divide the model's head_dim "
+                                    f"{head_dim} (value scales cover groups of kv_group channels)")
         if self.cross_layer:
             bad = [a for a in self.anchor_layers if a >= n_layers]
             if bad:
@@ -331,7 +461,7 @@ class PureKVConfig:
                     f"PureKVConfig.anchor_layers={self.anchor_layers}: layer(s) {bad} out of range for a model "
                     f"with {n_layers} layers (valid: 0..{n_layers - 1})"
                 )
-        count = self.budget_count(prompt_len)
+        count = self.budget_count(prompt_len, head_dim, kv_dtype)
         if self.base == "pyramid" and count < prompt_len:
             # (as PyramidKV's reference: a budget that covers the prompt compresses nothing)
             budgets = P.pyramid_budgets(n_layers, count, self.window, self.sink, self.pyramid_beta)
@@ -342,6 +472,7 @@ class PureKVConfig:
             m = self.budget_multiple
             slots = min(-(-math.ceil(self.adaptive_cap * max(budgets)) // m) * m, padded_len)
         budgets = tuple(min(b, slots) for b in budgets)
+        n_quant = 0 if bits is None else quantized_split(slots, self.window, self.kv_group)
         return KVPlan(
             budgets=budgets,
             slots=slots,
@@ -354,6 +485,7 @@ class PureKVConfig:
             head_adaptive=self.adaptive_heads and count < prompt_len,
             question_window=self.question_window and self.base in ("snapkv", "pyramid"),
             st=self.st_plan(text_cfg) if self.st_sparse else None,
+            quant=Q.QuantLayout(bits, self.kv_group, n_quant) if n_quant else None,
         )
 
 
@@ -393,6 +525,7 @@ class STPlan:
     backend: the block-sparse kernel backend (one of the kernels' ``BACKEND_NAMES``).
     block_q / block_k: kernel block sizes (``None``: the backend's default).
     spatial_radius / temporal_window: the layouts' optional pattern limits.
+    select: ``"auto"`` (block-sparse only where the cost model predicts a gain) or ``"always"``.
     """
 
     layer_patterns: tuple[tuple[HeadPattern, ...] | None, ...]
@@ -401,10 +534,11 @@ class STPlan:
     block_k: int | None = None
     spatial_radius: int | None = None
     temporal_window: int | None = None
+    select: str = "auto"
 
     @property
     def layers(self) -> tuple[int, ...]:
-        """The layers that run ST-SpAttn (``st_start`` and above)."""
+        """The layers that may run ST-SpAttn (``st_start`` and above)."""
         return tuple(l for l, p in enumerate(self.layer_patterns) if p is not None)
 
 
@@ -414,7 +548,8 @@ class KVPlan:
 
     ``budgets[l]`` entries are kept in layer ``l`` (per row and KV head); every layer's cache has
     ``slots`` prompt slots (``max(budgets)``), unused ones marked invalid. ``prunes`` is False when the
-    budget covers the whole prompt. ``st``: the resolved ST-SpAttn prefill (None: off).
+    budget covers the whole prompt. ``st``: the resolved ST-SpAttn prefill (None: off). ``quant``: how many
+    of the ``slots`` are stored quantised, at which width (None: every slot in the model's dtype).
     """
 
     budgets: tuple[int, ...]
@@ -428,6 +563,7 @@ class KVPlan:
     head_adaptive: bool = False  # AdaKV-style per-head budgets (``policies.keep_set(adaptive=True)``)
     question_window: bool = False  # per-row windows (``ScoreContext.window_len``) for scoring and keeping
     st: STPlan | None = None
+    quant: Q.QuantLayout | None = None
 
     @classmethod
     def full(cls, n_layers: int, padded_len: int) -> "KVPlan":
@@ -442,6 +578,16 @@ class KVPlan:
             sink=0,
             prunes=False,
         )
+
+    @property
+    def kv_bits(self) -> int | None:
+        """The code width of the quantised slots (None: nothing quantised)."""
+        return None if self.quant is None else self.quant.bits
+
+    @property
+    def recent_slots(self) -> int:
+        """The prompt slots kept in the model's dtype (all of them without quantisation)."""
+        return self.slots - (0 if self.quant is None else self.quant.slots)
 
     @property
     def layer_kinds(self) -> tuple[str, ...]:

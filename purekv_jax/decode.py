@@ -4,7 +4,9 @@ Each step embeds the last token, runs the layer stack as a ``lax.scan`` that app
 the cache and attends over the valid slots, samples the next token and writes it into the token buffer.
 Rows stop at EOS (padded after it); the loop exits when every row is done or ``max_new`` tokens exist.
 Positions continue from the original prompt length plus the rope delta, whatever was pruned. No host sync
-per token; the cache is donated to the compiled program.
+per token; the cache is donated to the compiled program. A quantised cache keeps its codes as they are: each
+step dequantises them inside its attention (:func:`purekv_jax.attention.cache_decode_attention`) and appends
+the new token to the model-dtype slots.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from models.qwen2_5_vl.model import text_part
 from models.qwen2_5_vl.text import layer_out, layer_qkv, lm_logits, mrope_cos_sin
 
 from . import cache as C
-from .attention import decode_attention
+from .attention import cache_decode_attention
 from .compile_cache import CompiledProgram, compiled, count_trace
 from .prefill import layer_params
 from .sampling import sample_tokens
@@ -84,7 +86,7 @@ def decode_loop(params, cache: C.KVCache, first_logits, max_new, key, *, cfg: Te
             lp = layer_params(text, l)
             q, k, v = layer_qkv(lp, x, cos, sin, cfg)
             cache = C.append(cache, l, k, v)
-            attn = decode_attention(q, cache.k[l], cache.v[l], cache.valid[l])
+            attn = cache_decode_attention(q, cache, l)
             return (layer_out(lp, x, attn, cfg), cache), None
 
         (x, cache), _ = jax.lax.scan(layer, (x, s.cache), jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32))

@@ -108,6 +108,12 @@ def prepare_prompt(config: Qwen25VLConfig, input_ids, attention_mask=None, *, im
     lengths = mask.sum(axis=1)
     if (lengths == 0).any():
         raise GenerateError(f"attention_mask rows {np.flatnonzero(lengths == 0).tolist()} hold no token")
+    real, vocab = ids[mask], config.text.vocab_size
+    if real.min() < 0 or real.max() >= vocab:
+        bad = int(real.min()) if real.min() < 0 else int(real.max())
+        raise GenerateError(f"input_ids hold token id {bad}, outside the vocabulary [0, {vocab})")
+    if not isinstance(prompt_bucket, (int, np.integer)) or prompt_bucket < 1:
+        raise GenerateError(f"prompt_bucket={prompt_bucket!r} must be an int >= 1")
     image_grid, video_grid = static_grid(image_grid_thw), static_grid(video_grid_thw)
     if has_pixels != (image_grid is not None):
         raise GenerateError("pixel_values and image_grid_thw must be given together")
@@ -135,13 +141,15 @@ def prepare_prompt(config: Qwen25VLConfig, input_ids, attention_mask=None, *, im
     return PreparedPrompt(ids_al, valid, pos, lengths, rope_delta, image_grid, video_grid)
 
 
-def resolve_plan(policy: PureKVConfig | None, config: Qwen25VLConfig, prompt: PreparedPrompt, attention) -> KVPlan:
+def resolve_plan(policy: PureKVConfig | None, config: Qwen25VLConfig, prompt: PreparedPrompt, attention,
+                 kv_dtype=jnp.float32) -> KVPlan:
     """The static plan of ``policy`` for this model and prompt (``None``: the full cache), with the checks
-    that tie it to the prefill's attention path."""
+    that tie it to the prefill's attention path; ``kv_dtype``: the model's dtype (a byte budget's
+    reference)."""
     cfg = config.text
     if policy is None:
         return KVPlan.full(cfg.num_hidden_layers, prompt.padded_len)
-    plan = policy.resolve(cfg, prompt.prompt_len, prompt.padded_len)
+    plan = policy.resolve(cfg, prompt.prompt_len, prompt.padded_len, kv_dtype)
     if plan.needs_full_probs and attention not in ("auto", "dense"):
         raise GenerateError(
             f"base='h2o' needs the full attention probabilities of every scoring layer (evaluation only); it "
@@ -245,19 +253,30 @@ def generate(
         (:mod:`purekv_jax.observation`).
 
     Returns:
-      :class:`GenerateResult` with ``tokens [B, max_new_tokens]`` and ``stats`` (``kv_bytes_full``,
-      ``kv_bytes_kept`` (prompt KV, all layers), ``kv_bytes_allocated``, ``prefill_s``, ``decode_s``,
-      ``prefill_compile_s``, ``decode_compile_s``, ``decode_steps``, ``prompt_len``, ``padded_len``,
+      :class:`GenerateResult` with ``tokens [B, max_new_tokens]`` and ``stats`` (``kv_bytes_full``: the
+      prompt's unpruned K/V in the model's dtype; ``kv_bytes_kept``: what the prefill's cache holds, counted
+      from its arrays (codes, scales and zero points of quantised slots included), all layers;
+      ``kv_compression`` = full / kept; ``kv_bits``: the code width (None: the model's dtype);
+      ``kv_tokens_kept``: the prompt entries held, all layers and KV heads; ``kv_bytes_allocated``,
+      ``prefill_s``, ``decode_s``, ``prefill_compile_s``, ``decode_compile_s``, ``decode_steps``, ``prompt_len``, ``padded_len``,
       ``budgets``, ``capacity``, ``prefill_peak_bytes``, ``prefill_temp_bytes``: XLA's compiled memory
-      analysis of the prefill, ``st_layers``: the layers that ran ST-SpAttn).
+      analysis of the prefill, ``st_layers``: the layers that ran block-sparse ST-SpAttn, ``st_paths``: the
+      cost model's choice per pattern set, with its predicted seconds of each path).
     """
     # ---------------------------------------------------------------- host: every check before device work
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise GenerateError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
     if policy is not None and not isinstance(policy, PureKVConfig):
         raise GenerateError(f"policy must be None (full cache) or a PureKVConfig, got {type(policy).__name__}")
-    if temperature < 0:
-        raise GenerateError(f"temperature={temperature} must be >= 0")
+    if not isinstance(temperature, (int, float, np.number)) or not 0 <= temperature < float("inf"):
+        raise GenerateError(f"temperature={temperature!r} must be a finite number >= 0")
+    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
+        raise GenerateError(f"top_k={top_k!r} must be None or an int >= 1")
+    if top_p is not None and (not isinstance(top_p, (int, float, np.number)) or not 0 < top_p <= 1):
+        raise GenerateError(f"top_p={top_p!r} must be None or a number in (0, 1]")
+    for name, value in (("new_tokens_bucket", new_tokens_bucket), ("cache_capacity", cache_capacity)):
+        if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+            raise GenerateError(f"{name}={value!r} must be an int >= 1")
     prompt = prepare_prompt(config, input_ids, attention_mask, image_grid_thw=image_grid_thw,
                             video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts,
                             has_pixels=pixel_values is not None, has_video_pixels=pixel_values_videos is not None,
@@ -265,7 +284,8 @@ def generate(
     if prompt.multimodal and "vision" not in params:
         raise GenerateError("image / video inputs need the whole model's state (with the vision tower), got a "
                             "text model's state")
-    plan = resolve_plan(policy, config, prompt, attention)
+    text = text_part(params)
+    plan = resolve_plan(policy, config, prompt, attention, text.embed.dtype)
     prefill_attention_impl(attention, prompt.padded_len)  # validates the name
     window_len = np.full((prompt.ids.shape[0],), plan.window, np.int32)
     if plan.question_window:
@@ -279,16 +299,17 @@ def generate(
     eos, pad_id = eos_and_pad(config, eos_token_id, pad_token_id)
 
     # ---------------------------------------------------------------- prefill
-    text = text_part(params)
     inputs = prefill_inputs(prompt, window_len, pixel_values, pixel_values_videos, text.embed.dtype,
                             S.params_mesh(params))
-    statics = dict(config=config, plan=plan, capacity=capacity, attention=attention if st_attn is None else st_attn,
+    sparse_attn = st_attn is not None and bool(st_attn.st_layers)  # (all-dense: reuse the program without ST)
+    statics = dict(config=config, plan=plan, capacity=capacity, attention=st_attn if sparse_attn else attention,
                    image_grid=prompt.image_grid, video_grid=prompt.video_grid, fused=bool(fused_prefill))
     prefill = compiled("prefill", compressed_prefill, statics, (params if prompt.multimodal else text, inputs))
     t0 = time.perf_counter()
     cache, logits = jax.block_until_ready(prefill.run(params if prompt.multimodal else text, inputs))
     prefill_s = time.perf_counter() - t0
     kept_bytes = C.kv_bytes_kept(cache)
+    kept_tokens = C.kv_tokens_kept(cache)
 
     # ---------------------------------------------------------------- decode
     sampling = SamplingSettings(n_tokens=n_tokens, temperature=float(temperature), top_k=top_k,
@@ -308,6 +329,8 @@ def generate(
         "kv_bytes_kept": kept_bytes,
         "kv_compression": full_bytes / max(kept_bytes, 1),
         "kv_bytes_allocated": C.kv_bytes_allocated(final.cache),
+        "kv_bits": plan.kv_bits,
+        "kv_tokens_kept": kept_tokens,
         "prefill_s": prefill_s,
         "decode_s": decode_s,
         "prefill_compile_s": prefill.compile_s,
@@ -320,6 +343,7 @@ def generate(
         "prefill_peak_bytes": None if mem is None else peak_bytes(mem),
         "prefill_temp_bytes": None if mem is None else int(mem.temp_size_in_bytes),
         "st_layers": () if st_attn is None else st_attn.st_layers,
+        "st_paths": [] if st_attn is None else st_attn.report(),
     }
     return GenerateResult(tokens=tokens[:, :max_new_tokens], stats=stats,
                           cache=final.cache if return_cache else None)
@@ -330,7 +354,7 @@ def prefill_jaxpr(params, config: Qwen25VLConfig, input_ids, policy: PureKVConfi
     """``(plan, the prefill's closed jaxpr)`` for a text prompt: to inspect which layers compute attention
     probabilities."""
     prompt = prepare_prompt(config, input_ids, prompt_bucket=prompt_bucket)
-    plan = resolve_plan(policy, config, prompt, attention)
+    plan = resolve_plan(policy, config, prompt, attention, text_part(params).embed.dtype)
     window_len = np.full((prompt.ids.shape[0],), plan.window, np.int32)
     inputs = prefill_inputs(prompt, window_len, None, None, text_part(params).embed.dtype)
     fn = lambda p, i: compressed_prefill(p, i, config=config, plan=plan, capacity=plan.slots + 1,

@@ -122,6 +122,10 @@ def compressed_prefill(
 ):
     """-> (cache with every layer's kept prompt entries, last-position logits ``[B, V]`` float32).
 
+    With ``plan.quant`` each layer's kept entries are quantised as they are written (all but the
+    ``plan.recent_slots`` most recent, :func:`purekv_jax.cache.write_layer`); ``capacity`` counts both kinds
+    of slots.
+
     ``fused=False``: one ``lax.scan`` per plan segment (own / anchor / owned layers), so owned layers' loop
     bodies hold no scoring code at all. ``fused=True``: one ``lax.scan`` over all layers, the score chosen
     per layer by ``lax.cond`` (owned layers run the branch without attention probabilities): on XLA:CPU
@@ -174,12 +178,12 @@ def compressed_prefill(
     segments = plan.segments
     if fused and len(segments) > 1 and not h2o:
         segments = (Segment("any", 0, cfg.num_hidden_layers),)
-    state = (C.create(cfg.num_hidden_layers, b, hkv, capacity, cfg.head_dim, x.dtype),
+    state = (C.create(cfg.num_hidden_layers, b, hkv, capacity, cfg.head_dim, x.dtype, plan.quant),
              jnp.zeros((b, hkv, n), jnp.float32))
     for seg in segments:
         x, state, _ = scan_layers(text, cfg, x, cos, sin, (seg.lo, seg.hi), segment_step(seg.kind), state)
     cache, _ = state
     logits = lm_logits(text, rms_norm(x[:, -1:], text.norm, cfg.rms_norm_eps))[:, 0]
-    cache = dataclasses.replace(cache, length=jnp.full((b,), plan.slots, jnp.int32),
+    cache = dataclasses.replace(cache, length=jnp.full((b,), plan.recent_slots, jnp.int32),
                                 next_position=inputs.next_position, rope_delta=inputs.rope_delta)
     return cache, logits

@@ -25,7 +25,7 @@ from typing import Any
 from .config import BudgetBelowWindowError, PureKVConfig
 
 ORIGINS = ("full", "library", "paper")
-GROUPS = ("cli", "main", "ablation", "retrieval")
+GROUPS = ("cli", "main", "ablation", "retrieval", "bytes")
 
 
 class PresetError(ValueError):
@@ -40,7 +40,8 @@ class Preset:
       name: the name the command line, a batch request or a study's results use.
       help: one line saying what the policy keeps (the command line's help, the fidelity table's note).
       group: the study that defined it: ``"cli"`` (the command line's own), ``"main"`` / ``"ablation"``
-        (the fidelity harness's main rows and ablations) or ``"retrieval"``.
+        (the fidelity harness's main rows and ablations), ``"retrieval"`` or ``"bytes"`` (byte budgets at
+        every code width, rows of both studies: docs/kv_bytes.md).
       origin: the configuration it starts from: ``"full"`` (no compression), ``"library"``
         (``PureKVConfig(budget=...)``) or ``"paper"`` (``PureKVConfig.paper(budget)``).
       fields: ``PureKVConfig`` fields changed from the origin, as ``(name, value)`` pairs.
@@ -192,6 +193,21 @@ _RETRIEVAL = (
     _alias("default PureKVConfig()", _LIBRARY, "retrieval"),
 )
 
+#: The library default's scoring under a byte budget, at every code width (``budget`` = the fraction of the
+#: full cache's bytes in the model's dtype).
+_BYTES = (
+    Preset("purekv_bytes", "the default scoring, a byte budget, the cache in the model's dtype", "bytes",
+           origin="library", fields=(("budget_unit", "bytes"),)),
+    Preset("purekv_bytes_int8", "the default scoring, a byte budget, 8-bit KIVI keys / values (the recent window "
+           "in the model's dtype)", "bytes", origin="library", fields=(("budget_unit", "bytes"), ("kv_bits", 8))),
+    Preset("purekv_bytes_int4", "the default scoring, a byte budget, 4-bit KIVI keys / values (the recent window "
+           "in the model's dtype)", "bytes", origin="library", fields=(("budget_unit", "bytes"), ("kv_bits", 4))),
+    Preset("purekv_bytes_int2", "the default scoring, a byte budget, 2-bit KIVI keys / values (the recent window "
+           "in the model's dtype)", "bytes", origin="library", fields=(("budget_unit", "bytes"), ("kv_bits", 2))),
+    Preset("purekv_bytes_auto", "the default scoring, a byte budget, the code width the measured tables favour "
+           "(kv_bits='auto')", "bytes", origin="library", fields=(("budget_unit", "bytes"), ("kv_bits", "auto"))),
+)
+
 #: Every named policy, by name (the fidelity harness's main rows first, in its order).
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     _FULL, _RANDOM, _STREAMING, _SNAPKV, _PYRAMIDKV, _H2O, _CLIE, _CLIE_NO_VNORM,
@@ -201,6 +217,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            help="PyramidKV: SnapKV scores with budgets decreasing from the bottom layers to the top"),
     *_ABLATIONS,
     *_RETRIEVAL,
+    *_BYTES,
 )}
 
 #: ``--policy`` names of ``purekv generate`` / ``purekv batch`` (and a batch request's ``policy``), in the

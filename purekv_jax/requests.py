@@ -35,6 +35,10 @@ class RequestCheckError(ValueError):
     """A prompt or a policy that cannot run with this checkpoint (raised before any weights are read)."""
 
 
+class MediaRootError(MediaFileError):
+    """A media path that leads outside ``--media-root`` (refused before the file is looked at)."""
+
+
 # ------------------------------------------------------------------------------------------ files
 def check_file(path: str, what: str) -> None:
     """A media file that exists, is a regular, readable file and is not empty (``what``: ``"image"``,
@@ -42,6 +46,45 @@ def check_file(path: str, what: str) -> None:
     require_readable_file(Path(path), what)
     if os.path.getsize(path) == 0:
         raise MediaFileError(f"{what} file is empty: {path}")
+
+
+def confined_media(path: str, root: str, what: str) -> str:
+    """``path`` (relative paths are taken from ``root``) with every link resolved, when it lies inside
+    ``root``; else :class:`MediaRootError`, with the same message whether or not the file exists. The
+    result is then checked by :func:`check_file`."""
+    if "\x00" in path:
+        raise MediaRootError(f"{what} path {path!r} holds a NUL character")
+    base = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(base, path))
+    if os.path.commonpath([base, real]) != base:
+        raise MediaRootError(f"{what} path {path!r} leads outside --media-root {root}")
+    check_file(real, what)
+    return real
+
+
+def check_text(text: str, what: str) -> str:
+    """Text that is valid Unicode (an undecodable byte of a command-line argument arrives as a lone
+    surrogate, which no tokenizer takes); ``what`` names the flag or field."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestCheckError(f"{what} is not valid UTF-8 text (character {e.start + 1})") from None
+    return text
+
+
+def check_output_file(path: str, what: str) -> None:
+    """A file that can be written (opened for appending, and removed again if this made it), checked before
+    the work so that a bad path does not cost the run; ``what`` names the flag."""
+    if os.path.isdir(path):
+        raise RequestCheckError(f"{what} {path} is a folder; give a file path")
+    existed = os.path.lexists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise RequestCheckError(f"{what} {path}: cannot be written ({e.strerror})") from None
+    if not existed:
+        os.remove(path)
 
 
 def check_checkpoint_folder(path: str) -> None:
@@ -78,10 +121,11 @@ def eos_ids(model_dir: str, config: Qwen25VLConfig) -> tuple[int, ...]:
 
 # ------------------------------------------------------------------------------------------ the prompt
 def make_processor(model_dir: str, *, fps: float | None = None, max_frames: int | None = None,
-                   max_pixels: int | None = None, min_pixels: int | None = None) -> Qwen25VLProcessor:
+                   max_pixels: int | None = None, min_pixels: int | None = None,
+                   allow_special: bool = False) -> Qwen25VLProcessor:
     """The checkpoint's processor with the request's sampling overrides (``max_pixels`` lowers the minimums
-    above it)."""
-    proc = Qwen25VLProcessor.from_pretrained(model_dir)
+    above it); ``allow_special``: honour special-token strings in user text (default: plain text)."""
+    proc = Qwen25VLProcessor.from_pretrained(model_dir, allow_special=allow_special)
     if fps is not None:
         proc.fps = float(fps)
     if max_frames is not None:

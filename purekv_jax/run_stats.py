@@ -35,3 +35,26 @@ def format_stats(stats: dict, info: PromptInfo | None = None, label: str | None 
         parts.append(label)
     parts.append(f"compile {stats['prefill_compile_s'] + stats['decode_compile_s']:.1f} s")
     return " | ".join(parts)
+
+
+def format_plan(stats: dict) -> str:
+    """The resolved plan behind a run, a few lines for ``--verbose``: the prompt and its bucket, the
+    per-layer budgets and cache slots, and ST-SpAttn's path per pattern set with the cost model's
+    predicted seconds of each path."""
+    budgets = stats["budgets"]
+    same = len(set(budgets)) == 1
+    lines = [f"plan: prompt {stats['prompt_len']} tokens padded to {stats['padded_len']}; "
+             f"budget {budgets[0] if same else list(budgets)} tokens per layer and KV head"
+             f"{'' if same else ' (per layer)'}; cache {stats['capacity']} slots"]
+    for path in stats.get("st_paths", []):
+        layers = path["layers"]
+        if len(layers) == 1:
+            span = f"layer {layers[0]}"
+        elif layers == list(range(layers[0], layers[-1] + 1)):
+            span = f"layers {layers[0]}-{layers[-1]}"
+        else:
+            span = f"layers {layers}"
+        cost = "" if path["sparse_s"] is None else (
+            f" (predicted per layer: sparse {path['sparse_s'] * 1e3:.1f} ms, dense {path['dense_s'] * 1e3:.1f} ms)")
+        lines.append(f"ST-SpAttn {span}, {'/'.join(path['patterns'])} heads: {path['path']}{cost}")
+    return "\n".join(lines)

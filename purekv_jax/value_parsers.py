@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from .processing.image import PIXELS_LIMIT
+
 
 class ValueParseError(argparse.ArgumentTypeError, ValueError):
     """A value that does not parse or lies outside its range (raised before any weights are read)."""
@@ -39,8 +41,8 @@ def parse_pixels(text: str) -> int:
         value = math.prod(int(p) for p in parts)
     except ValueError:
         raise ValueParseError(f"{text!r} is not a pixel count (e.g. 200704 or 448*448)") from None
-    if value <= 0:
-        raise ValueParseError(f"{text} must be positive")
+    if not 0 < value <= PIXELS_LIMIT:
+        raise ValueParseError(f"{text} must lie in [1, {PIXELS_LIMIT}] pixels (8192*8192)")
     return value
 
 

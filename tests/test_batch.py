@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,11 +28,11 @@ def test_read_done_ids_repairs_a_cut_line(tmp_path):
     out = tmp_path / "out.jsonl"
     assert B.read_done_ids(out) == set()
     out.write_text('{"id": "a", "text": "x"}\n{"id": 7, "error": "e"}\nnot json\n{"id": "b", "te')
-    assert B.read_done_ids(out) == {"a", "7"}
+    assert B.read_done_ids(out) == {'"a"', "7"}  # ids keep their JSON type: 7 is not "7"
     assert out.read_text().endswith("not json\n")  # the cut line is gone, so appending starts a fresh line
     with B.ResultWriter(out) as w:
         w.write({"id": "b", "text": "y"})
-    assert B.read_done_ids(out) == {"a", "7", "b"}
+    assert B.read_done_ids(out) == {'"a"', "7", '"b"'}
 
 
 def test_padded_batch_size():
@@ -116,9 +117,10 @@ def test_killed_and_restarted_writes_every_request_once(tiny_model_dir, tmp_path
     longer = lambda i: {"id": f"b{i}", "prompt": "Count: " + " ".join(str(i + j) for j in range(40))}  # bucket 128
     reqs = [short(1), short(2), {"id": "e-missing", "prompt": "x", "video": str(tmp_path / "nope.mp4")},
             short(3), short(4), longer(1), longer(2), {"id": "e-long", "prompt": "word " * 300},
-            longer(3), longer(4), None, {"id": "v1", "prompt": "Describe the video.", "video": _video_path()},
+            longer(3), longer(4), None, {"id": "v1", "prompt": "Describe the video.", "video": "clip.mp4"},
             short(5), {"id": "a1", "prompt": "a duplicate id"}, short(6),
             {"id": "p1", "prompt": "Say something about 1.", "policy": {"name": "snapkv", "budget": 1.0}}]
+    shutil.copy(_video_path(), tmp_path / "clip.mp4")  # media lie under --media-root, the requests' folder
     req = tmp_path / "in.jsonl"
     req.write_text("".join(("{broken json" if r is None else json.dumps(r)) + "\n" for r in reqs))
     out = tmp_path / "out.jsonl"

@@ -288,8 +288,9 @@ def test_killed_convert_leaves_no_complete_output(tmp_path, tiny):
     assert os.path.basename(tmp).startswith(".")  # hidden, and does not load
     with pytest.raises(CheckpointError, match="incomplete orbax checkpoint"):
         load_checkpoint(tmp)
-    # A new conversion is not blocked by the leftover, and names it.
-    assert convert(src, dst, dtype="float32", progress=False).stale_temp_folders == (tmp,)
+    # A new conversion is not blocked by the leftover: its owner is dead (the lock is free), so it is removed.
+    result = convert(src, dst, dtype="float32", progress=False)
+    assert result.removed_temp_folders == (tmp,) and result.stale_temp_folders == () and not os.path.exists(tmp)
     _assert_identical(load_checkpoint(dst)[1], load_hf_checkpoint(src)[1])
 
     # SIGTERM (and Ctrl-C): the command cleans its temporary folder up and exits 130.

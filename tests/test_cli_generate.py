@@ -239,12 +239,14 @@ def test_st_sparse_flag(tiny, capfd):
     """--st-sparse (ST-SpAttn from the layer after the anchor) runs, or fails with one clean line."""
     video = _video_dir() / "carphone_pristine.mp4"
     rc = _run(["generate", "--model", tiny, "--video", video, "--prompt", "Describe it.", "--max-pixels", "50176",
-               "--max-new-tokens", "2", "--anchors", "1", "--st-sparse"])
+               "--max-new-tokens", "2", "--anchors", "1", "--st-sparse", "--verbose"])
     out, err = capfd.readouterr()
     assert "Traceback" not in err + out
     if rc == 0:
         last = out.rstrip("\n").split("\n")[-1]
         assert STATS.match(last) and "+st-sparse" in last, out
+        # --verbose: the plan, and the path the cost model chose for the ST layer (the last of 3)
+        assert "plan: prompt" in err and re.search(r"ST-SpAttn layer 2, union heads: (sparse|dense)", err), err
     else:
         assert len(err.strip().split("\n")) == 1, err
 

@@ -193,7 +193,10 @@ def test_every_preset_keeps_the_same_entries_in_the_harness_and_in_generate(deep
     """One carry, one keep-set: for every named policy the harness's cache is the cache generate writes."""
     config, params, ids = deep
     n_layers = config.text.num_hidden_layers
-    configs = list(dict.fromkeys(pk for p in PRESETS.values() if (pk := p.make(0.4, n_layers)) is not None))
+    # (the byte-budget presets quantise in groups wider than this model's head_dim: tests/test_kv_quant.py
+    # checks them with narrower groups)
+    configs = list(dict.fromkeys(pk for p in PRESETS.values()
+                                 if p.group != "bytes" and (pk := p.make(0.4, n_layers)) is not None))
     assert len(configs) > 30  # the presets' distinct configurations, aliases counted once
     an = analyse_prompt(params, config.text, ids, configs)
     for pk in configs:

@@ -22,7 +22,8 @@ from purekv_jax.st_sparse import (HeadPattern, LayoutError, STLayout, VideoSpan,
                                   reference_mask, save_head_patterns)
 from purekv_jax.st_sparse.prefill import calibrate_model, row_layouts
 
-SMALL = dict(window=8, sink=2, budget_multiple=8, anchor_layers=(1,), st_block_q=16, st_block_k=16)
+# the block-sparse path itself is under test: st_select="always" keeps the cost model from choosing dense
+SMALL = dict(window=8, sink=2, budget_multiple=8, anchor_layers=(1,), st_block_q=16, st_block_k=16, st_select="always")
 N_NEW = 6
 T, S, U, D = HeadPattern.TEMPORAL, HeadPattern.SPATIAL, HeadPattern.UNION, HeadPattern.DENSE
 

@@ -2,7 +2,8 @@
 fallback, reference; and the mask geometry they own (layouts, the element mask, block tables, static
 head patterns)."""
 
-from kernels.block_sparse_attention.api import block_sparse_attention, merge_by_lse, normalize_patterns
+from kernels.block_sparse_attention.api import (HeadGroup, block_sparse_attention, head_groups, merge_by_lse,
+                                                normalize_patterns)
 from kernels.block_sparse_attention.backends import (BACKEND_NAMES, BACKENDS, DEFAULT_BLOCKS, Backend,
                                                      KernelOptions, resolve_backend)
 from kernels.block_sparse_attention.blocks import (EMPTY, FULL, PARTIAL, BlockSizeError, BlockTables,
@@ -21,10 +22,10 @@ from kernels.block_sparse_attention.triton import triton_block_sparse
 from kernels.block_sparse_attention.xla import xla_block_sparse
 
 __all__ = ["BACKENDS", "BACKEND_NAMES", "Backend", "BlockSizeError", "BlockTables", "DEFAULT_BLOCKS",
-           "EMPTY", "FULL", "HEAD_PATTERNS_FORMAT", "HeadDimError", "HeadPattern", "KernelOptions",
+           "EMPTY", "FULL", "HEAD_PATTERNS_FORMAT", "HeadDimError", "HeadGroup", "HeadPattern", "KernelOptions",
            "LayoutError", "PALLAS_HEAD_DIMS", "PARTIAL", "STLayout", "TokenIds", "VideoSpan",
            "block_counts", "block_sparse_attention", "block_tables", "classify_blocks",
-           "dense_masked_attention", "element_mask", "inverse_permutation", "load_head_patterns",
+           "dense_masked_attention", "element_mask", "head_groups", "inverse_permutation", "load_head_patterns",
            "merge_by_lse", "mosaic_gpu_block_sparse", "normalize_layer_patterns", "normalize_patterns",
            "padded_length", "permutation", "reference_attention", "reference_mask", "resolve_backend",
            "save_head_patterns", "token_ids", "tpu_block_sparse", "triton_block_sparse",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,8 @@ from kernels.block_sparse_attention.blocks import block_tables
 from kernels.block_sparse_attention.layout import (HeadPattern, LayoutError, STLayout, inverse_permutation,
                                                    permutation)
 
-__all__ = ["block_sparse_attention", "normalize_patterns", "merge_by_lse", "ShapeError"]
+__all__ = ["block_sparse_attention", "normalize_patterns", "merge_by_lse", "ShapeError", "HeadGroup",
+           "head_groups"]
 
 
 class ShapeError(ValueError):
@@ -29,6 +32,35 @@ def normalize_patterns(head_patterns, num_heads: int) -> tuple[HeadPattern, ...]
         raise ValueError("temporal_strict is the internal second pass of a split union head (its "
                          "rows may have no key); use 'union', 'spatial', 'temporal' or 'dense'")
     return pats
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadGroup:
+    """The q heads that share one pattern and the kernel passes that compute them.
+
+    heads: the q head indices; passes: ``(pattern, permuted)`` per kernel call over those heads (two for a
+    split union group, merged by their log-sum-exps; one otherwise). What :func:`block_sparse_attention`
+    runs, and what a cost model counts."""
+
+    heads: tuple[int, ...]
+    passes: tuple[tuple[HeadPattern, bool], ...]
+
+
+def head_groups(head_patterns, num_heads: int, *, permute_temporal: bool = True,
+                split_union: bool = True) -> tuple[HeadGroup, ...]:
+    """The head groups and passes :func:`block_sparse_attention` runs for ``head_patterns``."""
+    pats = normalize_patterns(head_patterns, num_heads)
+    groups: dict[tuple[HeadPattern, bool], list[int]] = {}
+    for h, p in enumerate(pats):
+        groups.setdefault((p, bool(permute_temporal and p.default_permuted)), []).append(h)
+    out = []
+    for (pat, perm), heads in groups.items():
+        if split_union and pat is HeadPattern.UNION:
+            passes = ((HeadPattern.SPATIAL, False), (HeadPattern.TEMPORAL_STRICT, bool(permute_temporal)))
+        else:
+            passes = ((pat, perm),)
+        out.append(HeadGroup(tuple(heads), passes))
+    return tuple(out)
 
 
 def merge_by_lse(o_a, lse_a, o_b, lse_b):
@@ -121,27 +153,21 @@ def block_sparse_attention(q, k, v, layout: STLayout, *, head_patterns=HeadPatte
     kernel.check_blocks(bq, bk)
     options = KernelOptions(scale=scale, num_warps=num_warps, num_stages=num_stages,
                             interpret=jax.default_backend() == "cpu" if interpret is None else interpret)
-    pats = normalize_patterns(head_patterns, hq)
     g = hq // hkv
-
-    groups: dict[tuple[HeadPattern, bool], list[int]] = {}
-    for h, p in enumerate(pats):
-        groups.setdefault((p, bool(permute_temporal and p.default_permuted)), []).append(h)
 
     def run(qs, ks, vs, tables, return_lse):
         return kernel.run(qs, ks, vs, tables, options, return_lse)
 
     outs, order = [], []
-    for (pat, perm), heads in groups.items():
-        qh, kvh = _head_selection(heads, g)
-        if split_union and pat is HeadPattern.UNION:  # every backend returns the log-sum-exp
-            o_sp, lse_sp = _pattern_pass(q, k, v, layout, HeadPattern.SPATIAL, False, qh, kvh, bq,
-                                         bk, run, return_lse=True)
-            o_tp, lse_tp = _pattern_pass(q, k, v, layout, HeadPattern.TEMPORAL_STRICT,
-                                         bool(permute_temporal), qh, kvh, bq, bk, run,
-                                         return_lse=True)
-            outs.append(merge_by_lse(o_sp, lse_sp, o_tp, lse_tp))
+    for group in head_groups(head_patterns, hq, permute_temporal=permute_temporal, split_union=split_union):
+        qh, kvh = _head_selection(group.heads, g)
+        if len(group.passes) == 2:  # a split union group: two disjoint key sets, merged exactly
+            (pa, ma), (pb, mb) = group.passes
+            o_a, lse_a = _pattern_pass(q, k, v, layout, pa, ma, qh, kvh, bq, bk, run, return_lse=True)
+            o_b, lse_b = _pattern_pass(q, k, v, layout, pb, mb, qh, kvh, bq, bk, run, return_lse=True)
+            outs.append(merge_by_lse(o_a, lse_a, o_b, lse_b))
         else:
+            ((pat, perm),) = group.passes
             outs.append(_pattern_pass(q, k, v, layout, pat, perm, qh, kvh, bq, bk, run))
         order.extend(qh.tolist())
     out = jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]

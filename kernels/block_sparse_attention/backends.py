@@ -17,7 +17,8 @@ from kernels.block_sparse_attention.mosaic_gpu import (check_mosaic_gpu_blocks, 
 from kernels.block_sparse_attention.tpu import check_tpu_blocks, check_tpu_inputs, tpu_block_sparse
 from kernels.block_sparse_attention.triton import (check_triton_blocks, check_triton_inputs,
                                                    triton_block_sparse)
-from kernels.block_sparse_attention.xla import xla_block_sparse
+from kernels.block_sparse_attention.blocks import BlockTables
+from kernels.block_sparse_attention.xla import xla_block_sparse, xla_flop_ratio
 
 __all__ = ["Backend", "KernelOptions", "BACKENDS", "BACKEND_NAMES", "DEFAULT_BLOCKS", "resolve_backend"]
 
@@ -42,6 +43,7 @@ class Backend:
       -> [B,Hq,Np,D] (and the [B,Hq,Np] float32 log-sum-exp with ``return_lse``).
     check_blocks(block_q, block_k) / check_inputs(q, k, v): raise for what the kernel cannot take.
     default_blocks: (block_q, block_k) when the caller gives none.
+    computed_cells(tables): the (query, key) score cells the kernel computes for one head (its work).
     """
 
     name: str
@@ -49,6 +51,18 @@ class Backend:
     check_blocks: Callable[[int, int], None]
     check_inputs: Callable
     default_blocks: tuple[int, int]
+    computed_cells: Callable[[BlockTables], int]
+
+
+def _listed_cells(tables: BlockTables) -> int:
+    """The Pallas kernels visit each query block's listed key blocks."""
+    return int(tables.kv_count.sum()) * tables.block_q * tables.block_k
+
+
+def _bucketed_cells(tables: BlockTables) -> int:
+    """The XLA fallback pads each query block's list to its length bucket."""
+    return int(round(xla_flop_ratio(tables) * tables.num_q_blocks * tables.num_k_blocks)) * tables.block_q \
+        * tables.block_k
 
 
 def _run_xla(q, k, v, tables, options: KernelOptions, return_lse: bool):
@@ -79,10 +93,11 @@ def _accept_any(*_) -> None:
 # (benchmarks/results/gpu_kernels.md). mosaic_gpu 64 x 128: one warpgroup per query block holds the
 # 64 x 128 scores and two 64 x D accumulators in registers (not timed yet)
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
-    Backend("xla", _run_xla, _accept_any, _accept_any, (128, 128)),
-    Backend("triton", _run_triton, check_triton_blocks, check_triton_inputs, (128, 128)),
-    Backend("mosaic_gpu", _run_mosaic_gpu, check_mosaic_gpu_blocks, check_mosaic_gpu_inputs, (64, 128)),
-    Backend("tpu", _run_tpu, check_tpu_blocks, check_tpu_inputs, (128, 128)),
+    Backend("xla", _run_xla, _accept_any, _accept_any, (128, 128), _bucketed_cells),
+    Backend("triton", _run_triton, check_triton_blocks, check_triton_inputs, (128, 128), _listed_cells),
+    Backend("mosaic_gpu", _run_mosaic_gpu, check_mosaic_gpu_blocks, check_mosaic_gpu_inputs, (64, 128),
+            _listed_cells),
+    Backend("tpu", _run_tpu, check_tpu_blocks, check_tpu_inputs, (128, 128), _listed_cells),
 )}
 BACKEND_NAMES = ("auto", *BACKENDS)
 DEFAULT_BLOCKS = {name: b.default_blocks for name, b in BACKENDS.items()}

@@ -15,9 +15,7 @@ import json
 import os
 from typing import Any, Mapping
 
-
-class ConfigError(ValueError):
-    """A config.json that lacks a needed field or holds an inconsistent one."""
+from .config_fields import ConfigError, Fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +49,8 @@ class VisionConfig:
         return self.spatial_merge_size**2
 
     def __post_init__(self):
+        if self.num_heads < 1 or self.depth < 1:
+            raise ConfigError(f"vision_config.num_heads={self.num_heads} and depth={self.depth} must be >= 1")
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"vision_config.hidden_size={self.hidden_size} is not divisible by "
@@ -87,6 +87,12 @@ class TextConfig:
         return self.num_attention_heads // self.num_key_value_heads
 
     def __post_init__(self):
+        if self.num_attention_heads < 1 or self.num_key_value_heads < 1:
+            raise ConfigError(f"num_attention_heads={self.num_attention_heads} and num_key_value_heads="
+                              f"{self.num_key_value_heads} must be >= 1")
+        if self.head_dim < 2:
+            raise ConfigError(f"head_dim={self.head_dim} (hidden_size={self.hidden_size} / num_attention_heads="
+                              f"{self.num_attention_heads}) must be >= 2")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -97,6 +103,14 @@ class TextConfig:
                 f"mrope_section={list(self.mrope_section)} must have 3 entries summing to "
                 f"head_dim/2={self.head_dim // 2}"
             )
+
+
+def _built(cls, source: str, **fields):
+    """``cls(**fields)``, its consistency errors prefixed with the file they come from."""
+    try:
+        return cls(**fields)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,74 +127,81 @@ class Qwen25VLConfig:
     # ------------------------------------------------------------------ reading
     @classmethod
     def from_hf_dict(cls, raw: Mapping[str, Any], source: str = "config.json") -> "Qwen25VLConfig":
-        """Builds the config from a parsed Hugging Face config dict (flat or nested)."""
+        """Builds the config from a parsed Hugging Face config dict (flat or nested); every field's type and
+        range is checked (:mod:`models.qwen2_5_vl.config_fields`)."""
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{source}: must hold a JSON object, got {type(raw).__name__}")
+        top = Fields(raw, "", source)
         text_raw: dict[str, Any] = dict(raw)
-        if isinstance(raw.get("text_config"), Mapping):
-            # transformers 5: text fields nested; top-level values only fill gaps.
-            text_raw = {**dict(raw), **dict(raw["text_config"])}
-        if "vision_config" not in raw or not isinstance(raw["vision_config"], Mapping):
+        nested = top.obj("text_config")
+        if nested is not None:  # transformers 5: text fields nested; top-level values only fill gaps.
+            text_raw = {**dict(raw), **dict(nested)}
+        if top.obj("vision_config") is None:
             raise ConfigError(f"{source}: missing required field 'vision_config'")
-        vis_raw = dict(raw["vision_config"])
+        t = Fields(text_raw, "", source)
+        v = Fields(raw["vision_config"], "vision_config.", source)
 
-        def need(d: Mapping[str, Any], key: str, where: str):
-            if key not in d or d[key] is None:
-                raise ConfigError(f"{source}: missing required field '{where}{key}'")
-            return d[key]
-
-        rope = text_raw.get("rope_parameters") or text_raw.get("rope_scaling") or {}
-        if not isinstance(rope, Mapping) or "mrope_section" not in rope:
+        rope = t.obj("rope_parameters") or t.obj("rope_scaling") or {}
+        if "mrope_section" not in rope:
             raise ConfigError(
                 f"{source}: missing required field 'rope_scaling.mrope_section' "
                 "(or 'rope_parameters.mrope_section')"
             )
-        rope_theta = text_raw.get("rope_theta", rope.get("rope_theta", 1_000_000.0))
-
-        eos = raw.get("eos_token_id", text_raw.get("eos_token_id", 151645))
-        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
-        text = TextConfig(
-            vocab_size=int(need(text_raw, "vocab_size", "")),
-            hidden_size=int(need(text_raw, "hidden_size", "")),
-            intermediate_size=int(need(text_raw, "intermediate_size", "")),
-            num_hidden_layers=int(need(text_raw, "num_hidden_layers", "")),
-            num_attention_heads=int(need(text_raw, "num_attention_heads", "")),
-            num_key_value_heads=int(need(text_raw, "num_key_value_heads", "")),
-            mrope_section=tuple(int(s) for s in rope["mrope_section"]),
-            rope_theta=float(rope_theta),
-            rms_norm_eps=float(text_raw.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=int(text_raw.get("max_position_embeddings", 128_000)),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", text_raw.get("tie_word_embeddings", False))),
-            head_dim_override=text_raw.get("head_dim"),
+        r = Fields(rope, "rope_scaling.", source)
+        rope_theta = t.number("rope_theta", r.number("rope_theta", 1_000_000.0))
+        text = _built(
+            TextConfig, source,
+            vocab_size=t.integer("vocab_size"),
+            hidden_size=t.integer("hidden_size"),
+            intermediate_size=t.integer("intermediate_size"),
+            num_hidden_layers=t.integer("num_hidden_layers"),
+            num_attention_heads=t.integer("num_attention_heads"),
+            num_key_value_heads=t.integer("num_key_value_heads"),
+            mrope_section=r.integers("mrope_section", length=3),
+            rope_theta=rope_theta,
+            rms_norm_eps=t.number("rms_norm_eps", 1e-6),
+            max_position_embeddings=t.integer("max_position_embeddings", 128_000),
+            tie_word_embeddings=top.boolean("tie_word_embeddings", t.boolean("tie_word_embeddings", False)),
+            head_dim_override=t.integer("head_dim", None),
         )
-        hidden = int(need(vis_raw, "hidden_size", "vision_config."))
-        vision = VisionConfig(
-            depth=int(need(vis_raw, "depth", "vision_config.")),
+        hidden = v.integer("hidden_size")
+        depth = v.integer("depth")
+        full_att = v.integers("fullatt_block_indexes", (7, 15, 23, 31), limit="token_id")
+        if any(i >= depth for i in full_att):
+            raise ConfigError(f"{source}: field 'vision_config.fullatt_block_indexes' must hold block numbers "
+                              f"below depth={depth}, got {list(full_att)}")
+        vision = _built(
+            VisionConfig, source,
+            depth=depth,
             hidden_size=hidden,
-            num_heads=int(need(vis_raw, "num_heads", "vision_config.")),
-            intermediate_size=int(need(vis_raw, "intermediate_size", "vision_config.")),
-            out_hidden_size=int(vis_raw.get("out_hidden_size", text.hidden_size)),
-            patch_size=int(vis_raw.get("patch_size", vis_raw.get("spatial_patch_size", 14))),
-            spatial_merge_size=int(vis_raw.get("spatial_merge_size", 2)),
-            temporal_patch_size=int(vis_raw.get("temporal_patch_size", 2)),
-            window_size=int(vis_raw.get("window_size", 112)),
-            fullatt_block_indexes=tuple(int(i) for i in vis_raw.get("fullatt_block_indexes", (7, 15, 23, 31))),
-            in_channels=int(vis_raw.get("in_channels", vis_raw.get("in_chans", 3))),
-            tokens_per_second=float(vis_raw.get("tokens_per_second", 4)),
+            num_heads=v.integer("num_heads"),
+            intermediate_size=v.integer("intermediate_size"),
+            out_hidden_size=v.integer("out_hidden_size", text.hidden_size),
+            patch_size=v.integer("patch_size", v.integer("spatial_patch_size", 14, limit="patch_size")),
+            spatial_merge_size=v.integer("spatial_merge_size", 2),
+            temporal_patch_size=v.integer("temporal_patch_size", 2),
+            window_size=v.integer("window_size", 112),
+            fullatt_block_indexes=full_att,
+            in_channels=v.integer("in_channels", v.integer("in_chans", 3, limit="in_channels")),
+            tokens_per_second=v.number("tokens_per_second", 4),
         )
         if vision.out_hidden_size != text.hidden_size:
             raise ConfigError(
                 f"{source}: vision_config.out_hidden_size={vision.out_hidden_size} differs from the "
                 f"text hidden_size={text.hidden_size}"
             )
-        ids = {**text_raw, **raw}
+        ids = Fields({**text_raw, **raw}, "", source)
+        given = lambda key: key in ids.raw  # noqa: E731  (an explicit null means none, a missing key the default)
+        eos = ids.integers("eos_token_id", (), limit="token_id") if given("eos_token_id") else (151645,)
         return cls(
             text=text,
             vision=vision,
-            image_token_id=int(ids.get("image_token_id", 151655)),
-            video_token_id=int(ids.get("video_token_id", 151656)),
-            vision_start_token_id=int(ids.get("vision_start_token_id", 151652)),
-            vision_end_token_id=int(ids.get("vision_end_token_id", 151653)),
-            bos_token_id=ids.get("bos_token_id", 151643),
-            eos_token_id=eos_ids,
+            image_token_id=ids.integer("image_token_id", 151655, limit="token_id"),
+            video_token_id=ids.integer("video_token_id", 151656, limit="token_id"),
+            vision_start_token_id=ids.integer("vision_start_token_id", 151652, limit="token_id"),
+            vision_end_token_id=ids.integer("vision_end_token_id", 151653, limit="token_id"),
+            bos_token_id=ids.integer("bos_token_id", None, limit="token_id") if given("bos_token_id") else 151643,
+            eos_token_id=eos,
         )
 
     @classmethod
@@ -190,11 +211,11 @@ class Qwen25VLConfig:
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 raw = json.load(f)
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such file") from None
-        except json.JSONDecodeError as e:
+        except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, nesting too deep
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
         return cls.from_hf_dict(raw, source=path)
 

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 import ml_dtypes  # registers bfloat16 with numpy, for bf16 safetensors files
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from .config import Qwen25VLConfig
@@ -76,14 +77,17 @@ def _weight_files(path: str) -> tuple[dict[str, str], str, dict[str, str]]:
     index = os.path.join(path, INDEX_FILE)
     if os.path.exists(index):
         try:
-            with open(index) as f:
+            with open(index, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (ValueError, RecursionError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a safetensors index with a 'weight_map' ({e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
         files = sorted(set(weight_map.values()))
         for name in files:
-            if not os.path.exists(os.path.join(path, name)):
-                raise CheckpointError(f"{index} lists shard {name!r}, which is not in {path}")
+            full = os.path.realpath(os.path.join(path, name))
+            if os.path.dirname(full) != os.path.realpath(path) or not os.path.isfile(full):
+                raise CheckpointError(f"{index} lists shard {name!r}, which is not in {path} (as a file)")
         return {name: os.path.join(path, name) for name in files}, index, {hub_name(k): v for k, v in weight_map.items()}
     single = os.path.join(path, SINGLE_FILE)
     if os.path.exists(single):
@@ -96,11 +100,22 @@ _ST_DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": n
               "BF16": np.dtype(ml_dtypes.bfloat16)}
 
 
+@contextlib.contextmanager
+def open_safetensors(path: str):
+    """``safe_open`` of one file, its errors (empty or truncated file, a bad or huge header, offsets outside
+    the data: all checked when the file is opened) as a :class:`CheckpointError` naming the file."""
+    try:
+        with safe_open(path, framework="numpy") as f:
+            yield f
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
 def _read_headers(files: Mapping[str, str]) -> dict[str, tuple[str, str, tuple[int, ...], str]]:
     """Hub name -> (file, original name, torch shape, safetensors dtype code), from the headers only."""
     found: dict[str, tuple[str, str, tuple[int, ...], str]] = {}
     for fname, fpath in files.items():
-        with safe_open(fpath, framework="numpy") as f:
+        with open_safetensors(fpath) as f:
             for name in f.keys():
                 key = hub_name(name)
                 if key in found:
@@ -267,7 +282,7 @@ def read_hf_leaf(ckpt: HFCheckpoint, spec: HFLeafSpec, dtype=None, on_tensor: Ca
     for i, name in enumerate(spec.sources):
         fname, stored, _, _ = ckpt.tensors[name]
         # Opened per tensor: the file's memory map (resident pages included) goes away with the tensor.
-        with safe_open(ckpt.files[fname], framework="numpy") as f:
+        with open_safetensors(ckpt.files[fname]) as f:
             x = f.get_tensor(stored)
         nbytes = x.nbytes
         if spec.stacked:

@@ -11,12 +11,15 @@ import json
 import os
 import sys
 
+import jax
+
 from models.qwen2_5_vl import Qwen25VLConfig
 from purekv_jax import sharding as S
 from purekv_jax.batch import BatchSettings, run_batch
+from purekv_jax.batch_output import check_output_path, make_output_folder, probe_output_lock
 from purekv_jax.checkpoint import load_checkpoint
 from purekv_jax.presets import CLI_POLICIES, build_policy
-from purekv_jax.requests import check_checkpoint_folder, eos_ids, make_processor
+from purekv_jax.requests import check_checkpoint_folder, check_output_file, check_text, eos_ids, make_processor
 from purekv_jax.value_parsers import parse_anchors, parse_budget, parse_pixels
 
 from .errors import one_line, one_line_errors
@@ -29,7 +32,9 @@ requests (one JSON object a line):
 
 Each result (or error record, for a missing file, a prompt that is too long, a bad field) is appended to
 --out as its batch finishes. Rerunning the same command skips the ids already in --out, so a crashed or
-killed run is finished by running it again; every request is written exactly once.
+killed run is finished by running it again; every request is written exactly once. One run at a time
+writes --out (a second one stops at once). Media paths are taken from --media-root (default: the
+requests file's folder) and must lie inside it.
 
 examples:
   purekv batch --model ~/models/qwen25vl-7b-orbax --requests in.jsonl --out out.jsonl --batch-size 8
@@ -58,7 +63,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
                          "default: one device")
     io.add_argument("--dtype", choices=("auto", "float32", "bf16"), default="auto",
                     help="params dtype (default auto: as stored)")
+    io.add_argument("--media-root", default=None, metavar="DIR",
+                    help="media paths of the requests must lie inside DIR (relative ones are taken from it; "
+                         "links resolved); default: the requests file's folder")
     io.add_argument("--summary-json", default=None, metavar="PATH", help="also write the run's summary as JSON")
+    io.add_argument("--no-verify", action="store_true",
+                    help="skip the checksums of an orbax checkpoint's files at load (sizes are still checked)")
     io.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     b = p.add_argument_group("batching")
@@ -76,6 +86,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     media.add_argument("--max-pixels", type=parse_pixels, default=None, metavar="PX", help="pixel cap per image / frame")
     media.add_argument("--min-pixels", type=parse_pixels, default=None, metavar="PX", help="pixel floor per image / frame")
     media.add_argument("--system", default=None, metavar="TEXT", help="system prompt for 'prompt' requests")
+    media.add_argument("--allow-special", action="store_true",
+                       help="honour special-token strings (<|im_start|>, ...) in user and system text (default: "
+                            "tokenised as plain text)")
 
     kv = p.add_argument_group("KV cache (defaults for requests without 'policy')")
     kv.add_argument("--policy", default="purekv", metavar="NAME", help="one of: " + ", ".join(CLI_POLICIES))
@@ -104,9 +117,26 @@ def settings_from_args(args: argparse.Namespace) -> BatchSettings:
         st_sparse=args.st_sparse, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
         prompt_bucket=args.prompt_bucket, max_prompt_tokens=args.max_prompt_tokens, max_pending=args.max_pending,
-        system=args.system, fps=args.fps, max_frames=args.max_frames, max_pixels=args.max_pixels,
-        min_pixels=args.min_pixels,
+        system=None if args.system is None else check_text(args.system, "--system"), fps=args.fps,
+        max_frames=args.max_frames, max_pixels=args.max_pixels, min_pixels=args.min_pixels,
+        media_root=args.media_root,
     )
+
+
+def check_files(args: argparse.Namespace) -> None:
+    """The run's own files, before the weights are read: the requests, the media root, an output that is
+    not the requests file, writable and not held by another run, a writable summary path."""
+    if not os.path.isfile(args.requests):
+        raise FileNotFoundError(f"--requests {args.requests}: no such file")
+    if args.media_root is not None and not os.path.isdir(args.media_root):
+        raise FileNotFoundError(f"--media-root {args.media_root}: no such folder")
+    check_output_path(args.requests, args.out)
+    if jax.process_index() == 0:
+        probe_output_lock(args.out)
+        make_output_folder(args.out)
+        check_output_file(args.out, "--out")
+        if args.summary_json:
+            check_output_file(args.summary_json, "--summary-json")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -116,16 +146,15 @@ def run(args: argparse.Namespace) -> int:
         S.initialize_distributed()  # multi-host jobs: before any device is touched
         settings = settings_from_args(args)
         check_checkpoint_folder(args.model)
-        if not os.path.isfile(args.requests):
-            raise FileNotFoundError(f"--requests {args.requests}: no such file")
+        check_files(args)
         config = Qwen25VLConfig.from_json(args.model)
         mesh = S.make_mesh(args.mesh) if args.mesh else None
         proc = make_processor(args.model, fps=args.fps, max_frames=args.max_frames, max_pixels=args.max_pixels,
-                              min_pixels=args.min_pixels)
+                              min_pixels=args.min_pixels, allow_special=args.allow_special)
         dtype = None if args.dtype == "auto" else args.dtype
         shardings = None if mesh is None else S.sharding_for_leaf(config, mesh)
-        config, params = load_checkpoint(args.model, dtype=dtype, shardings=shardings)
-    except (ValueError, FileNotFoundError) as e:
+        config, params = load_checkpoint(args.model, dtype=dtype, shardings=shardings, verify=not args.no_verify)
+    except (ValueError, OSError) as e:
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return 2
 
@@ -142,6 +171,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(f"{prog}: {summary.format()}", file=sys.stderr)
     if args.summary_json:
-        with open(args.summary_json, "w") as f:
-            json.dump(summary.as_dict(), f, indent=2)
+        try:
+            with open(args.summary_json, "w") as f:
+                json.dump(summary.as_dict(), f, indent=2)
+        except OSError as e:  # it was writable at the start: say what happened, the results are in --out
+            print(f"{prog}: error: --summary-json {args.summary_json}: {e.strerror}", file=sys.stderr)
+            return 1
     return 0

@@ -21,7 +21,10 @@ from purekv_jax.checkpoint import load_checkpoint
 from purekv_jax.config import PureKVConfig
 from purekv_jax.processing import Qwen25VLProcessor, user_message
 from purekv_jax.st_sparse import save_head_patterns
+from purekv_jax.requests import check_output_file, check_text
 from purekv_jax.st_sparse.prefill import calibrate_model, choose_patterns
+
+from .errors import run_guarded
 
 
 def prepare_inputs(model_dir: str, video: str, prompt: str, args: argparse.Namespace) -> dict:
@@ -40,7 +43,16 @@ def prepare_inputs(model_dir: str, video: str, prompt: str, args: argparse.Names
 
 
 def run(args: argparse.Namespace) -> int:
-    """The ``purekv calibrate`` command: calibrates on every ``--video`` and writes ``--out``."""
+    """The ``purekv calibrate`` command (see :func:`~purekv_jax.commands.errors.run_guarded` for the exit
+    statuses)."""
+    return run_guarded("purekv calibrate", lambda: calibrate(args))
+
+
+def calibrate(args: argparse.Namespace) -> int:
+    """Checks ``--out`` (writable) and ``--prompt`` (valid text) before the weights are read, then calibrates
+    on every ``--video`` and writes ``--out``."""
+    check_output_file(args.out, "--out")
+    check_text(args.prompt, "--prompt")
     anchors = tuple(int(a) for a in args.anchor_layers.split(",") if a.strip()) if args.anchor_layers else (2,)
     policy = PureKVConfig(st_sparse=True, anchor_layers=anchors, st_start=args.st_start,
                           spatial_radius=args.spatial_radius, temporal_window=args.temporal_window)

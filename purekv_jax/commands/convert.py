@@ -32,9 +32,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {result.path}: {result.n_leaves} params leaves from {result.n_tensors} tensors, "
           f"{result.params_bytes / mib:.1f} MiB {result.dtype} (source {result.source_bytes / mib:.1f} MiB), "
           f"verified; copied {', '.join(result.copied_files)}; {result.seconds:.1f} s")
-    if result.stale_temp_folders:
-        print(f"note: left by an earlier interrupted convert, safe to delete: {' '.join(result.stale_temp_folders)}",
+    if result.removed_temp_folders:
+        print(f"note: removed the temporary folders of killed conversions: {' '.join(result.removed_temp_folders)}",
               file=sys.stderr)
+    if result.stale_temp_folders:
+        print("note: left alone, temporary folders of conversions still running (or of an older purekv, without "
+              f"an owner lock): {' '.join(result.stale_temp_folders)}", file=sys.stderr)
     return 0
 
 
@@ -55,7 +58,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     conv.add_argument("--dtype", choices=("bf16", "float32"), default="bf16",
                       help="dtype of the stored params (default bf16; casting rounds to nearest even)")
     conv.add_argument("--force", action="store_true",
-                      help="replace DST if it exists (only after the new checkpoint is complete)")
+                      help="replace DST if it exists and is empty or a converted checkpoint (only after the new "
+                           "checkpoint is complete)")
     conv.add_argument("--compress", action="store_true",
                       help="zstd-compress the stored arrays (smaller, slower to load, more memory while writing)")
     conv.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

@@ -83,7 +83,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=16, metavar="N", help="answer length (default 16)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="weights seed (default 0)")
     p.add_argument("--save", metavar="DIR", default=None,
-                   help="write the tiny checkpoint to DIR (replaced if it exists) and keep it, for `purekv generate`")
+                   help="write the tiny checkpoint to DIR and keep it, for `purekv generate` (an existing DIR is "
+                        "replaced only if empty or an earlier demo checkpoint)")
     p.set_defaults(func=run)
     return p
 

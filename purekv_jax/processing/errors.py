@@ -38,7 +38,11 @@ class PromptError(ProcessingError):
 def require_readable_file(path: Path, what: str) -> None:
     """Raises :class:`MediaFileError` unless ``path`` is an existing, regular, readable file; ``what``
     (``"image"``, ``"video"``) names the input in the message."""
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except OSError as err:  # a name too long, a path through a file, ...
+        raise MediaFileError(f"{what} path cannot be looked up ({err.strerror}): {str(path)[:200]}") from None
+    if not exists:
         raise MediaFileError(f"{what} file not found: {path}")
     if not path.is_file():
         raise MediaFileError(f"{what} path is not a regular file: {path}")

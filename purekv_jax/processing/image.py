@@ -34,6 +34,9 @@ TEMPORAL_PATCH_SIZE = 2
 MERGE_SIZE = 2
 IMAGE_MIN_PIXELS = 56 * 56
 IMAGE_MAX_PIXELS = 28 * 28 * 1280
+#: The largest min / max pixels setting taken: 8192 x 8192, about 85,600 visual tokens for one image
+#: (0.8 GB of float32 patches); beyond it a setting is refused instead of running out of memory.
+PIXELS_LIMIT = 1 << 26
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".jp2", ".ico"}
@@ -109,6 +112,8 @@ def check_pixel_range(min_pixels: int, max_pixels: int, factor: int, what: str =
         raise ProcessingError(f"{what}: min_pixels={min_pixels} and max_pixels={max_pixels} must be positive")
     if min_pixels > max_pixels:
         raise ProcessingError(f"{what}: min_pixels={min_pixels} is larger than max_pixels={max_pixels}")
+    if max_pixels > PIXELS_LIMIT:
+        raise ProcessingError(f"{what}: max_pixels={max_pixels} is above the limit of {PIXELS_LIMIT} pixels")
     if max_pixels < factor * factor:
         raise ImageTooSmallError(
             f"{what}: max_pixels={max_pixels} is below one merged patch ({factor}x{factor}={factor * factor} pixels)"

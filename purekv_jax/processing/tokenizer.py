@@ -167,6 +167,17 @@ def qwen_tiktoken_path() -> Path:
     return path
 
 
+def encode_plain(tokenizer, text: str) -> list[int]:
+    """``text`` tokenised as plain text: a special-token string in it (``<|im_start|>``, ...) becomes the
+    ordinary tokens of its characters, never the special token."""
+    previous = tokenizer.encode_special_tokens
+    tokenizer.encode_special_tokens = True
+    try:
+        return tokenizer.encode(text, add_special_tokens=False).ids
+    finally:
+        tokenizer.encode_special_tokens = previous
+
+
 def load_tokenizer(path: str | os.PathLike):
     """A checkpoint's ``tokenizer.json`` (the file, or a folder holding it) as a ``tokenizers.Tokenizer``."""
     path = Path(path)

@@ -12,11 +12,14 @@ truncated. ``second_per_grid_t = temporal_patch_size / sampled_fps`` with ``samp
 whenever ``n`` was not clamped or floored).
 
 Pixels: each frame goes through the image path (PIL bicubic, float32 CLIP normalisation), so a frame's patches
-equal the image processor's on that frame bitwise. ``max_pixels`` caps each frame; ``total_pixels`` (optional)
-additionally caps each frame to ``total_pixels * T / n`` but never below ``1.05 * min_pixels`` (transformers'
-``cap_pixels_per_frame`` with ``total_pixels = int(max_video_tokens * 28 * 28 * 0.9)``). transformers' own video
-processor resizes with torchvision's uint8 antialiased bicubic, which differs from PIL's by at most 2/255 on a
-small fraction of pixels; this module keeps PIL (no torch / torchvision at run time).
+equal the image processor's on that frame bitwise. A file's frames are resized as they are decoded (one
+full-resolution frame in memory at a time), and a video whose kept frames would pass
+:data:`VIDEO_MEMORY_LIMIT` is refused before they are kept. ``max_pixels`` caps each frame;
+``total_pixels`` (optional) additionally caps each frame to ``total_pixels * T / n`` but never below
+``1.05 * min_pixels`` (transformers' ``cap_pixels_per_frame`` with ``total_pixels = int(max_video_tokens *
+28 * 28 * 0.9)``). transformers' own video processor resizes with torchvision's uint8 antialiased bicubic,
+which differs from PIL's by at most 2/255 on a small fraction of pixels; this module keeps PIL (no torch /
+torchvision at run time).
 """
 
 from __future__ import annotations
@@ -29,9 +32,10 @@ from typing import Sequence, Union
 
 import av
 import numpy as np
+import PIL.Image
 
 from .errors import MediaFileError, NoFramesError, ProcessingError, UnsupportedFormatError, require_readable_file
-from .image import VisionSpec, patchify, preprocess_frame, target_size, to_rgb_uint8
+from .image import VisionSpec, patchify, preprocess_frame, rescale_normalize, resize_bicubic, target_size, to_rgb_uint8
 
 VIDEO_MIN_PIXELS = 128 * 28 * 28
 VIDEO_MAX_PIXELS = 768 * 28 * 28
@@ -40,6 +44,16 @@ VIDEO_MIN_FRAMES = 4
 VIDEO_MAX_FRAMES = 768
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".flv", ".3gp", ".ts"})
+#: FFmpeg demuxers a video file may open with: plain containers of the extensions above. Playlists (hls),
+#: concat lists, image sequences and every network protocol are refused, so a file cannot make FFmpeg
+#: read other files.
+ALLOWED_DEMUXERS = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,mpeg,mpegts,mpegvideo,flv,h264,hevc,m4v"
+#: Host memory one video's kept frames may take once resized (uint8) and normalised (float32, twice: the
+#: frames and their patches): ``frames * height * width * 3 * (1 + 4 + 4)`` bytes at the target size.
+#: Frames are resized as they are decoded, so the full-resolution frames never add up.
+VIDEO_MEMORY_LIMIT = 8 << 30
+#: A frame larger than this (header size) is refused before decoding (PIL's decompression-bomb limit).
+FRAME_PIXELS_LIMIT = 2 * PIL.Image.MAX_IMAGE_PIXELS
 
 
 @dataclass(frozen=True)
@@ -121,8 +135,13 @@ def sample_frame_indices(
 
 
 def _open_container(path: Path):
+    """The file as a plain local video container (:data:`ALLOWED_DEMUXERS`, the ``file`` protocol only)."""
+    options = {"format_whitelist": ALLOWED_DEMUXERS, "protocol_whitelist": "file"}
     try:
-        return av.open(str(path))
+        return av.open(os.path.abspath(path), options=options)
+    except av.error.ArgumentError:
+        raise UnsupportedFormatError(f"video file {path}: not a plain video container (playlists, concat lists and "
+                                     "image sequences are refused)") from None
     except (av.error.InvalidDataError, av.error.PatchWelcomeError, av.error.DecoderNotFoundError) as err:
         raise UnsupportedFormatError(f"video file {path}: not a recognised video format ({err})") from None
     except av.error.FFmpegError as err:
@@ -140,6 +159,9 @@ def probe_video(path: str | os.PathLike) -> VideoMetadata:
         stream = container.streams.video[0]
         total = int(stream.frames or 0)
         rate = float(stream.average_rate) if stream.average_rate else 0.0
+        if int(stream.width or 0) * int(stream.height or 0) > FRAME_PIXELS_LIMIT:
+            raise MediaFileError(f"video file {path}: frames of {stream.width}x{stream.height} are larger than "
+                                 f"{FRAME_PIXELS_LIMIT} pixels; refused")
         if total == 0:
             total = sum(1 for _ in _decode(container, path))
         return VideoMetadata(total, rate, int(stream.width or 0), int(stream.height or 0))
@@ -158,17 +180,23 @@ def _decode(container, path: Path):
             raise NoFramesError(f"video file {path}: no decodable frames (decoder: {err})") from None
 
 
-def _grab_frames(path: Path, indices: np.ndarray) -> dict[int, np.ndarray]:
-    """Decode frames up to the last index; keep those in ``indices`` as RGB uint8 [H, W, 3]."""
+def _grab_frames(path: Path, indices: np.ndarray, resize=None) -> dict[int, np.ndarray]:
+    """Decode frames up to the last index; keep those in ``indices`` as RGB uint8 [H, W, 3], each resized as
+    it is decoded to ``resize(height, width, len(indices))`` (computed on the first kept frame) when given."""
     wanted = {int(i) for i in indices}
     last = int(indices[-1])
     frames: dict[int, np.ndarray] = {}
+    size = None
     with _open_container(path) as container:
         for i, frame in enumerate(_decode(container, path)):
             if i > last:
                 break
             if i in wanted:
-                frames[i] = frame.to_ndarray(format="rgb24")
+                rgb = frame.to_ndarray(format="rgb24")
+                if resize is not None:
+                    size = size or resize(rgb.shape[0], rgb.shape[1], len(indices))
+                    rgb = resize_bicubic(rgb, *size)
+                frames[i] = rgb
     return frames
 
 
@@ -180,8 +208,12 @@ def read_video(
     min_frames: int = VIDEO_MIN_FRAMES,
     max_frames: int = VIDEO_MAX_FRAMES,
     temporal_patch_size: int = 2,
+    resize=None,
 ) -> tuple[np.ndarray, VideoMetadata]:
-    """Decode and sample a video file -> (frames RGB uint8 [n, H, W, 3], metadata with ``frames_indices``)."""
+    """Decode and sample a video file -> (frames RGB uint8 [n, H, W, 3], metadata with ``frames_indices``).
+
+    ``resize(height, width, n_frames) -> (h, w)``: each kept frame is resized (PIL bicubic) to that size as
+    it is decoded, so only one full-resolution frame is held at a time."""
     path = Path(path)
     meta = probe_video(path)
 
@@ -193,7 +225,7 @@ def read_video(
 
     total = meta.total_num_frames
     idx = sample(total)
-    frames = _grab_frames(path, idx)
+    frames = _grab_frames(path, idx, resize)
     if len(frames) < len(idx):
         # the header over-counts: sample again over the frames that really decode
         with _open_container(path) as container:
@@ -201,13 +233,24 @@ def read_video(
         if total == 0:
             raise NoFramesError(f"video file {path}: no decodable frames (header says {meta.total_num_frames})")
         idx = sample(total)
-        frames = _grab_frames(path, idx)
+        frames = _grab_frames(path, idx, resize)
     kept = [int(i) for i in idx]
     video = np.stack([frames[i] for i in kept])
-    return video, VideoMetadata(total, meta.fps, video.shape[2], video.shape[1], tuple(kept))
+    width, height = (video.shape[2], video.shape[1]) if resize is None else (meta.width, meta.height)
+    return video, VideoMetadata(total, meta.fps, width, height, tuple(kept))
 
 
 VideoLike = Union[str, os.PathLike, np.ndarray, Sequence]
+
+
+def check_video_memory(n_frames: int, height: int, width: int, limit: int, name: str = "video") -> None:
+    """Refuses a video whose kept frames would take more than ``limit`` bytes of host memory at their target
+    size (see :data:`VIDEO_MEMORY_LIMIT`)."""
+    need = n_frames * height * width * 3 * 9
+    if need > limit:
+        raise ProcessingError(
+            f"{name}: {n_frames} frames of {height}x{width} need {need / 2**30:.1f} GiB of host memory, more than "
+            f"the {limit / 2**30:.1f} GiB limit; lower --fps / --max-frames / --max-pixels")
 
 
 def frame_max_pixels(num_frames: int, min_pixels: int, max_pixels: int, total_pixels: int | None,
@@ -230,11 +273,14 @@ def process_videos(
     total_pixels: int | None = None,
     frames_fps: float | None = None,
     spec: VisionSpec = VisionSpec(),
+    memory_limit: int = VIDEO_MEMORY_LIMIT,
 ) -> VideoInputs:
     """Videos (file paths, or already-sampled frames [n, H, W, 3] / lists of images) -> model inputs.
 
-    File paths are decoded and sampled (``fps`` / ``num_frames``). Frames passed in directly are used as given;
-    their ``second_per_grid_t`` is ``temporal_patch_size / frames_fps`` (``frames_fps`` defaults to ``fps``).
+    File paths are decoded and sampled (``fps`` / ``num_frames``), each kept frame resized as it is decoded;
+    a video whose frames would take more than ``memory_limit`` bytes (:func:`check_video_memory`) is refused
+    before its frames are kept. Frames passed in directly are used as given; their ``second_per_grid_t`` is
+    ``temporal_patch_size / frames_fps`` (``frames_fps`` defaults to ``fps``).
     """
     if isinstance(videos, (str, os.PathLike, np.ndarray)):
         videos = [videos]
@@ -245,11 +291,19 @@ def process_videos(
     for vi, video in enumerate(videos):
         if isinstance(video, (str, os.PathLike)):
             name = f"video file {video}"
+
+            def size(height: int, width: int, n: int, name=name) -> tuple[int, int]:
+                cap = frame_max_pixels(n, min_pixels, max_pixels, total_pixels, spec.temporal_patch_size)
+                h, w = target_size(height, width, spec, min_pixels, cap, name)
+                check_video_memory(n, h, w, memory_limit, name)
+                return h, w
+
             frames, meta = read_video(
                 video, fps=fps, num_frames=num_frames, min_frames=min_frames, max_frames=max_frames,
-                temporal_patch_size=spec.temporal_patch_size,
+                temporal_patch_size=spec.temporal_patch_size, resize=size,
             )
             rate = meta.sampled_fps
+            patches, grid = patchify(np.stack([rescale_normalize(f, spec) for f in frames]), spec)
         else:
             name = f"video {vi}"
             if isinstance(video, np.ndarray):
@@ -265,12 +319,11 @@ def process_videos(
                 frames = np.stack(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8)
             meta = None
             rate = frames_fps if frames_fps is not None else (fps if fps is not None else VIDEO_FPS)
-        if len(frames) == 0:
-            raise NoFramesError(f"{name}: no frames")
-        cap = frame_max_pixels(len(frames), min_pixels, max_pixels, total_pixels, spec.temporal_patch_size)
-        h, w = target_size(frames.shape[1], frames.shape[2], spec, min_pixels, cap, name)
-        norm = np.stack([preprocess_frame(f, h, w, spec) for f in frames])
-        patches, grid = patchify(norm, spec)
+            if len(frames) == 0:
+                raise NoFramesError(f"{name}: no frames")
+            cap = frame_max_pixels(len(frames), min_pixels, max_pixels, total_pixels, spec.temporal_patch_size)
+            h, w = target_size(frames.shape[1], frames.shape[2], spec, min_pixels, cap, name)
+            patches, grid = patchify(np.stack([preprocess_frame(f, h, w, spec) for f in frames]), spec)
         rows.append(patches)
         grids.append(grid)
         spgt.append(spec.temporal_patch_size / rate)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels.block_sparse_attention import (HeadPattern, LayoutError, STLayout, VideoSpan,
-                                            block_sparse_attention)
+                                            block_sparse_attention, resolve_backend)
 from models.qwen2_5_vl.merge import check_feature_counts
 from models.qwen2_5_vl.model import embed_inputs, n_vision_features, static_grid
 from models.qwen2_5_vl.rope_index import get_rope_index
@@ -40,6 +40,7 @@ from models.qwen2_5_vl.text import layer_out, layer_qkv, mrope_cos_sin
 from purekv_jax.attention import prefill_attention_impl
 from purekv_jax.config import PureKVConfig, STPlan
 from purekv_jax.st_sparse.calibrate import DEFAULT_CANDIDATES, pattern_errors, sample_video_rows
+from purekv_jax.st_sparse.cost import choose_path, load_profiles
 
 __all__ = ["STPrefillAttention", "row_layouts", "st_prefill_attention", "CalibrationResult", "calibrate_model",
            "choose_patterns"]
@@ -101,17 +102,31 @@ class STPrefillAttention:
 
     groups: ``(rows, offset, layout)``: rows sharing one layout, whose real tokens are ``[offset, N)``.
     dense_rows: rows without video (``base`` attention in every layer).
-    plan: the resolved ST settings (per-layer patterns, backend, block sizes).
+    plan: the resolved ST settings (per-layer patterns, backend, block sizes), with the pattern sets the cost
+      model sent to the dense path already set to ``None``.
+    choices: the cost model's decision per distinct pattern set (:class:`~purekv_jax.st_sparse.cost.PathChoice`).
+    requested: the plan's per-layer patterns before the cost model's choice.
     """
 
     groups: tuple
     dense_rows: tuple
     plan: STPlan
     base: Any = "auto"
+    choices: tuple = ()
+    requested: tuple = ()
 
     @property
     def st_layers(self) -> tuple[int, ...]:
+        """The layers that run block-sparse attention."""
         return self.plan.layers
+
+    def report(self) -> list[dict]:
+        """The cost model's decisions, one per distinct pattern set: its layers, the predicted seconds of the
+        two paths (None: no measured profile for the backend, or ``st_select="always"``) and the choice."""
+        return [{"layers": [l for l, p in enumerate(self.requested) if p == c.patterns],
+                 "patterns": sorted({p.name.lower() for p in c.patterns}),
+                 "sparse_s": c.sparse_s, "dense_s": c.dense_s, "path": "sparse" if c.sparse else "dense"}
+                for c in self.choices]
 
     def _st(self, pats, q, k, v, valid, layer, base_fn):
         b, _, n, _ = q.shape
@@ -153,24 +168,36 @@ class STPrefillAttention:
 def st_prefill_attention(st_plan: STPlan, config, ids, valid, video_grid, base="auto"):
     """The :class:`STPrefillAttention` for a left-padded batch (``ids``, ``valid`` [B, N]), or ``None``
     when no row holds a video (ST-SpAttn then changes nothing: the prefill runs exactly as without it).
-    ``st_plan``: ``KVPlan.st`` (validated at resolution); ``base``: the prefill attention elsewhere."""
+    ``st_plan``: ``KVPlan.st`` (validated at resolution); ``base``: the prefill attention elsewhere.
+
+    With ``st_plan.select == "auto"`` every distinct pattern set is priced on this batch's layouts by the
+    backend's measured cost model (:mod:`purekv_jax.st_sparse.cost`); the sets predicted no faster than the
+    dense path run the dense path."""
     lays = row_layouts(config, ids, valid, video_grid, spatial_radius=st_plan.spatial_radius,
                        temporal_window=st_plan.temporal_window)
     if all(lay is None for _, lay in lays):
         return None
-    groups: dict = {}
+    by_layout: dict = {}
     dense = []
     for r, (off, lay) in enumerate(lays):
         if lay is None:
             dense.append(r)
         else:
-            groups.setdefault((off, lay), []).append(r)
-    return STPrefillAttention(
-        groups=tuple((tuple(rows), off, lay) for (off, lay), rows in groups.items()),
-        dense_rows=tuple(dense),
-        plan=st_plan,
-        base=base,
-    )
+            by_layout.setdefault((off, lay), []).append(r)
+    groups = tuple((tuple(rows), off, lay) for (off, lay), rows in by_layout.items())
+    cfg = config.text
+    profile = None
+    if st_plan.select == "auto":
+        profile = load_profiles().get(resolve_backend(st_plan.backend).name)
+    choices = tuple(
+        choose_path(profile, pats, groups, int(np.shape(ids)[1]), cfg.num_attention_heads, cfg.head_dim,
+                    st_plan.backend, st_plan.block_q, st_plan.block_k, base)
+        for pats in sorted({p for p in st_plan.layer_patterns if p is not None}))
+    sparse = {c.patterns for c in choices if c.sparse}
+    chosen = dataclasses.replace(st_plan, layer_patterns=tuple(p if p in sparse else None
+                                                               for p in st_plan.layer_patterns))
+    return STPrefillAttention(groups=groups, dense_rows=tuple(dense), plan=chosen, base=base, choices=choices,
+                              requested=st_plan.layer_patterns)
 
 
 # --------------------------------------------------------------------------------- calibration

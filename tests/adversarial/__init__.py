@@ -1,0 +1,1 @@
+"""Adversarial cases (a package, so its conftest and helpers never shadow the suite's own)."""
