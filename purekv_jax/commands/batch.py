@@ -22,7 +22,7 @@ from purekv_jax.presets import CLI_POLICIES, build_policy
 from purekv_jax.requests import check_checkpoint_folder, check_output_file, check_text, eos_ids, make_processor
 from purekv_jax.value_parsers import parse_anchors, parse_budget, parse_pixels
 
-from .errors import one_line, one_line_errors
+from .errors import one_line_errors, run_guarded
 
 EPILOG = """\
 requests (one JSON object a line):
@@ -140,35 +140,29 @@ def check_files(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """The ``purekv batch`` command; user errors -> one line on stderr and exit status 2."""
-    prog = "purekv batch"
-    try:
-        S.initialize_distributed()  # multi-host jobs: before any device is touched
-        settings = settings_from_args(args)
-        check_checkpoint_folder(args.model)
-        check_files(args)
-        config = Qwen25VLConfig.from_json(args.model)
-        mesh = S.make_mesh(args.mesh) if args.mesh else None
-        proc = make_processor(args.model, fps=args.fps, max_frames=args.max_frames, max_pixels=args.max_pixels,
-                              min_pixels=args.min_pixels, allow_special=args.allow_special)
-        dtype = None if args.dtype == "auto" else args.dtype
-        shardings = None if mesh is None else S.sharding_for_leaf(config, mesh)
-        config, params = load_checkpoint(args.model, dtype=dtype, shardings=shardings, verify=not args.no_verify)
-    except (ValueError, OSError) as e:
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
-        return 2
+    """The ``purekv batch`` command (exit statuses: :func:`~purekv_jax.commands.errors.run_guarded`)."""
+    return run_guarded("purekv batch", lambda: batch(args, "purekv batch"),
+                       interrupted="interrupted; rerun the same command to finish (done ids are skipped)")
+
+
+def batch(args: argparse.Namespace, prog: str) -> int:
+    """Checks everything, loads the weights, runs the requests and prints the summary."""
+    S.initialize_distributed()  # multi-host jobs: before any device is touched
+    settings = settings_from_args(args)
+    check_checkpoint_folder(args.model)
+    check_files(args)
+    config = Qwen25VLConfig.from_json(args.model)
+    mesh = S.make_mesh(args.mesh) if args.mesh else None
+    proc = make_processor(args.model, fps=args.fps, max_frames=args.max_frames, max_pixels=args.max_pixels,
+                          min_pixels=args.min_pixels, allow_special=args.allow_special)
+    dtype = None if args.dtype == "auto" else args.dtype
+    shardings = None if mesh is None else S.sharding_for_leaf(config, mesh)
+    config, params = load_checkpoint(args.model, dtype=dtype, shardings=shardings, verify=not args.no_verify)
 
     where = "1 device" if mesh is None else f"mesh {S.mesh_str(mesh)} ({mesh.size} devices)"
     print(f"{prog}: {args.model} on {where}; batch size {settings.batch_size}", file=sys.stderr, flush=True)
-    try:
-        summary = run_batch(params, config, proc, args.requests, args.out, settings, mesh=mesh,
-                            eos=eos_ids(args.model, config), progress=not args.quiet)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; rerun the same command to finish (done ids are skipped)", file=sys.stderr)
-        return 130
-    except (ValueError, OSError) as e:
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
-        return 2
+    summary = run_batch(params, config, proc, args.requests, args.out, settings, mesh=mesh,
+                        eos=eos_ids(args.model, config), progress=not args.quiet)
     print(f"{prog}: {summary.format()}", file=sys.stderr)
     if args.summary_json:
         try:

@@ -26,15 +26,16 @@ def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def run_guarded(prog: str, body: Callable[[], int]) -> int:
+def run_guarded(prog: str, body: Callable[[], int], interrupted: str = "interrupted") -> int:
     """``body()`` -> exit status. User errors (``ValueError`` / ``OSError``: bad files, arguments, prompts,
-    checkpoints) print ``PROG: error: ...`` as one line on stderr and return 2, Ctrl-C returns 130, an XLA
+    checkpoints) print ``PROG: error: ...`` as one line on stderr and return 2, Ctrl-C prints
+    ``PROG: <interrupted>`` and returns 130, an XLA
     runtime error (e.g. out of device memory) prints one line and returns 1; anything else is a bug and
     keeps its traceback."""
     try:
         return body()
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        print(f"{prog}: {interrupted}", file=sys.stderr)
         return 130
     except (ValueError, OSError) as err:
         print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
