@@ -15,10 +15,10 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from kernels.quantized_decode_attention import quantized_decode_attention as kernel_decode_attention
 from models.qwen2_5_vl.layers import dense_attention
 
 from . import cache as C
-from . import kv_quant as Q
 
 #: ``fn(q [B,Hq,N,hd], k [B,Hkv,N,hd], v, valid [B,N], layer) -> [B,Hq,N,hd]`` (causal, padding-aware).
 PrefillAttention = Callable[..., jax.Array]
@@ -129,49 +129,24 @@ def decode_attention(q, k_cache, v_cache, valid):
     return dense_attention(q, k_cache, v_cache, mask)
 
 
-def cache_decode_attention(q, cache: C.KVCache, layer):
+def cache_decode_attention(q, cache: C.KVCache, layer, kv_decode: str = "xla"):
     """:func:`decode_attention` of ``q [B,Hq,1,hd]`` over layer ``layer`` (static or traced) of ``cache``: its
-    model-dtype slots, and with a quantised cache its codes too (:func:`quantized_decode_attention`)."""
+    model-dtype slots, and with a quantised cache its codes too (:func:`quantized_decode_attention`, read by
+    the ``kv_decode`` path)."""
     k, v, valid = cache.k[layer], cache.v[layer], cache.valid[layer]
     if cache.quant is None:
         return decode_attention(q, k, v, valid)
-    return quantized_decode_attention(q, cache.quant.layer(layer), k, v, valid)
+    return quantized_decode_attention(q, cache.quant.layer(layer), k, v, valid, kv_decode)
 
 
-def quantized_decode_attention(q, quant: C.QuantizedKV, k, v, valid):
-    """One new query per row over one layer's quantised slots (``quant``: ``[B,Hkv,Q,...]``, the layout of
-    :class:`~purekv_jax.cache.QuantizedKV`) and model-dtype slots ``k``/``v [B,Hkv,C,hd]``, ``valid
-    [B,Hkv,C]`` -> ``[B,Hq,1,hd]``: one softmax over both (float32), as :func:`decode_attention` over the
-    dequantised cache.
-
-    The codes are never dequantised: the scales and zero points move to the other operand (KIVI's
-    arithmetic). Keys (a scale ``s`` and zero ``z`` per channel and group of slots):
-    ``q . k_t = (q * s_group) . code_t + q . z_group``; values (per slot and group of channels):
-    ``sum_t p_t v_t = sum_t (p_t * s_t) code_t + sum_t p_t z_t``. Each step reads the codes once, as
-    floats, instead of writing and reading dequantised keys and values.
-    """
-    f32 = jnp.float32
+def quantized_decode_attention(q, quant: C.QuantizedKV, k, v, valid, kv_decode: str = "xla"):
+    """One new query per row over one layer's quantised slots (``quant``: ``[B,Hkv,Q,...]``) and model-dtype
+    slots ``k``/``v [B,Hkv,C,hd]``, ``valid [B,Hkv,C]`` -> ``[B,Hq,1,hd]``: one float32 softmax over both, as
+    :func:`decode_attention` over the dequantised cache. The codes are never dequantised into a copy: the
+    ``kv_decode`` path (``"xla"``: KIVI's arithmetic, scales and zero points moved to the other operand;
+    ``"pallas"``: the kernel) reads them as they are (:mod:`kernels.quantized_decode_attention`)."""
     b, hq, _, d = q.shape
     hkv = k.shape[1]
-    g = hq // hkv
-    qg = q.reshape(b, hkv, g, d)
-    n_kgroups, n_quant, n_vgroups = quant.k_scale.shape[-2], quant.slots, quant.v_scale.shape[-1]
-    k_codes = Q.unpack_codes(quant.k_codes, quant.bits).astype(f32).reshape(b, hkv, n_kgroups, -1, d)
-    k_scale, k_zero = quant.k_scale.astype(f32), quant.k_zero.astype(f32)  # [B, Hkv, Q / group, hd]
-    scores_q = (jnp.einsum("bhgnd,bhntd->bhgnt", qg.astype(f32)[:, :, :, None] * k_scale[:, :, None], k_codes)
-                + jnp.einsum("bhgd,bhnd->bhgn", qg.astype(f32), k_zero)[..., None]).reshape(b, hkv, g, n_quant)
-    scores_f = jnp.einsum("bhgd,bhcd->bhgc", qg, k, preferred_element_type=f32)
-    scores = jnp.concatenate([scores_q, scores_f], axis=-1) * d**-0.5
-    mask = jnp.concatenate([quant.valid, valid], axis=-1)[:, :, None, :]
-    scores = jnp.where(mask, scores, -jnp.inf)
-    top = jnp.max(scores, axis=-1, keepdims=True)
-    p = jnp.where(mask, jnp.exp(scores - jnp.where(jnp.isfinite(top), top, 0.0)), 0.0)
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    p = p / jnp.where(denom > 0, denom, 1.0)
-    p_q, p_f = p[..., :n_quant], p[..., n_quant:]
-    v_codes = Q.unpack_codes(quant.v_codes, quant.bits).astype(f32).reshape(b, hkv, n_quant, n_vgroups, -1)
-    v_scale, v_zero = quant.v_scale.astype(f32), quant.v_zero.astype(f32)  # [B, Hkv, Q, hd / group]
-    out = jnp.einsum("bhgtn,bhtnc->bhgnc", p_q[..., None] * v_scale[:, :, None], v_codes).reshape(b, hkv, g, d)
-    out = out + jnp.repeat(jnp.einsum("bhgt,bhtn->bhgn", p_q, v_zero), d // n_vgroups, axis=-1)
-    out = out + jnp.einsum("bhgc,bhcd->bhgd", p_f.astype(v.dtype), v, preferred_element_type=f32)
+    out = kernel_decode_attention(q.reshape(b, hkv, hq // hkv, d), quant, k, v, valid, backend=kv_decode,
+                                  interpret=jax.default_backend() == "cpu")
     return out.reshape(b, hq, 1, d).astype(q.dtype)

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels.quantized_decode_attention import QuantizedSlots
+
 from . import kv_quant as Q
 
 
@@ -33,43 +35,9 @@ class CacheError(ValueError):
     """A cache operation that does not fit (capacity, shapes)."""
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class QuantizedKV:
-    """Quantised cache slots (``Q`` per layer and KV head, ``g`` = the group, :mod:`purekv_jax.kv_quant`).
-
-    k_codes / v_codes ``[L, B, Hkv, Q, hd * bits / 8]`` uint8; k_scale / k_zero ``[L, B, Hkv, Q / g, hd]``
-    float16 (per channel, per group of ``g`` slots); v_scale / v_zero ``[L, B, Hkv, Q, hd / g]`` float16 (per
-    slot, per group of ``g`` channels); valid ``[L, B, Hkv, Q]`` bool; bits: the code width (static). A
-    layer's slice (every field without its leading ``L``) is a ``QuantizedKV`` too.
-    """
-
-    k_codes: jax.Array
-    k_scale: jax.Array
-    k_zero: jax.Array
-    v_codes: jax.Array
-    v_scale: jax.Array
-    v_zero: jax.Array
-    valid: jax.Array
-    bits: int = dataclasses.field(metadata=dict(static=True), default=8)
-
-    @property
-    def slots(self) -> int:
-        return self.valid.shape[-1]
-
-    @property
-    def group(self) -> int:
-        return self.slots // self.k_scale.shape[-2]
-
-    def layer(self, layer) -> "QuantizedKV":
-        """Layer ``layer``'s slice (static or traced index)."""
-        return jax.tree.map(lambda a: a[layer], self)
-
-    def dequantized(self, dtype) -> tuple[jax.Array, jax.Array]:
-        """``(k, v [..., Q, hd])`` in ``dtype``."""
-        k = Q.dequantize_keys(self.k_codes, self.k_scale, self.k_zero, self.bits)
-        v = Q.dequantize_values(self.v_codes, self.v_scale, self.v_zero, self.bits)
-        return k.astype(dtype), v.astype(dtype)
+#: A cache's quantised slots (fields ``[L, B, Hkv, ...]``; one layer's slice ``[B, Hkv, ...]``): the kernel
+#: package's container, so the decode kernels read the cache's arrays as they are.
+QuantizedKV = QuantizedSlots
 
 
 def quantize_entries(k: jax.Array, v: jax.Array, valid: jax.Array, bits: int, group: int) -> QuantizedKV:

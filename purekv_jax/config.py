@@ -145,6 +145,8 @@ def auto_kv_bits(budget_bytes: float, prompt_len: int, full_token_bytes: int, he
 
 BASES = ("snapkv", "h2o", "streaming", "random", "pyramid")
 BUDGET_UNITS = ("tokens", "bytes")
+#: how a decode may attend the quantised slots (``PureKVConfig.kv_decode``).
+KV_DECODE_PATHS = ("xla", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +166,9 @@ class PureKVConfig:
         fidelity tables favour at the budget: :data:`AUTO_KV_BITS`).
       kv_group: slots per key scale (keys are quantised per channel) and channels per value scale (values
         per token); must divide the model's head_dim.
+      kv_decode: how the decode attends the quantised slots: ``"xla"`` (KIVI's arithmetic on the codes) or
+        ``"pallas"`` (the Pallas kernel of :mod:`kernels.quantized_decode_attention`: Triton on a GPU, Mosaic
+        on a TPU, interpret mode on the CPU, where it is for tests only).
       window: observation window W: the last ``window`` prompt tokens, whose queries score the keys
         and which are always kept (with ``question_window``: the most a row's window may hold).
       question_window: align each row's observation window to the question the prompt ends with (SnapKV /
@@ -246,6 +251,7 @@ class PureKVConfig:
     budget_unit: str = "tokens"
     kv_bits: int | str | None = None
     kv_group: int = 64
+    kv_decode: str = "xla"
 
     @classmethod
     def paper(cls, budget: float | int = 0.2, **overrides) -> "PureKVConfig":
@@ -315,6 +321,8 @@ class PureKVConfig:
         if self.kv_bits == "auto" and self.budget_unit != "bytes":
             raise PureKVConfigError("PureKVConfig.kv_bits='auto' picks the width for a byte budget: set "
                                     "budget_unit='bytes'")
+        if self.kv_decode not in KV_DECODE_PATHS:
+            raise PureKVConfigError(f"PureKVConfig.kv_decode={self.kv_decode!r} is not one of {KV_DECODE_PATHS}")
         if self.kv_group < 4 or self.kv_group % 4:
             raise PureKVConfigError(f"PureKVConfig.kv_group={self.kv_group} must be a multiple of 4 (a group "
                                     "packs into whole bytes at every width)")

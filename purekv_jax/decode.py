@@ -62,9 +62,10 @@ class DecodeState:
 
 
 def decode_loop(params, cache: C.KVCache, first_logits, max_new, key, *, cfg: TextConfig,
-                sampling: SamplingSettings) -> DecodeState:
+                sampling: SamplingSettings, kv_decode: str = "xla") -> DecodeState:
     """Samples the first token from ``first_logits [B, V]`` (the prefill's), then decodes until every row
-    is done or ``max_new`` (traced, ``<= sampling.n_tokens``) tokens exist. Returns the final state."""
+    is done or ``max_new`` (traced, ``<= sampling.n_tokens``) tokens exist. Returns the final state.
+    ``kv_decode``: how a quantised cache's codes are attended (``PureKVConfig.kv_decode``)."""
     count_trace("decode")
     text = text_part(params)
     b = first_logits.shape[0]
@@ -86,7 +87,7 @@ def decode_loop(params, cache: C.KVCache, first_logits, max_new, key, *, cfg: Te
             lp = layer_params(text, l)
             q, k, v = layer_qkv(lp, x, cos, sin, cfg)
             cache = C.append(cache, l, k, v)
-            attn = cache_decode_attention(q, cache, l)
+            attn = cache_decode_attention(q, cache, l, kv_decode)
             return (layer_out(lp, x, attn, cfg), cache), None
 
         (x, cache), _ = jax.lax.scan(layer, (x, s.cache), jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32))
@@ -105,8 +106,9 @@ def decode_loop(params, cache: C.KVCache, first_logits, max_new, key, *, cfg: Te
 
 
 def decode_program(params, cache: C.KVCache, first_logits, max_new: int, seed: int, *, cfg: TextConfig,
-                   sampling: SamplingSettings) -> tuple[CompiledProgram, tuple]:
+                   sampling: SamplingSettings, kv_decode: str = "xla") -> tuple[CompiledProgram, tuple]:
     """The compiled decode for these shapes and settings (compiled once, then cached) and its arguments;
     ``program.run(*args)`` donates the cache."""
     args = (text_part(params), cache, first_logits, jnp.int32(max_new), jax.random.PRNGKey(seed))
-    return compiled("decode", decode_loop, dict(cfg=cfg, sampling=sampling), args, donate=(1,)), args
+    statics = dict(cfg=cfg, sampling=sampling, kv_decode=kv_decode)
+    return compiled("decode", decode_loop, statics, args, donate=(1,)), args

@@ -314,7 +314,9 @@ def generate(
     # ---------------------------------------------------------------- decode
     sampling = SamplingSettings(n_tokens=n_tokens, temperature=float(temperature), top_k=top_k,
                                 top_p=None if top_p is None else float(top_p), eos=eos, pad_id=pad_id)
-    decode, dargs = decode_program(text, cache, logits, max_new_tokens, seed, cfg=config.text, sampling=sampling)
+    kv_decode = "xla" if policy is None else policy.kv_decode
+    decode, dargs = decode_program(text, cache, logits, max_new_tokens, seed, cfg=config.text, sampling=sampling,
+                                   kv_decode=kv_decode)
     t0 = time.perf_counter()
     final = decode.run(*dargs)
     tokens = np.asarray(jax.block_until_ready(final.tokens))

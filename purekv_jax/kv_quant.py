@@ -26,8 +26,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from kernels.quantized_decode_attention.codes import CODE_BITS, pack_codes
+
 #: the code widths a cache can hold.
-KV_BITS = (8, 4, 2)
+KV_BITS = CODE_BITS
 #: bytes of one stored scale or zero point (float16).
 PARAM_BYTES = 2
 
@@ -61,25 +63,6 @@ def token_bytes(head_dim: int, bits: int, group: int) -> float:
     return codes + value_params + key_params
 
 
-def pack_codes(codes: jax.Array, bits: int) -> jax.Array:
-    """``[..., p * m]`` uint8 codes in ``[0, 2**bits)`` -> ``[..., m]`` uint8, ``p = 8 // bits`` per byte: code
-    ``p * i + j`` in bits ``[j * bits, (j + 1) * bits)`` of byte ``i`` (8-bit codes are returned as they are)."""
-    per = 8 // bits
-    if per == 1:
-        return codes
-    parts = codes.reshape(*codes.shape[:-1], -1, per) << (bits * jnp.arange(per, dtype=jnp.uint8))
-    return jnp.bitwise_or.reduce(parts, axis=-1)
-
-
-def unpack_codes(packed: jax.Array, bits: int) -> jax.Array:
-    """Inverse of :func:`pack_codes`: ``[..., m]`` uint8 -> ``[..., p * m]`` uint8."""
-    per = 8 // bits
-    if per == 1:
-        return packed
-    parts = (packed[..., None] >> (bits * jnp.arange(per, dtype=jnp.uint8))) & jnp.uint8(2**bits - 1)
-    return parts.reshape(*packed.shape[:-1], per * packed.shape[-1])
-
-
 def _stored_params(lo: jax.Array, hi: jax.Array, levels: int) -> tuple[jax.Array, jax.Array]:
     """float16 zero point (rounded down from ``lo``) and scale (rounded up), such that ``zero + levels *
     scale >= hi`` in float32; a group of equal entries gets scale 1."""
@@ -95,10 +78,6 @@ def _codes(x: jax.Array, scale: jax.Array, zero: jax.Array, bits: int) -> jax.Ar
     levels = 2**bits - 1
     q = jnp.clip(jnp.round((x - zero.astype(jnp.float32)) / scale.astype(jnp.float32)), 0, levels)
     return pack_codes(q.astype(jnp.uint8), bits)
-
-
-def _values(codes: jax.Array, bits: int) -> jax.Array:
-    return unpack_codes(codes, bits).astype(jnp.float32)
 
 
 def quantize_keys(k: jax.Array, valid: jax.Array, bits: int, group: int):
@@ -117,14 +96,6 @@ def quantize_keys(k: jax.Array, valid: jax.Array, bits: int, group: int):
     return codes.reshape(*lead, s, -1), scale, zero
 
 
-def dequantize_keys(codes: jax.Array, scale: jax.Array, zero: jax.Array, bits: int) -> jax.Array:
-    """``[..., S, hd]`` float32 keys from :func:`quantize_keys`' output."""
-    *lead, s, _ = codes.shape
-    ng, d = scale.shape[-2:]
-    x = _values(codes, bits).reshape(*lead, ng, s // ng, d)
-    return (x * scale.astype(jnp.float32)[..., None, :] + zero.astype(jnp.float32)[..., None, :]).reshape(*lead, s, d)
-
-
 def quantize_values(v: jax.Array, bits: int, group: int):
     """Per-token quantisation of ``v [..., S, hd]`` over groups of ``group`` channels
     -> ``(codes [..., S, hd * bits / 8] uint8, scale, zero [..., S, hd / group] float16)``."""
@@ -133,12 +104,3 @@ def quantize_values(v: jax.Array, bits: int, group: int):
     zero, scale = _stored_params(jnp.min(x, axis=-1), jnp.max(x, axis=-1), 2**bits - 1)
     codes = _codes(x, scale[..., None], zero[..., None], bits)
     return codes.reshape(*lead, -1), scale, zero
-
-
-def dequantize_values(codes: jax.Array, scale: jax.Array, zero: jax.Array, bits: int) -> jax.Array:
-    """``[..., S, hd]`` float32 values from :func:`quantize_values`' output."""
-    ng = scale.shape[-1]
-    x = _values(codes, bits)
-    d = x.shape[-1]
-    x = x.reshape(*x.shape[:-1], ng, d // ng)
-    return (x * scale.astype(jnp.float32)[..., None] + zero.astype(jnp.float32)[..., None]).reshape(*x.shape[:-2], d)

@@ -204,6 +204,9 @@ _BYTES = (
            "in the model's dtype)", "bytes", origin="library", fields=(("budget_unit", "bytes"), ("kv_bits", 4))),
     Preset("purekv_bytes_int2", "the default scoring, a byte budget, 2-bit KIVI keys / values (the recent window "
            "in the model's dtype)", "bytes", origin="library", fields=(("budget_unit", "bytes"), ("kv_bits", 2))),
+    Preset("purekv_bytes_int4_adaptive", "a byte budget, 4-bit KIVI keys / values, the default scoring with "
+           "AdaKV's per-head budgets (one top-k over a layer's KV heads)", "bytes", origin="library",
+           fields=(("budget_unit", "bytes"), ("kv_bits", 4), ("adaptive_heads", True))),
     Preset("purekv_bytes_auto", "the default scoring, a byte budget, the code width the measured tables favour "
            "(kv_bits='auto')", "bytes", origin="library", fields=(("budget_unit", "bytes"), ("kv_bits", "auto"))),
 )

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from models.qwen2_5_vl import tiny_config
 from models.qwen2_5_vl.text import init_text_params
 from purekv_jax import cache as C
+from kernels.quantized_decode_attention import codes as codes_format
 from purekv_jax import kv_quant as Q
 from purekv_jax.attention import cache_decode_attention, decode_attention
 from purekv_jax.compile_cache import TRACE_COUNTS, clear_compile_cache
@@ -68,8 +69,8 @@ def test_round_trip_within_half_a_scale_of_float64_reference(bits, group):
     assert kc.dtype == vc.dtype == jnp.uint8 and kc.shape[-1] == 64 * bits // 8
     assert ks.shape == (2, 3, 4, 64) and vs.shape == (2, 3, 4 * group, 64 // group) and ks.dtype == jnp.float16
     for codes, scale, zero, per, deq, mask in (
-            (kc, ks, kz, "channel", Q.dequantize_keys(kc, ks, kz, bits), valid[..., None]),
-            (vc, vs, vz, "token", Q.dequantize_values(vc, vs, vz, bits), np.ones_like(valid)[..., None]),
+            (kc, ks, kz, "channel", codes_format.dequantize_keys(kc, ks, kz, bits), valid[..., None]),
+            (vc, vs, vz, "token", codes_format.dequantize_values(vc, vs, vz, bits), np.ones_like(valid)[..., None]),
     ):
         ref, s = dequant_reference(codes, scale, zero, bits, per)
         err = np.abs(ref - x.astype(np.float64))
@@ -93,27 +94,27 @@ def test_scales_are_stored_rounded_up_and_zeros_down():
 def test_constant_groups_and_empty_key_groups_round_trip_exactly():
     x = np.full((1, 1, 16, 8), 2.5, np.float32)
     kc, ks, kz = Q.quantize_keys(jnp.asarray(x), jnp.ones((1, 1, 16), bool), 4, 8)
-    np.testing.assert_array_equal(np.asarray(Q.dequantize_keys(kc, ks, kz, 4)), x)
+    np.testing.assert_array_equal(np.asarray(codes_format.dequantize_keys(kc, ks, kz, 4)), x)
     kc, ks, kz = Q.quantize_keys(jnp.asarray(x), jnp.zeros((1, 1, 16), bool), 8, 8)  # no valid slot: finite
     assert np.isfinite(np.asarray(ks, np.float32)).all()
-    assert np.isfinite(np.asarray(Q.dequantize_keys(kc, ks, kz, 8))).all()
+    assert np.isfinite(np.asarray(codes_format.dequantize_keys(kc, ks, kz, 8))).all()
 
 
 def test_int4_packing_round_trip_and_nibble_order():
     rng = np.random.default_rng(1)
     codes = rng.integers(0, 16, size=(3, 5, 64)).astype(np.uint8)
-    packed = Q.pack_codes(jnp.asarray(codes), 4)
+    packed = codes_format.pack_codes(jnp.asarray(codes), 4)
     assert packed.shape == (3, 5, 32) and packed.dtype == jnp.uint8
-    np.testing.assert_array_equal(np.asarray(Q.unpack_codes(packed, 4)), codes)
+    np.testing.assert_array_equal(np.asarray(codes_format.unpack_codes(packed, 4)), codes)
     np.testing.assert_array_equal(np.asarray(packed), codes[..., 0::2] + 16 * codes[..., 1::2])
 
 
 def test_int2_packing_round_trip_and_order():
     rng = np.random.default_rng(2)
     codes = rng.integers(0, 4, size=(2, 7, 64)).astype(np.uint8)
-    packed = Q.pack_codes(jnp.asarray(codes), 2)
+    packed = codes_format.pack_codes(jnp.asarray(codes), 2)
     assert packed.shape == (2, 7, 16)
-    np.testing.assert_array_equal(np.asarray(Q.unpack_codes(packed, 2)), codes)
+    np.testing.assert_array_equal(np.asarray(codes_format.unpack_codes(packed, 2)), codes)
     want = sum(codes[..., j::4].astype(np.int64) << (2 * j) for j in range(4))
     np.testing.assert_array_equal(np.asarray(packed), want)
 
@@ -385,3 +386,15 @@ def test_harness_quantised_caches_are_generates(tiny):
         m_ref, m_harness = C.materialized(ref), C.materialized(cache)
         tol = 1.01 * float(np.asarray(cache.quant.k_scale, np.float32).max()) + 1e-5  # at most one code step
         np.testing.assert_allclose(np.asarray(m_ref.k)[..., : plan.slots, :], np.asarray(m_harness.k), atol=tol)
+
+
+def test_pallas_decode_path_gives_the_xla_paths_tokens(tiny):
+    """``kv_decode="pallas"`` (the kernel, interpret mode on the CPU) decodes the tokens the XLA path decodes,
+    and the config refuses an unknown path."""
+    config, params = tiny
+    ids = np.random.default_rng(6).integers(0, 900, size=(2, 300))
+    runs = {path: generate(params, config, ids, max_new_tokens=6, policy=PureKVConfig(
+        budget=0.3, budget_unit="bytes", kv_bits=4, kv_group=8, kv_decode=path)) for path in ("xla", "pallas")}
+    np.testing.assert_array_equal(runs["pallas"].tokens, runs["xla"].tokens)
+    with pytest.raises(PureKVConfigError, match="kv_decode"):
+        PureKVConfig(kv_bits=4, kv_decode="cuda")
