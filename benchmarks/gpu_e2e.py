@@ -160,13 +160,13 @@ def synthetic_cache(tc, batch, kept, capacity, prompt_len, dtype):
     return build(jax.random.normal(jax.random.key(3), (tc.num_hidden_layers, tc.head_dim), jnp.float32))
 
 
-def decode_row(params, tc, kept, prompt_len, new, dtype, limit_bytes, max_batch):
-    """The largest batch (<= max_batch) whose decode program fits ``limit_bytes`` with ``kept`` prompt entries
-    per row, and its tokens/s."""
+def decode_row(params, tc, kept, prompt_len, new, dtype, cache_bytes, limit_bytes, max_batch):
+    """The largest batch (<= max_batch) with ``kept`` prompt entries per row whose cache fits ``cache_bytes`` and
+    whose decode program (weights, cache, temporaries) fits ``limit_bytes``, and its tokens/s."""
     capacity = kept + new
     settings = SamplingSettings(n_tokens=new)
     per_row = 2 * tc.num_hidden_layers * tc.num_key_value_heads * capacity * tc.head_dim * jnp.dtype(dtype).itemsize
-    batch = int(max(1, min(max_batch, limit_bytes // per_row)))
+    batch = int(max(1, min(max_batch, cache_bytes // per_row)))
     tried = []
     while True:
         cache = synthetic_cache(tc, batch, kept, capacity, prompt_len, dtype)
@@ -180,7 +180,7 @@ def decode_row(params, tc, kept, prompt_len, new, dtype, limit_bytes, max_batch)
         if need is None or need <= limit_bytes or batch == 1:
             break
         del cache, dargs
-        batch = max(1, int(batch * limit_bytes / need * 0.95))
+        batch = max(1, int(batch * min(0.9, limit_bytes / need)))
     t0 = time.perf_counter()
     out = prog.run(*dargs)
     jax.block_until_ready(out.tokens)
@@ -308,13 +308,13 @@ def main(argv=None):
     sizes = [int(s) for s in args.sizes.split(",")]
     stats = jax.devices()[0].memory_stats() or {}
     limit = stats.get("bytes_limit", 8 * GIB if args.smoke else 0)
-    free = 0.92 * (limit - weight_bytes) - 2 * GIB * (not args.smoke)
+    free = 0.92 * (limit - weight_bytes) - 2 * GIB * (not args.smoke)   # for the cache
     base_tps = {}
     for key, label, frac in (("full", "full cache", 1.0), ("purekv", "PureKV 0.2", 0.2)):
         def dec(row, frac=frac, key=key):
             kept = int(np.ceil(args.decode_prompt * frac / 64) * 64)
             row.update(decode_row(params, tc, kept, args.decode_prompt, args.new, dtype, int(free),
-                                  args.decode_max_batch))
+                                  int(0.95 * limit), args.decode_max_batch))
             base_tps[key] = row["tokens_per_s"]
             if key != "full" and "full" in base_tps:
                 row["ratio_vs_full"] = row["tokens_per_s"] / base_tps["full"]
