@@ -1,21 +1,42 @@
 #!/usr/bin/env bash
-# The one command a GPU session runs (one H200 call, < 8 min in all):
-#   1. benchmarks/gpu_generate.py: generate end to end (full / PureKV / ST-SpAttn / paper), budget 205 s, killed at 250 s;
-#   2. benchmarks/gpu_kernels.py: the block-sparse kernels vs cuDNN (Triton 128x64 + 128x128, Mosaic GPU; no XLA
-#      fallback rows, recorded before; union one pass and union split), budget 185 s, killed at 230 s.
-# generate runs first: it has never been timed on the GPU, the kernels have. A failure never stops the next step.
-# Outputs and logs go to $OUT when set (the device tool returns what is written there), else benchmarks/results/.
-#   bash benchmarks/gpu_session.sh            (PYTHON=... to pick the interpreter; default python3)
+# The one command a GPU session runs (one H200 call, < 8 min in all; docs/gpu.md says what it measures):
+#   1. benchmarks/gpu_e2e.py: the 7B-shaped model end to end (batch decode full vs PureKV 20%; per length 16k, 32k,
+#      64k: vision tower, one layer's cuDNN attention, prefill of full / PureKV / ST mixed / ST union / eager SnapKV /
+#      the XLA flash path; the Amdahl bound), budget 240 s, killed at 280 s;
+#   2. benchmarks/gpu_kernels.py: the block-sparse kernels vs cuDNN at 7.7k / 16k / 32k (Triton 128x128, Mosaic GPU
+#      64x128, warp-specialised Mosaic GPU 128x128; spatial, temporal, union split, mixed), budget 110 s, killed at 140 s.
+# A failure never stops the next step; each step rewrites its json / md after every row, so a killed step keeps
+# what it measured. Outputs (7 files) go to $OUT when set (the device tool returns what is written there), else
+# benchmarks/results/.
+#   bash benchmarks/gpu_session.sh             (PYTHON=... picks the interpreter; default python3)
+#   bash benchmarks/gpu_session.sh --smoke     (CPU dry run at tiny sizes, interpret mode: every step and row runs)
 set -u
 cd "$(dirname "$0")/.."
 DEST="${OUT:-benchmarks/results}"
 mkdir -p "$DEST"
 PY="${PYTHON:-python3}"
-{ date -u; nvidia-smi -L 2>&1; "$PY" -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1; } | tee "$DEST/gpu_session_log.txt"
+SMOKE=()
+E2E_BUDGET=240 E2E_KILL=280 KERNEL_BUDGET=110 KERNEL_KILL=140
+KERNEL_ARGS=(--blocks 128x128 --mosaic-blocks 64x128 --ws-blocks 128x128 --no-xla)
+if [ "${1:-}" = "--smoke" ]; then
+  SMOKE=(--smoke)
+  export JAX_PLATFORMS=cpu
+  E2E_BUDGET=600 E2E_KILL=900 KERNEL_BUDGET=600 KERNEL_KILL=900
+  KERNEL_ARGS=(--no-xla --sizes 300)
+fi
+export PYTHONUNBUFFERED=1
+{ date -u; echo "commit $(git rev-parse HEAD 2>/dev/null) $(git status --porcelain 2>/dev/null | wc -l) changed files";
+  nvidia-smi -L 2>&1; "$PY" -c "import sys, jax; print('python', sys.version.split()[0], 'jax', jax.__version__, jax.devices())" 2>&1
+} | tee "$DEST/gpu_session_log.txt"
 
-timeout 250 "$PY" benchmarks/gpu_generate.py --time-budget 205 --out "$DEST/gpu_generate" 2>&1 | tee "$DEST/gpu_generate_log.txt"
-echo "gpu_generate.py exit ${PIPESTATUS[0]} (124 = killed by timeout; rows done so far are in the json/md)" | tee -a "$DEST/gpu_session_log.txt"
+timeout "$E2E_KILL" "$PY" benchmarks/gpu_e2e.py --time-budget "$E2E_BUDGET" --reps 1 --out "$DEST/gpu_e2e" \
+  "${SMOKE[@]}" 2>&1 | tee "$DEST/gpu_e2e_log.txt"
+echo "gpu_e2e.py exit ${PIPESTATUS[0]} (124 = killed by timeout; rows done so far are in the json/md)" \
+  | tee -a "$DEST/gpu_session_log.txt"
 
-OUT="$DEST" timeout 230 "$PY" benchmarks/gpu_kernels.py --time-budget 185 --blocks 128x64,128x128 --no-xla 2>&1 | tee "$DEST/gpu_kernels_log.txt"
-echo "gpu_kernels.py exit ${PIPESTATUS[0]} (124 = killed by timeout: no json/md, see the log)" | tee -a "$DEST/gpu_session_log.txt"
+OUT="$DEST" timeout "$KERNEL_KILL" "$PY" benchmarks/gpu_kernels.py --time-budget "$KERNEL_BUDGET" \
+  --mixes "spatial,temporal,union split,mix u/s/s/t" "${KERNEL_ARGS[@]}" "${SMOKE[@]}" 2>&1 \
+  | tee "$DEST/gpu_kernels_log.txt"
+echo "gpu_kernels.py exit ${PIPESTATUS[0]} (124 = killed by timeout: no json/md, see the log)" \
+  | tee -a "$DEST/gpu_session_log.txt"
 ls -l "$DEST" | tee -a "$DEST/gpu_session_log.txt"

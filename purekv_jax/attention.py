@@ -1,9 +1,11 @@
 """Prefill and decode attention paths used by ``generate``.
 
-The prefill's non-scoring layers call :func:`prefill_attention`, which never hands probabilities to
-anyone: ``"dense"`` is the reference's masked softmax (identical numerics to the model's forward),
-``"flash"`` a blocked online softmax that skips the blocks above the causal diagonal (O(block^2) score
-memory per head, never the ``[N, N]`` matrix).
+The prefill's non-scoring layers call the implementation :func:`prefill_attention_impl` picks, which never
+hands probabilities to anyone: ``"dense"`` is the reference's masked softmax (identical numerics to the
+model's forward), ``"flash"`` a blocked online softmax that skips the blocks above the causal diagonal
+(O(block^2) score memory per head, never the ``[N, N]`` matrix), ``"cudnn"`` cuDNN's fused flash attention
+through ``jax.nn.dot_product_attention`` (padding by per-row lengths, no mask tensor; the flash / dense
+path where cuDNN does not apply). ``"auto"`` is cuDNN on a GPU, dense / flash elsewhere.
 Other implementations (e.g. the block-sparse ST-SpAttn kernel) plug in with
 :func:`register_prefill_attention`; they receive the layer index so they can apply per-layer patterns.
 """
@@ -23,9 +25,14 @@ from . import cache as C
 #: ``fn(q [B,Hq,N,hd], k [B,Hkv,N,hd], v, valid [B,N], layer) -> [B,Hq,N,hd]`` (causal, padding-aware).
 PrefillAttention = Callable[..., jax.Array]
 
-#: key block of the flash-style path; "auto" uses the dense path up to AUTO_DENSE_MAX tokens.
+#: key block of the flash-style path; "auto" uses the dense path up to AUTO_DENSE_MAX tokens (off a GPU).
 FLASH_BLOCK = 128
 AUTO_DENSE_MAX = 512
+#: what cuDNN's fused flash attention takes (sm80 and later): these dtypes, head_dim a multiple of 8 up to
+#: CUDNN_HEAD_DIM_MAX (Hopper takes 256; 128 holds on every generation)
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+CUDNN_HEAD_DIM_MAX = 128
+GPU_BACKENDS = ("gpu", "cuda")
 
 
 def dense_prefill_attention(q, k, v, valid, layer=None):
@@ -94,9 +101,65 @@ def flash_prefill_attention(q, k, v, valid, layer=None, block: int | None = None
     return out.astype(q.dtype)
 
 
+def xla_prefill_attention(q, k, v, valid, layer=None):
+    """The XLA path for ``N`` tokens: :func:`dense_prefill_attention` up to :data:`AUTO_DENSE_MAX`,
+    :func:`flash_prefill_attention` above."""
+    fn = dense_prefill_attention if q.shape[2] <= AUTO_DENSE_MAX else flash_prefill_attention
+    return fn(q, k, v, valid, layer)
+
+
+def right_aligned(x, shift):
+    """``x [B, H, N, D]`` with row ``b`` moved ``shift[b]`` places towards the front (cyclically), laid out
+    ``[B, N, H, D]`` for ``jax.nn.dot_product_attention``: a left-padded row becomes a right-padded one.
+    One gather; XLA fuses the layout transpose into it."""
+    n = x.shape[2]
+    src = (jnp.arange(n)[None] + shift[:, None]) % n  # [B, N]: new position i reads old i + shift
+    return jnp.take_along_axis(x, src[:, None, :, None], axis=2).transpose(0, 2, 1, 3)
+
+
+def sdpa_prefill_attention(q, k, v, valid, layer=None, implementation=None):
+    """Causal attention of left-padded rows through ``jax.nn.dot_product_attention`` with per-row lengths.
+
+    ``q [B, Hq, N, hd]``, ``k, v [B, Hkv, N, hd]``, ``valid [B, N]`` (a row's real tokens are its last
+    ones: ``generate`` left-pads) -> ``[B, Hq, N, hd]``, padding query rows 0. cuDNN (and the XLA
+    implementation) express padding as per-row lengths of a right-padded batch, without an ``[N, N]`` mask
+    tensor; so each row is rotated so that its real tokens come first, attended with
+    ``query_seq_lengths = key_value_seq_lengths = `` its real count and ``is_causal`` (cuDNN's
+    PADDING_CAUSAL mask), and rotated back. Causality among the real tokens is unchanged by the rotation.
+    ``implementation``: ``"cudnn"``, ``"xla"`` or None (jax's default, XLA).
+    """
+    n = q.shape[2]
+    lengths = jnp.sum(valid, axis=-1, dtype=jnp.int32)
+    shift = n - lengths
+    out = jax.nn.dot_product_attention(
+        right_aligned(q, shift), right_aligned(k, shift), right_aligned(v, shift), is_causal=True,
+        query_seq_lengths=lengths, key_value_seq_lengths=lengths, implementation=implementation)
+    back = (jnp.arange(n)[None] - shift[:, None]) % n  # [B, N]: old position p reads new p - shift
+    out = jnp.take_along_axis(out, back[:, :, None, None], axis=1).transpose(0, 2, 1, 3)
+    return jnp.where(valid[:, None, :, None], out, 0).astype(q.dtype)
+
+
+def cudnn_applies(q) -> bool:
+    """Whether cuDNN's fused attention takes ``q [B, Hq, N, hd]`` here: a GPU backend, a dtype in
+    :data:`CUDNN_DTYPES`, ``hd`` a multiple of 8 up to :data:`CUDNN_HEAD_DIM_MAX` (static: decided at trace
+    time)."""
+    d = q.shape[-1]
+    return (jax.default_backend() in GPU_BACKENDS and q.dtype in CUDNN_DTYPES and d % 8 == 0
+            and d <= CUDNN_HEAD_DIM_MAX)
+
+
+def cudnn_prefill_attention(q, k, v, valid, layer=None):
+    """:func:`sdpa_prefill_attention` on cuDNN where :func:`cudnn_applies`, else
+    :func:`xla_prefill_attention` (the flash scan above :data:`AUTO_DENSE_MAX` tokens)."""
+    if cudnn_applies(q):
+        return sdpa_prefill_attention(q, k, v, valid, layer, implementation="cudnn")
+    return xla_prefill_attention(q, k, v, valid, layer)
+
+
 _PREFILL_IMPLS: dict[str, PrefillAttention] = {
     "dense": dense_prefill_attention,
     "flash": flash_prefill_attention,
+    "cudnn": cudnn_prefill_attention,
 }
 
 
@@ -107,7 +170,8 @@ def register_prefill_attention(name: str, fn: PrefillAttention) -> None:
 
 def prefill_attention_impl(name: "str | PrefillAttention", n: int) -> PrefillAttention:
     """The implementation called ``name`` (or ``name`` itself when it is a callable, e.g. a kernel closed
-    over a static per-prompt layout); ``"auto"`` is dense up to :data:`AUTO_DENSE_MAX` tokens, flash above.
+    over a static per-prompt layout); ``"auto"`` is ``"cudnn"`` on a GPU (which falls back to the XLA path
+    for what cuDNN does not take), elsewhere dense up to :data:`AUTO_DENSE_MAX` tokens and flash above.
 
     Note for layout-aware kernels: ``generate`` runs the prefill left-padded to a bucket of ``N`` tokens,
     so a row with ``n`` real tokens occupies positions ``[N - n, N)``.
@@ -115,6 +179,8 @@ def prefill_attention_impl(name: "str | PrefillAttention", n: int) -> PrefillAtt
     if callable(name):
         return name
     if name == "auto":
+        if jax.default_backend() in GPU_BACKENDS:
+            return cudnn_prefill_attention
         name = "dense" if n <= AUTO_DENSE_MAX else "flash"
     if name not in _PREFILL_IMPLS:
         raise ValueError(f"attention={name!r} is not one of {sorted(_PREFILL_IMPLS) + ['auto']}")

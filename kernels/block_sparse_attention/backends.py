@@ -14,6 +14,7 @@ import jax
 
 from kernels.block_sparse_attention.mosaic_gpu import (check_mosaic_gpu_blocks, check_mosaic_gpu_inputs,
                                                        mosaic_gpu_block_sparse)
+from kernels.block_sparse_attention.mosaic_gpu_ws import check_mosaic_gpu_ws_blocks, mosaic_gpu_ws_block_sparse
 from kernels.block_sparse_attention.tpu import check_tpu_blocks, check_tpu_inputs, tpu_block_sparse
 from kernels.block_sparse_attention.triton import (check_triton_blocks, check_triton_inputs,
                                                    triton_block_sparse)
@@ -85,17 +86,25 @@ def _run_mosaic_gpu(q, k, v, tables, options: KernelOptions, return_lse: bool):
                                    return_lse=return_lse)
 
 
+def _run_mosaic_gpu_ws(q, k, v, tables, options: KernelOptions, return_lse: bool):
+    return mosaic_gpu_ws_block_sparse(q, k, v, tables, scale=options.scale, interpret=options.interpret,
+                                      return_lse=return_lse)
+
+
 def _accept_any(*_) -> None:
     """The XLA path takes any block sizes, head_dim and dtype."""
 
 
 # triton 128 x 128: the best (or tied) of the sizes compared on an H200
 # (benchmarks/results/gpu_kernels.md). mosaic_gpu 64 x 128: one warpgroup per query block holds the
-# 64 x 128 scores and two 64 x D accumulators in registers (not timed yet)
+# 64 x 128 scores and two 64 x D accumulators in registers (not timed yet). mosaic_gpu_ws 128 x 128:
+# two consumer warpgroups of 64 rows share each K / V tile, FA3's tile (not timed yet)
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("xla", _run_xla, _accept_any, _accept_any, (128, 128), _bucketed_cells),
     Backend("triton", _run_triton, check_triton_blocks, check_triton_inputs, (128, 128), _listed_cells),
     Backend("mosaic_gpu", _run_mosaic_gpu, check_mosaic_gpu_blocks, check_mosaic_gpu_inputs, (64, 128),
+            _listed_cells),
+    Backend("mosaic_gpu_ws", _run_mosaic_gpu_ws, check_mosaic_gpu_ws_blocks, check_mosaic_gpu_inputs, (128, 128),
             _listed_cells),
     Backend("tpu", _run_tpu, check_tpu_blocks, check_tpu_inputs, (128, 128), _listed_cells),
 )}

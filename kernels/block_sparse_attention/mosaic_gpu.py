@@ -51,7 +51,8 @@ from kernels.block_sparse_attention.layout import HeadPattern
 from kernels.block_sparse_attention.mask import element_mask
 
 __all__ = ["mosaic_gpu_block_sparse", "check_mosaic_gpu_blocks", "check_mosaic_gpu_dtype",
-           "check_mosaic_gpu_inputs", "interpret_params", "MOSAIC_GPU_DTYPES", "SMEM_BYTES_MAX"]
+           "check_mosaic_gpu_inputs", "check_table_shapes", "interpret_params", "layout_cast_for",
+           "mma_transforms", "MOSAIC_GPU_DTYPES", "SMEM_BYTES_MAX"]
 
 MOSAIC_GPU_DTYPES = (jnp.bfloat16, jnp.float16)
 SMEM_BYTES_MAX = 232448          # 227 KiB: dynamic shared memory per block on H100 / H200
@@ -90,7 +91,8 @@ def check_mosaic_gpu_inputs(q, k, v):
     check_mosaic_gpu_dtype(q, k, v)
 
 
-def _check_shapes(q, k, v, tables: BlockTables):
+def check_table_shapes(q, k, v, tables: BlockTables):
+    """q [B,Hq,Np,D], k / v [B,Hkv,Np,D] with Np the tables' padded length (raises ValueError)."""
     b, hq, npad, d = q.shape
     if npad != tables.padded_len:
         raise ValueError(f"q {q.shape} must be [B, Hq, Np, D] with Np = the tables' padded length "
@@ -115,7 +117,16 @@ def _check_smem(bq, bk, d, itemsize, lse=False):
                              f"needs {need} bytes of SMEM > {SMEM_BYTES_MAX}; use a smaller block_k")
 
 
-def _mma_transforms(minor: int, dtype):
+def layout_cast_for(interpret):
+    """``plgpu.layout_cast``, or the identity under jax 0.10's Mosaic GPU interpreter (it has no rule for
+    layout_cast; 0.11's treats it as the no-op it is for values). Layouts only matter to the real
+    lowering."""
+    if bool(interpret) and jax.__version_info__ < (0, 11):
+        return lambda x, layout: x
+    return plgpu.layout_cast
+
+
+def mma_transforms(minor: int, dtype):
     """Tiling + swizzle of the WGMMA SMEM operands (one swizzle for all: lhs and rhs must match)."""
     itemsize = jnp.dtype(dtype).itemsize
     swizzle = plgpu.find_swizzle(minor * itemsize * 8)
@@ -220,7 +231,7 @@ def mosaic_gpu_block_sparse(q, k, v, tables: BlockTables, *, scale=None, interpr
     ``interpret``: False (compile for the GPU), True (Mosaic GPU interpreter on the CPU, default
     InterpretGPUParams) or an InterpretGPUParams.
     """
-    _check_shapes(q, k, v, tables)
+    check_table_shapes(q, k, v, tables)
     b, hq, _, d = q.shape
     hkv = k.shape[1]
     check_mosaic_gpu_inputs(q, k, v)
@@ -232,14 +243,11 @@ def mosaic_gpu_block_sparse(q, k, v, tables: BlockTables, *, scale=None, interpr
     if interpret is True:
         interpret = interpret_params()
     lay = tables.layout
-    # jax 0.10's Mosaic GPU interpreter has no rule for layout_cast (0.11's treats it as the no-op
-    # it is for values); layouts only matter to the real lowering
-    skip_casts = bool(interpret) and jax.__version_info__ < (0, 11)
     kernel = functools.partial(
         _kernel, group=hq // hkv, scale=scale, pattern=HeadPattern(tables.pattern),
         radius=lay.spatial_radius, window=lay.temporal_window,
-        cast=(lambda x, layout: x) if skip_casts else plgpu.layout_cast, return_lse=return_lse)
-    tf = _mma_transforms(min(d, bk), dtype)
+        cast=layout_cast_for(interpret), return_lse=return_lse)
+    tf = mma_transforms(min(d, bk), dtype)
     scratch = [plgpu.SMEM((bq, d), dtype, transforms=tf),
                plgpu.SMEM((2, d, bk), dtype, transforms=tf),
                plgpu.SMEM((2, bk, d), dtype, transforms=tf),
