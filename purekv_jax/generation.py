@@ -45,6 +45,13 @@ class GenerateResult:
     stats: dict[str, Any]
     cache: C.KVCache | None = None
 
+    @property
+    def kept_index(self) -> np.ndarray:
+        """``[L, B, Hkv, S]`` int32: the original token index (among the row's real prompt tokens) of every
+        prompt entry the prefill kept, per layer and KV head, ``-1`` for an empty slot
+        (``stats["kept_index"]``; :func:`purekv_jax.kept_map.kept_fraction` turns it into a per-token map)."""
+        return self.stats["kept_index"]
+
 
 def round_up(x: int, m: int) -> int:
     return -(-x // m) * m
@@ -257,7 +264,9 @@ def generate(
       prompt's unpruned K/V in the model's dtype; ``kv_bytes_kept``: what the prefill's cache holds, counted
       from its arrays (codes, scales and zero points of quantised slots included), all layers;
       ``kv_compression`` = full / kept; ``kv_bits``: the code width (None: the model's dtype);
-      ``kv_tokens_kept``: the prompt entries held, all layers and KV heads; ``kv_bytes_allocated``,
+      ``kv_tokens_kept``: the prompt entries held, all layers and KV heads; ``kept_index [L, B, Hkv, S]`` int32:
+      each kept prompt entry's original token index among its row's real tokens, ``-1`` for an empty slot
+      (also :attr:`GenerateResult.kept_index`); ``kv_bytes_allocated``,
       ``prefill_s``, ``decode_s``, ``prefill_compile_s``, ``decode_compile_s``, ``decode_steps``, ``prompt_len``, ``padded_len``,
       ``budgets``, ``capacity``, ``prefill_peak_bytes``, ``prefill_temp_bytes``: XLA's compiled memory
       analysis of the prefill, ``st_layers``: the layers that ran block-sparse ST-SpAttn, ``st_paths``: the
@@ -310,6 +319,7 @@ def generate(
     prefill_s = time.perf_counter() - t0
     kept_bytes = C.kv_bytes_kept(cache)
     kept_tokens = C.kv_tokens_kept(cache)
+    kept_index = np.asarray(cache.token_index[..., :plan.slots])  # (before the decode donates the cache)
 
     # ---------------------------------------------------------------- decode
     sampling = SamplingSettings(n_tokens=n_tokens, temperature=float(temperature), top_k=top_k,
@@ -331,6 +341,7 @@ def generate(
         "kv_bytes_allocated": C.kv_bytes_allocated(final.cache),
         "kv_bits": plan.kv_bits,
         "kv_tokens_kept": kept_tokens,
+        "kept_index": kept_index,
         "prefill_s": prefill_s,
         "decode_s": decode_s,
         "prefill_compile_s": prefill.compile_s,
