@@ -122,7 +122,8 @@ def show_kept(kept_index: np.ndarray, input_ids: np.ndarray, decode: Callable[[l
     if video_grid_thw is not None:
         maps = tuple(video_maps(fraction, real, video_token_id, video_grid_thw, spec.merge_size))
         frames = tuple(video_frames(pixel_values_videos, video_grid_thw, spec))
-    figure = video_figure(maps, frames, fraction[texts_at], spec) if maps else text_figure(texts, fraction[texts_at])
+    figure = (video_figure(maps, frames, texts, fraction[texts_at], spec) if maps
+              else text_figure(texts, fraction[texts_at]))
     figure.suptitle(title or f"kept fraction of layers x KV heads per token (row {row})", fontsize=10)
     if path is not None:
         save_figure(figure, path)
@@ -140,13 +141,18 @@ def text_figure(texts: Sequence[str], fraction: np.ndarray) -> Figure:
     return figure
 
 
-def video_figure(maps: Sequence[np.ndarray], frames: Sequence[np.ndarray], text_fraction: np.ndarray,
-                 spec: VisionSpec) -> Figure:
+#: the text strip names its tokens when it has at most this many.
+STRIP_LABELS = 80
+
+
+def video_figure(maps: Sequence[np.ndarray], frames: Sequence[np.ndarray], texts: Sequence[str],
+                 text_fraction: np.ndarray, spec: VisionSpec) -> Figure:
     """Every video's frames with the kept fraction overlaid per merged patch, then the text tokens' strip."""
     cols = max(m.shape[0] for m in maps)
-    figure = Figure(figsize=(2.2 * cols + 0.8, 2.0 * len(maps) + 1.2))
+    figure = Figure(figsize=(2.2 * cols + 0.8, 2.0 * len(maps) + 1.8))
     FigureCanvasAgg(figure)
-    grid = figure.add_gridspec(len(maps) + 1, cols, height_ratios=[1.0] * len(maps) + [0.25], hspace=0.35)
+    grid = figure.add_gridspec(len(maps) + 1, cols, height_ratios=[1.0] * len(maps) + [0.25], hspace=0.35,
+                               bottom=0.22, top=0.88, left=0.03, right=0.9)
     patch = spec.patch_size * spec.merge_size
     for v, (tokens_map, video) in enumerate(zip(maps, frames)):
         heat = pixel_map(tokens_map, patch)
@@ -159,7 +165,10 @@ def video_figure(maps: Sequence[np.ndarray], frames: Sequence[np.ndarray], text_
     strip = figure.add_subplot(grid[len(maps), :])
     strip.imshow(np.asarray(text_fraction)[None], cmap=CMAP, vmin=0, vmax=1, aspect="auto", interpolation="nearest")
     strip.set_yticks([])
-    strip.set_xlabel(f"{len(text_fraction)} text tokens in prompt order", fontsize=7)
+    if len(texts) <= STRIP_LABELS:
+        strip.set_xticks(np.arange(len(texts)), [t.replace("\n", "\u21b5") for t in texts], rotation=90,
+                         fontsize=6, family="monospace")
+    strip.set_title(f"{len(text_fraction)} text tokens in prompt order", fontsize=7)
     colour_bar(figure, (0.93, 0.3, 0.012, 0.5))
     return figure
 
