@@ -257,7 +257,12 @@ def generate(
         after it): an int, or one per row. With the default policy (``question_window``) the observation
         window of each row is its question (at most ``policy.window`` tokens). ``None``: the tokens after
         the row's last ``<|vision_end|>`` (video / image questions), else the fixed window
-        (:mod:`purekv_jax.observation`).
+        (:mod:`purekv_jax.observation`). Given to a policy that does not align its window to the question
+        (the full cache, ``question_window=False``, a base other than SnapKV / PyramidKV) it is an error,
+        not silently ignored.
+
+    The first generated token is sampled from the prefill's last logits, which the compression does not
+    touch (every layer attends over the whole prompt during the prefill): a policy changes tokens 2 onwards.
 
     Returns:
       :class:`GenerateResult` with ``tokens [B, max_new_tokens]`` and ``stats`` (``kv_bytes_full``: the
@@ -296,6 +301,11 @@ def generate(
     text = text_part(params)
     plan = resolve_plan(policy, config, prompt, attention, text.embed.dtype)
     prefill_attention_impl(attention, prompt.padded_len)  # validates the name
+    if question_len is not None and not plan.question_window:
+        raise GenerateError(
+            f"question_len={question_len!r} is given, but the policy does not align its window to the question "
+            f"({'the full cache' if policy is None else f'base={policy.base!r}, question_window={policy.question_window}'}"
+            f"): it would be ignored; drop it or use a policy with question_window=True (the default)")
     window_len = np.full((prompt.ids.shape[0],), plan.window, np.int32)
     if plan.question_window:
         window_len = question_window_lengths(prompt.ids, prompt.valid, window=plan.window, question_len=question_len,
