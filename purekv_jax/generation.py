@@ -302,10 +302,10 @@ def generate(
     plan = resolve_plan(policy, config, prompt, attention, text.embed.dtype)
     prefill_attention_impl(attention, prompt.padded_len)  # validates the name
     if question_len is not None and not plan.question_window:
+        which = "the full cache" if policy is None else f"base={policy.base!r}, question_window={policy.question_window}"
         raise GenerateError(
             f"question_len={question_len!r} is given, but the policy does not align its window to the question "
-            f"({'the full cache' if policy is None else f'base={policy.base!r}, question_window={policy.question_window}'}"
-            f"): it would be ignored; drop it or use a policy with question_window=True (the default)")
+            f"({which}): it would be ignored; drop it or use a policy with question_window=True (the default)")
     window_len = np.full((prompt.ids.shape[0],), plan.window, np.int32)
     if plan.question_window:
         window_len = question_window_lengths(prompt.ids, prompt.valid, window=plan.window, question_len=question_len,

@@ -51,11 +51,12 @@ def video_maps(fraction: np.ndarray, ids: np.ndarray, video_token_id: int, video
     fraction, ids = np.asarray(fraction), np.asarray(ids)
     if fraction.shape != ids.shape:
         raise KeptMapError(f"fraction {fraction.shape} and ids {ids.shape} must both be [N] for one row")
-    shapes = [(int(t), int(h) // merge_size, int(w) // merge_size) for t, h, w in np.asarray(video_grid).reshape(-1, 3)]
+    grid = np.asarray(video_grid).reshape(-1, 3)
+    shapes = [(int(t), int(h) // merge_size, int(w) // merge_size) for t, h, w in grid]
     values = fraction[ids == video_token_id]
     if values.size != sum(int(np.prod(s)) for s in shapes):
-        raise KeptMapError(f"the row holds {values.size} video tokens but video_grid {[list(s) for s in shapes]} "
-                           f"(merged by {merge_size}) needs {sum(int(np.prod(s)) for s in shapes)}")
+        raise KeptMapError(f"the row holds {values.size} video tokens but video_grid {grid.tolist()} (merged by "
+                           f"{merge_size}) needs {sum(int(np.prod(s)) for s in shapes)}")
     out, at = [], 0
     for shape in shapes:
         size = int(np.prod(shape))
