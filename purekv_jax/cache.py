@@ -16,6 +16,12 @@ Quantised cache (``quant``, a :class:`QuantizedKV`; ``None`` = every slot in the
 prefill's kept entries, less the most recent ones, are stored as KIVI codes (:mod:`purekv_jax.kv_quant`) in
 ``quant``'s ``Q`` slots per layer and KV head; ``k``/``v`` then hold the most recent kept prompt entries
 and the decoded tokens in the model's dtype, and ``length`` counts only those slots.
+
+Kept-token record (``token_index`` ``[L, B, Hkv, Q + C]`` int32): every slot's original token index among its
+row's real tokens (0 = the row's first real token; the prompt's entries as the prefill kept them, a decoded
+token at its logical position), ``-1`` for an empty slot. The quantised slots come first, in the order of
+:func:`layer_entries`, so ``token_index[..., s]`` names the token behind entry ``s`` of the dequantised view.
+It is what :mod:`purekv_jax.kept_map` turns into "which layers and heads kept token j".
 """
 
 from __future__ import annotations
@@ -57,16 +63,31 @@ def split_recent(k: jax.Array, v: jax.Array, kept: jax.Array, n_quant: int):
     head keeping ``c`` entries holds its last ``min(c, S - n_quant)`` in the recent slots and the others in
     the first quantised slots.
     """
-    s = k.shape[2]
+    g, q_valid, r_valid = recent_source(kept, n_quant)
+    rk, rv = jnp.take_along_axis(k, g[..., None], axis=2), jnp.take_along_axis(v, g[..., None], axis=2)
+    return k[:, :, :n_quant], v[:, :, :n_quant], q_valid, rk, rv, r_valid
+
+
+def recent_source(kept: jax.Array, n_quant: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Where :func:`split_recent`'s recent slots come from: ``(src [B, Hkv, S - n_quant]`` (indices into the
+    ``S`` kept slots), ``q_valid [B, Hkv, n_quant]``, ``r_valid [B, Hkv, S - n_quant])`` for ``kept [B, Hkv, S]``;
+    shared by the entries and their token indices (:func:`split_index`)."""
+    s = kept.shape[-1]
     n_recent = s - n_quant
     count = jnp.sum(kept, axis=-1, dtype=jnp.int32)[..., None]  # [B, Hkv, 1]
     start = jnp.maximum(count - n_recent, 0)
     src = start + jnp.arange(n_recent, dtype=jnp.int32)
-    r_valid = src < count
-    g = jnp.minimum(src, s - 1)[..., None]
-    rk, rv = jnp.take_along_axis(k, g, axis=2), jnp.take_along_axis(v, g, axis=2)
     q_valid = jnp.arange(n_quant, dtype=jnp.int32) < start
-    return k[:, :, :n_quant], v[:, :, :n_quant], q_valid, rk, rv, r_valid
+    return jnp.minimum(src, s - 1), q_valid, src < count
+
+
+def split_index(index: jax.Array, kept: jax.Array, n_quant: int) -> jax.Array:
+    """The token indices ``index [B, Hkv, S]`` of kept slots ``kept`` laid out as a quantised cache holds them:
+    the ``n_quant`` quantised slots, then the recent ones (:func:`split_recent`), ``-1`` where a slot is empty
+    -> ``[B, Hkv, S]``."""
+    src, q_valid, r_valid = recent_source(kept, n_quant)
+    recent = jnp.take_along_axis(index, src, axis=-1)
+    return jnp.concatenate([jnp.where(q_valid, index[..., :n_quant], -1), jnp.where(r_valid, recent, -1)], axis=-1)
 
 
 @jax.tree_util.register_dataclass
@@ -79,6 +100,7 @@ class KVCache:
     next_position: jax.Array  # [B] int32, logical (unpruned) position of the next token
     rope_delta: jax.Array  # [B] int32
     quant: QuantizedKV | None = None  # the quantised prompt slots (None: nothing quantised)
+    token_index: jax.Array | None = None  # [L, B, Hkv, Q + C] int32, each slot's original token index (-1: empty)
 
     @property
     def num_layers(self) -> int:
@@ -122,6 +144,7 @@ def create(
         next_position=zeros_b,
         rope_delta=zeros_b,
         quant=None if quant is None else empty_quantized(shape[:3], n_quant, head_dim, quant),
+        token_index=jnp.full(shape[:3] + (capacity,), -1, jnp.int32),
     )
 
 
@@ -145,13 +168,20 @@ def keep_indices(k: jax.Array, v: jax.Array, idx: jax.Array) -> tuple[jax.Array,
     return jnp.take_along_axis(k, g, axis=2), jnp.take_along_axis(v, g, axis=2)
 
 
-def write_layer(cache: KVCache, layer, k: jax.Array, v: jax.Array, kept: jax.Array) -> KVCache:
-    """Writes one layer's kept entries ``k``/``v`` ``[B, Hkv, S, hd]`` (validity ``kept [B, Hkv, S]``)
-    into slots ``[0, S)`` of ``layer`` (static or traced). Slots ``>= S`` are left as they are.
+def write_layer(cache: KVCache, layer, k: jax.Array, v: jax.Array, kept: jax.Array, index: jax.Array) -> KVCache:
+    """Writes one layer's kept entries ``k``/``v`` ``[B, Hkv, S, hd]`` (validity ``kept [B, Hkv, S]``, original
+    token indices ``index [B, Hkv, S]`` int32) into slots ``[0, S)`` of ``layer`` (static or traced). Slots
+    ``>= S`` are left as they are.
 
     A quantised cache (``Q`` quantised slots) quantises all but the ``S - Q`` most recent kept entries
     (:func:`split_recent`, :func:`quantize_entries`) and writes those into slots ``[0, S - Q)`` of ``k``/``v``.
     """
+    n_quant = cache.quantized_slots
+    index = split_index(index, kept, n_quant) if n_quant else jnp.where(kept, index, -1)
+    zero = jnp.zeros((), jnp.int32)
+    token_index = jax.lax.dynamic_update_slice(cache.token_index, index[None].astype(jnp.int32),
+                                               (jnp.asarray(layer, jnp.int32), zero, zero, zero))
+    cache = dataclasses.replace(cache, token_index=token_index)
     if cache.quant is not None:
         qk, qv, q_valid, k, v, kept = split_recent(k, v, kept, cache.quant.slots)
         layer_q = quantize_entries(qk, qv, q_valid, cache.quant.bits, cache.quant.group)
@@ -181,14 +211,18 @@ def from_keep(
     rope_delta: jax.Array | None = None,
     quant: Q.QuantLayout | None = None,
 ) -> KVCache:
-    """A cache from all layers' full ``k``/``v`` ``[L, B, Hkv, N, hd]`` and keep-sets ``idx``/``kept``
-    ``[L, B, Hkv, S]`` (the non-active path, for tests and tools; ``generate`` writes layer by layer), with
-    ``capacity`` slots per layer and KV head (``quant.slots`` of them quantised, as :func:`write_layer`)."""
+    """A cache from all layers' full ``k``/``v`` ``[L, B, Hkv, N, hd]`` (rows of real tokens, no padding) and
+    keep-sets ``idx``/``kept`` ``[L, B, Hkv, S]`` (the non-active path, for tests and tools; ``generate`` writes
+    layer by layer), with ``capacity`` slots per layer and KV head (``quant.slots`` of them quantised, as
+    :func:`write_layer`); ``idx`` is also the entries' token index."""
     n_layers, b, h, _, d = k.shape
     s = idx.shape[-1]
     if s > capacity:
         raise CacheError(f"{s} kept slots do not fit a cache of capacity {capacity}")
     kk, vv = jax.vmap(keep_indices)(k, v, idx)
+    index = jnp.where(kept, idx, -1).astype(jnp.int32)
+    if quant is not None:
+        index = jax.vmap(lambda i, c: split_index(i, c, quant.slots))(idx.astype(jnp.int32), kept)
     quantized = None
     if quant is not None:
         split = lambda a, b, c: split_recent(a, b, c, quant.slots)
@@ -204,6 +238,7 @@ def from_keep(
         next_position=jnp.asarray(next_position, jnp.int32).reshape(b),
         rope_delta=jnp.zeros((b,), jnp.int32) if rope_delta is None else jnp.asarray(rope_delta, jnp.int32).reshape(b),
         quant=quantized,
+        token_index=jnp.pad(index, pad, constant_values=-1),
     )
 
 
@@ -245,6 +280,8 @@ def append(cache: KVCache, layer, k_new: jax.Array, v_new: jax.Array) -> KVCache
         k=cache.k.at[layer, rows, :, slot].set(k_new.astype(cache.k.dtype)),
         v=cache.v.at[layer, rows, :, slot].set(v_new.astype(cache.v.dtype)),
         valid=cache.valid.at[layer, rows, :, slot].set(True),
+        token_index=cache.token_index.at[layer, rows, :, cache.quantized_slots + slot].set(
+            cache.next_position[:, None]),
     )
 
 

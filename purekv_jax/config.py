@@ -143,6 +143,17 @@ def auto_kv_bits(budget_bytes: float, prompt_len: int, full_token_bytes: int, he
     return whole if fits else evicting
 
 
+#: the named policies' constructors, ``name -> fn(budget, **overrides) -> PureKVConfig``: registered by
+#: :mod:`purekv_jax.presets` (the one table of named policies, which builds on this module) when the package
+#: is imported; read by :meth:`PureKVConfig.named` and the constructors beside it (``PureKVConfig.snapkv()``...).
+NAMED_POLICIES: dict = {}
+
+
+def register_named_policy(name: str, make) -> None:
+    """Makes ``PureKVConfig.named(name, budget, **overrides)`` call ``make(budget, **overrides)``."""
+    NAMED_POLICIES[name] = make
+
+
 BASES = ("snapkv", "h2o", "streaming", "random", "pyramid")
 BUDGET_UNITS = ("tokens", "bytes")
 #: how a decode may attend the quantised slots (``PureKVConfig.kv_decode``).
@@ -252,6 +263,40 @@ class PureKVConfig:
     kv_bits: int | str | None = None
     kv_group: int = 64
     kv_decode: str = "xla"
+
+    @classmethod
+    def named(cls, name: str, budget: float | int = 0.2, **overrides) -> "PureKVConfig":
+        """The named policy ``name`` at ``budget`` (``overrides``: fields changed), from the one preset table
+        (:data:`purekv_jax.presets.PRESETS`, registered here when the package is imported)."""
+        if name not in NAMED_POLICIES:
+            raise PureKVConfigError(f"unknown named policy {name!r}; known: {', '.join(NAMED_POLICIES)}")
+        return NAMED_POLICIES[name](budget, **overrides)
+
+    @classmethod
+    def snapkv(cls, budget: float | int = 0.2, **overrides) -> "PureKVConfig":
+        """SnapKV as published: every layer ranks its entries by the attention of the last ``window`` prompt
+        tokens (fixed window, avg pooling 7)."""
+        return cls.named("snapkv", budget, **overrides)
+
+    @classmethod
+    def pyramid(cls, budget: float | int = 0.2, **overrides) -> "PureKVConfig":
+        """PyramidKV: SnapKV scores with budgets decreasing from the bottom layers to the top."""
+        return cls.named("pyramid", budget, **overrides)
+
+    @classmethod
+    def streaming(cls, budget: float | int = 0.2, **overrides) -> "PureKVConfig":
+        """StreamingLLM: the first ``sink`` tokens plus the most recent ones."""
+        return cls.named("streaming", budget, **overrides)
+
+    @classmethod
+    def h2o(cls, budget: float | int = 0.2, **overrides) -> "PureKVConfig":
+        """H2O: attention accumulated over all queries (evaluation only: the full attention matrix)."""
+        return cls.named("h2o", budget, **overrides)
+
+    @classmethod
+    def random(cls, budget: float | int = 0.2, **overrides) -> "PureKVConfig":
+        """Random entries plus the window and the sinks (a control)."""
+        return cls.named("random", budget, **overrides)
 
     @classmethod
     def paper(cls, budget: float | int = 0.2, **overrides) -> "PureKVConfig":

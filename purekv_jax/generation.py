@@ -45,6 +45,13 @@ class GenerateResult:
     stats: dict[str, Any]
     cache: C.KVCache | None = None
 
+    @property
+    def kept_index(self) -> np.ndarray:
+        """``[L, B, Hkv, S]`` int32: the original token index (among the row's real prompt tokens) of every
+        prompt entry the prefill kept, per layer and KV head, ``-1`` for an empty slot
+        (``stats["kept_index"]``; :func:`purekv_jax.kept_map.kept_fraction` turns it into a per-token map)."""
+        return self.stats["kept_index"]
+
 
 def round_up(x: int, m: int) -> int:
     return -(-x // m) * m
@@ -250,14 +257,21 @@ def generate(
         after it): an int, or one per row. With the default policy (``question_window``) the observation
         window of each row is its question (at most ``policy.window`` tokens). ``None``: the tokens after
         the row's last ``<|vision_end|>`` (video / image questions), else the fixed window
-        (:mod:`purekv_jax.observation`).
+        (:mod:`purekv_jax.observation`). Given to a policy that does not align its window to the question
+        (the full cache, ``question_window=False``, a base other than SnapKV / PyramidKV) it is an error,
+        not silently ignored.
+
+    The first generated token is sampled from the prefill's last logits, which the compression does not
+    touch (every layer attends over the whole prompt during the prefill): a policy changes tokens 2 onwards.
 
     Returns:
       :class:`GenerateResult` with ``tokens [B, max_new_tokens]`` and ``stats`` (``kv_bytes_full``: the
       prompt's unpruned K/V in the model's dtype; ``kv_bytes_kept``: what the prefill's cache holds, counted
       from its arrays (codes, scales and zero points of quantised slots included), all layers;
       ``kv_compression`` = full / kept; ``kv_bits``: the code width (None: the model's dtype);
-      ``kv_tokens_kept``: the prompt entries held, all layers and KV heads; ``kv_bytes_allocated``,
+      ``kv_tokens_kept``: the prompt entries held, all layers and KV heads; ``kept_index [L, B, Hkv, S]`` int32:
+      each kept prompt entry's original token index among its row's real tokens, ``-1`` for an empty slot
+      (also :attr:`GenerateResult.kept_index`); ``kv_bytes_allocated``,
       ``prefill_s``, ``decode_s``, ``prefill_compile_s``, ``decode_compile_s``, ``decode_steps``, ``prompt_len``, ``padded_len``,
       ``budgets``, ``capacity``, ``prefill_peak_bytes``, ``prefill_temp_bytes``: XLA's compiled memory
       analysis of the prefill, ``st_layers``: the layers that ran block-sparse ST-SpAttn, ``st_paths``: the
@@ -287,6 +301,11 @@ def generate(
     text = text_part(params)
     plan = resolve_plan(policy, config, prompt, attention, text.embed.dtype)
     prefill_attention_impl(attention, prompt.padded_len)  # validates the name
+    if question_len is not None and not plan.question_window:
+        which = "the full cache" if policy is None else f"base={policy.base!r}, question_window={policy.question_window}"
+        raise GenerateError(
+            f"question_len={question_len!r} is given, but the policy does not align its window to the question "
+            f"({which}): it would be ignored; drop it or use a policy with question_window=True (the default)")
     window_len = np.full((prompt.ids.shape[0],), plan.window, np.int32)
     if plan.question_window:
         window_len = question_window_lengths(prompt.ids, prompt.valid, window=plan.window, question_len=question_len,
@@ -310,6 +329,7 @@ def generate(
     prefill_s = time.perf_counter() - t0
     kept_bytes = C.kv_bytes_kept(cache)
     kept_tokens = C.kv_tokens_kept(cache)
+    kept_index = np.asarray(cache.token_index[..., :plan.slots])  # (before the decode donates the cache)
 
     # ---------------------------------------------------------------- decode
     sampling = SamplingSettings(n_tokens=n_tokens, temperature=float(temperature), top_k=top_k,
@@ -333,6 +353,7 @@ def generate(
         "kv_bytes_allocated": C.kv_bytes_allocated(final.cache),
         "kv_bits": plan.kv_bits,
         "kv_tokens_kept": kept_tokens,
+        "kept_index": kept_index,
         "prefill_s": prefill_s,
         "decode_s": decode_s,
         "prefill_compile_s": prefill.compile_s,

@@ -148,6 +148,7 @@ def compressed_prefill(
     budgets = jnp.asarray(plan.budgets, jnp.int32)
     keep_window = plan.keep_window(inputs.window_len)
     h2o = isinstance(plan.base, P.H2O)
+    real_rank, _ = P.real_rank(valid)  # [B, N]: a padded position's index among its row's real tokens
 
     def segment_step(kind: str):
         def step(state, layer, q, k, v):
@@ -171,7 +172,8 @@ def compressed_prefill(
                 idx, kept = P.keep_set(score, valid, slots=plan.slots, budget=budgets[layer], window=keep_window,
                                        sink=plan.sink, adaptive=plan.head_adaptive)
             kk, vv = C.keep_indices(k, v, idx)
-            return attn, (C.write_layer(cache, layer, kk, vv, kept), carried), None
+            token_index = jnp.take_along_axis(jnp.broadcast_to(real_rank[:, None], idx.shape[:2] + (n,)), idx, axis=-1)
+            return attn, (C.write_layer(cache, layer, kk, vv, kept, token_index), carried), None
 
         return step
 

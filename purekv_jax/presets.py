@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .config import BudgetBelowWindowError, PureKVConfig
+from .config import BudgetBelowWindowError, PureKVConfig, register_named_policy
 
 ORIGINS = ("full", "library", "paper")
 GROUPS = ("cli", "main", "ablation", "retrieval", "bytes")
@@ -226,6 +226,18 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
 #: ``--policy`` names of ``purekv generate`` / ``purekv batch`` (and a batch request's ``policy``), in the
 #: order the help lists them.
 CLI_POLICIES = ("full", "purekv", "clie", "snapkv", "pyramid", "streaming", "random", "h2o")
+
+
+
+def register_presets(presets: dict[str, Preset]) -> None:
+    """Registers every preset that needs nothing but a budget (not the full cache, no anchors placed by the
+    model's depth) as ``PureKVConfig.named(name)``, which ``PureKVConfig.snapkv()`` ... call."""
+    for name, spec in presets.items():
+        if spec.origin != "full" and spec.anchors_every is None:
+            register_named_policy(name, spec.make)
+
+
+register_presets(PRESETS)
 
 
 def preset(name: str) -> Preset:

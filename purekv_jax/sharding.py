@@ -339,6 +339,6 @@ def cache_specs(text_config, batch: int, mesh: Mesh | Mapping[str, int]):
     h = MODEL if m > 1 and _divides(text_config.num_key_value_heads, m) else None
     return KVCache(
         k=P(None, b, h, None, None), v=P(None, b, h, None, None), valid=P(None, b, h, None),
-        length=P(b), next_position=P(b), rope_delta=P(b),
+        length=P(b), next_position=P(b), rope_delta=P(b), token_index=P(None, b, h, None),
     )
 

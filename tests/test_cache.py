@@ -12,7 +12,7 @@ from purekv_jax import cache as C
 def test_cache_is_a_pytree_with_static_capacity():
     c = C.create(3, 2, 2, 10, 4)
     leaves = jax.tree.leaves(c)
-    assert len(leaves) == 6
+    assert len(leaves) == 7  # k, v, valid, length, next_position, rope_delta, token_index
     assert c.capacity == 10 and c.num_layers == 3 and c.batch == 2
     c2 = jax.jit(lambda c: C.advance(c))(c)
     assert isinstance(c2, C.KVCache)
@@ -25,12 +25,13 @@ def test_write_append_advance_positions():
     c = C.create(2, 2, 2, 8, 4)
     kk = jnp.asarray(rng.normal(size=(2, 2, 5, 4)), jnp.float32)
     kept = jnp.asarray(rng.random((2, 2, 5)) > 0.3)
-    c = C.write_layer(c, 1, kk, -kk, kept)
+    c = C.write_layer(c, 1, kk, -kk, kept, jnp.asarray(rng.integers(0, 30, (2, 2, 5)), jnp.int32))
     np.testing.assert_array_equal(np.asarray(c.k[1, :, :, :5]), np.asarray(kk))
     np.testing.assert_array_equal(np.asarray(c.v[1, :, :, :5]), -np.asarray(kk))
     np.testing.assert_array_equal(np.asarray(c.valid[1, :, :, :5]), np.asarray(kept))
     assert not np.asarray(c.valid[0]).any()
-    c = C.KVCache(c.k, c.v, c.valid, jnp.asarray([5, 5]), jnp.asarray([40, 33]), jnp.asarray([0, -3]))
+    c = C.KVCache(c.k, c.v, c.valid, jnp.asarray([5, 5]), jnp.asarray([40, 33]), jnp.asarray([0, -3]),
+                  token_index=c.token_index)
     new = jnp.asarray(rng.normal(size=(2, 2, 4)), jnp.float32)
     for layer in range(2):
         c = C.append(c, layer, new, 2 * new)

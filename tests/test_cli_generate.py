@@ -97,7 +97,8 @@ def test_generate_end_to_end_real_mp4_fresh_process(tiny, tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(
         cmd + ["generate", "--model", tiny, "--video", str(video), "--prompt", "What happens in this video?",
-               "--policy", "purekv", "--budget", "0.25", "--max-pixels", "50176", "--max-new-tokens", "8"],
+               "--policy", "purekv", "--budget", "0.25", "--max-pixels", "50176", "--max-new-tokens", "8",
+               "--show-kept", "kept.png"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stderr
@@ -109,6 +110,7 @@ def test_generate_end_to_end_real_mp4_fresh_process(tiny, tmp_path):
     assert m[5] == "video" and 0 < n_video < n_prompt
     assert 0 < kept < 0.5 * full  # a quarter of the prompt kept (plus bucketing)
     assert "purekv budget=0.25" in lines[-1]
+    assert (tmp_path / "kept.png").read_bytes()[:4] == b"\x89PNG" and "kept tokens drawn to kept.png" in proc.stderr
 
 
 def test_generate_in_process_orbax_image_full_cache(tiny, tmp_path, capsys):
@@ -188,6 +190,7 @@ BAD = {
     "checkpoint without weights": (["--model", "@dir/no_weights"], r"no_weights: no weights found"),
     "empty checkpoint folder": (["--model", "@dir/empty_dir"], r"empty_dir: no weights found"),
     "missing checkpoint folder": (["--model", "@dir/nowhere"], r"--model .*nowhere: no such folder"),
+    "show-kept into a folder": (["--video", VIDEO, "--show-kept", "@dir"], r"--show-kept .* is a folder; give a file"),
     "argparse: bad pixel count": (["--video", VIDEO, "--max-pixels", "big"],
                                   r"argument --max-pixels: 'big' is not a pixel count .*see purekv generate --help"),
 }
@@ -252,11 +255,23 @@ def test_st_sparse_flag(tiny, capfd):
 
 
 def test_demo_runs(tmp_path, capsys):
+    """The real SmolLM2 first: the needle's code in the full cache's and the default policy's answers (the
+    same answer), at about a fifth of the KV bytes; then the tiny random model's pipeline check."""
     rc = _run(["demo", "--layers", "3", "--max-new-tokens", "4", "--save", tmp_path / "demo_model"])
     out, err = capsys.readouterr()
     assert rc == 0, err
+    if "skipped:" not in out:  # the real LM and its texts are installed
+        code = re.search(r'"The secret code is (\d{4})\."', out)[1]
+        real = out[:out.index("pipeline check")].split("\n")
+        rows = {l.split("  ")[0]: l for l in real if l.startswith(("full cache  ", "default ", "paper "))}
+        for name in ("full cache", "default PureKVConfig(budget=0.2)"):
+            assert re.search(rf"'{code}\.?'\s+yes\s+yes\s", rows[name]), out
+        kept = [int(re.search(r"(\d+)%$", rows[n])[1]) for n in rows]
+        assert kept[0] == 100 and 15 <= kept[1] <= 25 and "paper CLIE PureKVConfig.paper(0.2)" in rows, out
+    assert out.index("a real trained LM") < out.index("pipeline check")
     assert "full cache:" in out and "PureKV budget=0.2:" in out
-    table = [l for l in out.split("\n") if l.startswith(("full cache ", "PureKV budget=0.2 "))]
+    pipeline = out[out.index("pipeline check"):].split("\n")
+    table = [l for l in pipeline if l.startswith(("full cache ", "PureKV budget=0.2 "))]
     assert len(table) == 2
     full_row, pk_row = (l.split() for l in table)
     assert float(pk_row[-3]) < float(full_row[-3]) == float(full_row[-4])  # KV MiB kept: PureKV below full

@@ -171,6 +171,11 @@ def test_quantised_cache_invariants(case):
         # ... the others quantised, in order, each within half a scale step
         old = held[: c - n_rec]
         np.testing.assert_array_equal(q_valid[pos], np.arange(layout.slots) < len(old))
+        # each slot's token index follows its entry: the quantised ones first, then the recent ones, -1 if empty
+        want_index = np.full(layout.slots + recent + extra, -1)
+        want_index[: len(old)] = old
+        want_index[layout.slots: layout.slots + n_rec] = held[c - n_rec:]
+        np.testing.assert_array_equal(np.asarray(cache.token_index)[pos], want_index)
         got_k, got_v = np.asarray(mat.k)[pos][: len(old)], np.asarray(mat.v)[pos][: len(old)]
         ks = np.repeat(np.asarray(cache.quant.k_scale[pos], np.float64), layout.group, axis=0)[: len(old)]
         vs = np.repeat(np.asarray(cache.quant.v_scale[pos], np.float64), layout.group, axis=1)[: len(old)]
@@ -180,7 +185,8 @@ def test_quantised_cache_invariants(case):
     kk, vv = jax.vmap(C.keep_indices)(jnp.asarray(k), jnp.asarray(v), jnp.asarray(idx))
     written = C.create(n_layers, b, h, slots + extra, 8, jnp.float32, layout)
     for layer in range(n_layers):
-        written = write_layer_jit(written, layer, kk[layer], vv[layer], jnp.asarray(kept[layer]))
+        written = write_layer_jit(written, layer, kk[layer], vv[layer], jnp.asarray(kept[layer]),
+                                  jnp.asarray(idx[layer], jnp.int32))
     for a, w in zip(jax.tree.leaves(dataclasses.replace(cache, length=written.length,
                                                         next_position=written.next_position)),
                     jax.tree.leaves(written)):

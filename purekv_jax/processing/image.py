@@ -249,6 +249,21 @@ def patchify(frames: np.ndarray, spec: VisionSpec = VisionSpec()) -> tuple[np.nd
     return np.ascontiguousarray(x.reshape(gt * gh * gw, c * t * p * p)), (gt, gh, gw)
 
 
+def unpatchify(patches: np.ndarray, grid: tuple[int, int, int], spec: VisionSpec = VisionSpec()) -> np.ndarray:
+    """:func:`patchify`'s inverse, to show what the model saw: one image's or video's ``patches
+    [t*h*w, C*T*p*p]`` (normalised) and its ``grid (t, h, w)`` -> RGB uint8 frames ``[t*T, h*p, w*p, 3]``
+    (normalisation undone, rounded)."""
+    gt, gh, gw = (int(g) for g in grid)
+    t, p, m = spec.temporal_patch_size, spec.patch_size, spec.merge_size
+    if patches.shape != (gt * gh * gw, spec.patch_dim):
+        raise ProcessingError(f"unpatchify: patches of shape {patches.shape} do not match grid {(gt, gh, gw)} "
+                              f"({gt * gh * gw} patches of {spec.patch_dim} values)")
+    x = np.asarray(patches, np.float32).reshape(gt, gh // m, gw // m, m, m, 3, t, p, p)
+    x = np.transpose(x, (0, 6, 5, 1, 3, 7, 2, 4, 8)).reshape(gt * t, 3, gh * p, gw * p)
+    x = np.transpose(x, (0, 2, 3, 1)) * np.asarray(spec.image_std, np.float32) + np.asarray(spec.image_mean, np.float32)
+    return np.clip(np.rint(x / spec.rescale_factor), 0, 255).astype(np.uint8)
+
+
 def preprocess_frame(
     rgb: np.ndarray, height: int, width: int, spec: VisionSpec = VisionSpec()
 ) -> np.ndarray:
