@@ -7,7 +7,6 @@ layout, so the loader's name and layout mapping is under test too."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import jax
@@ -22,8 +21,7 @@ from models.videollama2 import (VideoLLaMA2Config, connector_forward, expand_pla
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-safetensors_torch = pytest.importorskip("safetensors.torch")
-from videollama2_reference import Bottleneck, STCConnector, randomize_  # noqa: E402
+from videollama2_reference import Bottleneck, STCConnector, randomize_, reference_prompt_embeds, write_reference_folder  # noqa: E402,E501
 
 ATOL = 1e-4
 COMBOS = [("mistral", "clip"), ("qwen2", "siglip")]
@@ -38,47 +36,13 @@ class Reference:
     params: object
 
 
-def torch_tower(cfg):
-    v = cfg.vision
-    common = dict(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-                  num_hidden_layers=v.num_hidden_layers, num_attention_heads=v.num_attention_heads,
-                  image_size=v.image_size, patch_size=v.patch_size, hidden_act=v.hidden_act,
-                  layer_norm_eps=v.layer_norm_eps, attn_implementation="eager")
-    if v.kind == "clip":
-        return transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**common))
-    return transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**common))
-
-
-def torch_lm(cfg):
-    t = cfg.text
-    common = dict(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-                  num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
-                  num_key_value_heads=t.num_key_value_heads, max_position_embeddings=t.max_position_embeddings,
-                  rms_norm_eps=t.rms_norm_eps, rope_theta=t.rope_theta, tie_word_embeddings=False,
-                  attn_implementation="eager")
-    if cfg.lm_type == "mistral":
-        return transformers.MistralForCausalLM(transformers.MistralConfig(sliding_window=None, **common))
-    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
-
-
 @pytest.fixture(scope="module", params=COMBOS, ids=lambda c: "-".join(c))
 def reference(request, tmp_path_factory):
     """Random torch tower + connector + LM, written as one release-layout folder and loaded by us."""
     lm_type, tower = request.param
     cfg = tiny_config(lm_type=lm_type, tower=tower)
-    gen = torch.Generator().manual_seed(7)
-    tw, conn, lm = torch_tower(cfg), STCConnector(cfg.connector.in_hidden, cfg.connector.hidden), torch_lm(cfg)
-    for module in (tw, conn, lm):
-        randomize_(module, gen, std=0.1)
-        module.eval()
-    # the release saved the tower with transformers 4's ``vision_model.`` level, which transformers 5 drops
-    tensors = {"model.vision_tower.vision_tower.vision_model." + k.removeprefix("vision_model."): v
-               for k, v in tw.state_dict().items()}
-    tensors.update({"model.mm_projector." + k: v for k, v in conn.state_dict().items()})
-    tensors.update(lm.state_dict())
     folder = tmp_path_factory.mktemp(f"vl2_{lm_type}")
-    safetensors_torch.save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
+    tw, conn, lm = write_reference_folder(cfg, folder)
     loaded_cfg, params = load_checkpoint(folder)
     assert loaded_cfg == cfg
     return Reference(cfg, tw, conn, lm, params)
@@ -127,14 +91,10 @@ def test_whole_model_logits(reference):
     cfg, rng = reference.config, np.random.default_rng(4)
     pix = frames(rng, cfg, cfg.num_frames)
     before, after = rng.integers(3, cfg.text.vocab_size, 5), rng.integers(3, cfg.text.vocab_size, 7)
+    embeds = reference_prompt_embeds(reference.tower, reference.connector, reference.lm, cfg, pix, before, after)
     with torch.no_grad():
-        hs = reference.tower(torch.from_numpy(pix), output_hidden_states=True).hidden_states[cfg.vision.select_layer]
-        hs = hs[:, 1:] if cfg.vision.kind == "clip" else hs
-        side = cfg.vision.patches_per_side
-        feats = reference.connector(hs.reshape(1, cfg.num_frames, side, side, -1))[0]
-        embed = reference.lm.get_input_embeddings()
-        embeds = torch.cat([embed(torch.from_numpy(before)), feats, embed(torch.from_numpy(after))])[None]
         expected = reference.lm(inputs_embeds=embeds).logits.numpy()
+    side = cfg.vision.patches_per_side
     grid = ((cfg.num_frames, side, side),)
     ids = expand_placeholders(np.r_[before, cfg.video_token_index, after], cfg, video_grid=grid)[None]
     ours = np.asarray(forward(reference.params, cfg, ids, pixel_values_videos=pix, video_grid_thw=grid))

@@ -13,9 +13,13 @@ attribute names that give the checkpoint keys (``conv1.conv``, ``conv1.bn``, ``s
 
 from __future__ import annotations
 
+import json
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import transformers
+from safetensors.torch import save_file
 
 
 class LayerNormAct2d(nn.LayerNorm):
@@ -109,3 +113,55 @@ def randomize_(module: nn.Module, generator: torch.Generator, std: float = 0.1) 
             is_norm = isinstance(module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module,
                                  nn.LayerNorm) or "norm" in name or "layrnorm" in name
             p.copy_(1.0 + 0.1 * noise if is_norm and name.endswith("weight") else std * noise)
+
+
+def torch_tower(cfg):
+    v = cfg.vision
+    common = dict(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+                  num_hidden_layers=v.num_hidden_layers, num_attention_heads=v.num_attention_heads,
+                  image_size=v.image_size, patch_size=v.patch_size, hidden_act=v.hidden_act,
+                  layer_norm_eps=v.layer_norm_eps, attn_implementation="eager")
+    if v.kind == "clip":
+        return transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**common))
+    return transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**common))
+
+
+def torch_lm(cfg):
+    t = cfg.text
+    common = dict(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                  num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+                  num_key_value_heads=t.num_key_value_heads, max_position_embeddings=t.max_position_embeddings,
+                  rms_norm_eps=t.rms_norm_eps, rope_theta=t.rope_theta, tie_word_embeddings=False,
+                  attn_implementation="eager")
+    if cfg.lm_type == "mistral":
+        return transformers.MistralForCausalLM(transformers.MistralConfig(sliding_window=None, **common))
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+
+
+def write_reference_folder(cfg, folder):
+    """Random torch tower + STC connector + LM for ``cfg``, written as one checkpoint folder in the release's
+    key layout (``config.json`` from ``cfg``). Returns ``(tower, connector, lm)`` in eval mode."""
+    gen = torch.Generator().manual_seed(7)
+    tw, conn, lm = torch_tower(cfg), STCConnector(cfg.connector.in_hidden, cfg.connector.hidden), torch_lm(cfg)
+    for module in (tw, conn, lm):
+        randomize_(module, gen, std=0.1)
+        module.eval()
+    # the release saved the tower with transformers 4's ``vision_model.`` level, which transformers 5 drops
+    tensors = {"model.vision_tower.vision_tower.vision_model." + k.removeprefix("vision_model."): v
+               for k, v in tw.state_dict().items()}
+    tensors.update({"model.mm_projector." + k: v for k, v in conn.state_dict().items()})
+    tensors.update(lm.state_dict())
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
+    return tw, conn, lm
+
+
+def reference_prompt_embeds(tower, connector, lm, cfg, pixels, before, after):
+    """The release's merge: ``before`` ids, the video's connector tokens, ``after`` ids -> ``[1, N, D]``."""
+    with torch.no_grad():
+        hs = tower(torch.from_numpy(pixels), output_hidden_states=True).hidden_states[cfg.vision.select_layer]
+        hs = hs[:, 1:] if cfg.vision.kind == "clip" else hs
+        side = cfg.vision.patches_per_side
+        feats = connector(hs.reshape(1, pixels.shape[0], side, side, -1))[0]
+        embed = lm.get_input_embeddings()
+        return torch.cat([embed(torch.from_numpy(before)), feats, embed(torch.from_numpy(after))])[None]
