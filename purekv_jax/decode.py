@@ -16,10 +16,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from models.family import text_stack
 from models.qwen2_5_vl.config import TextConfig
-from models.qwen2_5_vl.layers import rms_norm
 from models.qwen2_5_vl.model import text_part
-from models.qwen2_5_vl.text import layer_out, layer_qkv, lm_logits, mrope_cos_sin
 
 from . import cache as C
 from .attention import cache_decode_attention
@@ -68,6 +67,7 @@ def decode_loop(params, cache: C.KVCache, first_logits, max_new, key, *, cfg: Te
     ``kv_decode``: how a quantised cache's codes are attended (``PureKVConfig.kv_decode``)."""
     count_trace("decode")
     text = text_part(params)
+    stack = text_stack(cfg)
     b = first_logits.shape[0]
     eos = jnp.asarray(sampling.eos if sampling.eos else (-1,), jnp.int32)
 
@@ -80,19 +80,19 @@ def decode_loop(params, cache: C.KVCache, first_logits, max_new, key, *, cfg: Te
 
     def step(s: DecodeState) -> DecodeState:
         x = jnp.take(text.embed, s.token, axis=0)[:, None]
-        cos, sin = mrope_cos_sin(s.cache.decode_positions()[:, None], cfg)
+        cos, sin = stack.cos_sin(s.cache.decode_positions()[:, None], cfg)
 
         def layer(carry, l):
             x, cache = carry
             lp = layer_params(text, l)
-            q, k, v = layer_qkv(lp, x, cos, sin, cfg)
+            q, k, v = stack.layer_qkv(lp, x, cos, sin, cfg)
             cache = C.append(cache, l, k, v)
             attn = cache_decode_attention(q, cache, l, kv_decode)
-            return (layer_out(lp, x, attn, cfg), cache), None
+            return (stack.layer_out(lp, x, attn, cfg), cache), None
 
         (x, cache), _ = jax.lax.scan(layer, (x, s.cache), jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32))
         cache = C.advance(cache)
-        logits = lm_logits(text, rms_norm(x, text.norm, cfg.rms_norm_eps))[:, 0]
+        logits = stack.final_logits(text, x, cfg)[:, 0]
         nxt = jnp.where(s.done, sampling.pad_id, sample(logits, s.step))
         tokens = jax.lax.dynamic_update_slice(s.tokens, nxt[:, None], (jnp.int32(0), s.step))
         return DecodeState(s.step + 1, nxt, s.done | is_eos(nxt), cache, tokens)

@@ -17,10 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models.family import family_of
 from models.qwen2_5_vl.config import Qwen25VLConfig
-from models.qwen2_5_vl.merge import check_feature_counts
-from models.qwen2_5_vl.model import n_vision_features, static_grid, text_part
-from models.qwen2_5_vl.rope_index import get_rope_index
+from models.qwen2_5_vl.model import static_grid, text_part
 
 from . import cache as C
 from . import sharding as S
@@ -115,8 +114,9 @@ def prepare_prompt(config: Qwen25VLConfig, input_ids, attention_mask=None, *, im
     lengths = mask.sum(axis=1)
     if (lengths == 0).any():
         raise GenerateError(f"attention_mask rows {np.flatnonzero(lengths == 0).tolist()} hold no token")
-    real, vocab = ids[mask], config.text.vocab_size
-    if real.min() < 0 or real.max() >= vocab:
+    family = family_of(config)
+    real, vocab = ids[mask & ~np.isin(ids, family.placeholder_ids(config))], config.text.vocab_size
+    if real.size and (real.min() < 0 or real.max() >= vocab):
         bad = int(real.min()) if real.min() < 0 else int(real.max())
         raise GenerateError(f"input_ids hold token id {bad}, outside the vocabulary [0, {vocab})")
     if not isinstance(prompt_bucket, (int, np.integer)) or prompt_bucket < 1:
@@ -126,17 +126,10 @@ def prepare_prompt(config: Qwen25VLConfig, input_ids, attention_mask=None, *, im
         raise GenerateError("pixel_values and image_grid_thw must be given together")
     if has_video_pixels != (video_grid is not None):
         raise GenerateError("pixel_values_videos and video_grid_thw must be given together")
-    check_feature_counts(config, np.where(mask, ids, 0), n_vision_features(image_grid, config),
-                         n_vision_features(video_grid, config))
+    family.check_media(config, np.where(mask, ids, 0), image_grid, video_grid)
     padded = round_up(int(lengths.max()), prompt_bucket)
     ids_al, valid = realign_left(ids, mask, padded, 0)
-    if image_grid is not None or video_grid is not None:
-        pos, deltas = get_rope_index(config, ids_al, image_grid, video_grid, second_per_grid_ts, valid.astype(np.int32))
-        rope_delta = deltas[:, 0].astype(np.int64) + padded - lengths
-    else:
-        pos = np.where(valid, np.cumsum(valid, axis=1) - 1, 1)
-        pos = np.broadcast_to(pos[None], (3, *pos.shape))
-        rope_delta = np.zeros_like(lengths)
+    pos, rope_delta = family.prompt_positions(config, ids_al, valid, image_grid, video_grid, second_per_grid_ts)
     last_pos = lengths + rope_delta + max_new_tokens - 1
     limit = config.text.max_position_embeddings
     if int(last_pos.max()) >= limit:
@@ -309,7 +302,7 @@ def generate(
     window_len = np.full((prompt.ids.shape[0],), plan.window, np.int32)
     if plan.question_window:
         window_len = question_window_lengths(prompt.ids, prompt.valid, window=plan.window, question_len=question_len,
-                                             vision_end_id=config.vision_end_token_id)
+                                             vision_end_id=family_of(config).question_start_id(config))
     st_attn = None
     if plan.st is not None:  # ST-SpAttn: a layout-aware prefill attention
         st_attn = st_prefill_attention(plan.st, config, prompt.ids, prompt.valid, prompt.video_grid, attention)

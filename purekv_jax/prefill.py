@@ -20,11 +20,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from models.family import family_of, text_stack
 from models.qwen2_5_vl.config import Qwen25VLConfig, TextConfig
-from models.qwen2_5_vl.layers import rms_norm
-from models.qwen2_5_vl.model import embed_inputs
 from models.qwen2_5_vl.model import text_part
-from models.qwen2_5_vl.text import layer_out, layer_qkv, lm_logits, mrope_cos_sin
 
 from . import cache as C
 from . import policies as P
@@ -75,12 +73,14 @@ def scan_layers(text, cfg: TextConfig, x, cos, sin, layers: tuple[int, int], ste
     caller keeps of the layer (pruning into a cache, collecting scores), and the layer's output projection
     and MLP follow. Returns ``(x, carry, outs)`` (``outs`` stacked over the layers).
     """
+    stack = text_stack(cfg)
+
     def body(state, layer):
         x, carry = state
         lp = layer_params(text, layer)
-        q, k, v = layer_qkv(lp, x, cos, sin, cfg)
+        q, k, v = stack.layer_qkv(lp, x, cos, sin, cfg)
         attn, carry, out = step(carry, layer, q, k, v)
-        return (layer_out(lp, x, attn, cfg), carry), out
+        return (stack.layer_out(lp, x, attn, cfg), carry), out
 
     lo, hi = layers
     (x, carry), outs = jax.lax.scan(body, (x, carry), jnp.arange(lo, hi, dtype=jnp.int32))
@@ -135,15 +135,16 @@ def compressed_prefill(
     count_trace("prefill")
     cfg = config.text
     text = text_part(params)
+    family = family_of(config)
     if inputs.pixel_values is None and inputs.pixel_values_videos is None:
         x = jnp.take(text.embed, inputs.input_ids, axis=0)
     else:
-        x = embed_inputs(params, config, inputs.input_ids, inputs.pixel_values, image_grid,
+        x = family.embed(params, config, inputs.input_ids, inputs.pixel_values, image_grid,
                          inputs.pixel_values_videos, video_grid)
     b, n, _ = x.shape
     hkv = cfg.num_key_value_heads
     valid = inputs.valid
-    cos, sin = mrope_cos_sin(inputs.positions, cfg)
+    cos, sin = family.text.cos_sin(inputs.positions, cfg)
     attend = prefill_attention_impl(attention, n)
     budgets = jnp.asarray(plan.budgets, jnp.int32)
     keep_window = plan.keep_window(inputs.window_len)
@@ -185,7 +186,7 @@ def compressed_prefill(
     for seg in segments:
         x, state, _ = scan_layers(text, cfg, x, cos, sin, (seg.lo, seg.hi), segment_step(seg.kind), state)
     cache, _ = state
-    logits = lm_logits(text, rms_norm(x[:, -1:], text.norm, cfg.rms_norm_eps))[:, 0]
+    logits = family.text.final_logits(text, x[:, -1:], cfg)[:, 0]
     cache = dataclasses.replace(cache, length=jnp.full((b,), plan.recent_slots, jnp.int32),
                                 next_position=inputs.next_position, rope_delta=inputs.rope_delta)
     return cache, logits

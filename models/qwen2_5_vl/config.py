@@ -74,6 +74,8 @@ class TextConfig:
     max_position_embeddings: int = 128_000
     tie_word_embeddings: bool = False
     head_dim_override: int | None = None
+    #: q/k/v projections with bias (Qwen2); False for a Mistral / Llama decoder.
+    attention_bias: bool = True
 
     @property
     def head_dim(self) -> int:

@@ -38,6 +38,9 @@ LIMITS: dict[str, tuple[float, float]] = {
     "in_channels": (1, 64),
     "tokens_per_second": (1e-6, 1e6),
     "token_id": (0, (1 << 31) - 1),
+    "layer_norm_eps": (1e-12, 0.5),
+    "image_size": (1, 1 << 16),
+    "num_frames": (1, 1024),
 }
 
 

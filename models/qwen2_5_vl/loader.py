@@ -32,10 +32,10 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from .config import Qwen25VLConfig
+from .config import Qwen25VLConfig, TextConfig
 from .model import abstract_state
 from .state import state_from_leaves
-from .text import TEXT_LAYER_HF_NAMES, text_hf_shapes, text_layer_shapes, text_params_to_hf
+from .text import text_hf_shapes, text_layer_hf_names, text_layer_shapes, text_params_to_hf
 from .vision import (
     VISION_TOP_HF_NAMES,
     vision_block_hf_names,
@@ -71,7 +71,7 @@ def expected_hf_shapes(config: Qwen25VLConfig) -> dict[str, tuple[int, ...]]:
     return {**text_hf_shapes(config.text), **vision_hf_shapes(config.vision)}
 
 
-def _weight_files(path: str) -> tuple[dict[str, str], str, dict[str, str]]:
+def weight_files(path: str) -> tuple[dict[str, str], str, dict[str, str]]:
     """The files to read: ({file name: full path}, where (the index or the single file), the index's
     weight map with Hub names (empty for a single file))."""
     index = os.path.join(path, INDEX_FILE)
@@ -96,7 +96,7 @@ def _weight_files(path: str) -> tuple[dict[str, str], str, dict[str, str]]:
 
 
 # safetensors dtype codes -> numpy dtypes (the floating types a checkpoint can hold).
-_ST_DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+ST_DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
               "BF16": np.dtype(ml_dtypes.bfloat16)}
 
 
@@ -111,7 +111,7 @@ def open_safetensors(path: str):
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def _read_headers(files: Mapping[str, str]) -> dict[str, tuple[str, str, tuple[int, ...], str]]:
+def read_headers(files: Mapping[str, str]) -> dict[str, tuple[str, str, tuple[int, ...], str]]:
     """Hub name -> (file, original name, torch shape, safetensors dtype code), from the headers only."""
     found: dict[str, tuple[str, str, tuple[int, ...], str]] = {}
     for fname, fpath in files.items():
@@ -128,7 +128,7 @@ def _read_headers(files: Mapping[str, str]) -> dict[str, tuple[str, str, tuple[i
     return found
 
 
-def _check_tensors(found, expected: Mapping[str, tuple[int, ...]], where: str, tied: bool, weight_map) -> None:
+def check_tensors(found, expected: Mapping[str, tuple[int, ...]], where: str, tied: bool, weight_map) -> None:
     missing = [n for n in expected if n not in found]
     if missing:
         listed = ", ".join(
@@ -165,14 +165,14 @@ class HFCheckpoint:
     @property
     def nbytes(self) -> int:
         """Bytes of tensor data the model uses, as stored."""
-        return sum(int(np.prod(shape, dtype=np.int64)) * _ST_DTYPES.get(code, np.dtype(np.float32)).itemsize
+        return sum(int(np.prod(shape, dtype=np.int64)) * ST_DTYPES.get(code, np.dtype(np.float32)).itemsize
                    for _, _, shape, code in self.tensors.values())
 
     @property
     def stored_dtype(self) -> np.dtype | None:
         """The one floating dtype every used tensor is stored in, or None when they differ."""
         codes = {code for _, _, _, code in self.tensors.values()}
-        return _ST_DTYPES.get(codes.pop()) if len(codes) == 1 else None
+        return ST_DTYPES.get(codes.pop()) if len(codes) == 1 else None
 
 
 def inspect_hf_checkpoint(path: str | os.PathLike) -> HFCheckpoint:
@@ -182,15 +182,15 @@ def inspect_hf_checkpoint(path: str | os.PathLike) -> HFCheckpoint:
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a checkpoint folder")
     config = Qwen25VLConfig.from_json(path)
-    files, where, weight_map = _weight_files(path)
-    found = _read_headers(files)
+    files, where, weight_map = weight_files(path)
+    found = read_headers(files)
     expected = expected_hf_shapes(config)
-    _check_tensors(found, expected, where, config.text.tie_word_embeddings, weight_map)
-    unsupported = sorted({found[n][3] for n in expected} - set(_ST_DTYPES))
+    check_tensors(found, expected, where, config.text.tie_word_embeddings, weight_map)
+    unsupported = sorted({found[n][3] for n in expected} - set(ST_DTYPES))
     if unsupported:
         bad = next(n for n in expected if found[n][3] in unsupported)
         raise CheckpointError(f"{where}: tensor {found[bad][1]} (in {found[bad][0]}) has dtype {found[bad][3]}; "
-                              f"expected one of {', '.join(_ST_DTYPES)}")
+                              f"expected one of {', '.join(ST_DTYPES)}")
     return HFCheckpoint(path, config, files, {n: found[n] for n in expected})
 
 
@@ -245,20 +245,27 @@ def _transpose(x: np.ndarray) -> np.ndarray:
     return x.T
 
 
-def hf_leaf_specs(config: Qwen25VLConfig) -> list[HFLeafSpec]:
-    """The leaf <-> Hub-name table of the whole model (text, then vision), one entry per state leaf,
-    built from the text and vision halves' name tables and layout functions, so a caller can build the
-    state one leaf at a time (:func:`load_hf_checkpoint`, :func:`params_from_hf`)."""
-    t, v = config.text, config.vision
+def text_leaf_specs(t: TextConfig) -> list[HFLeafSpec]:
+    """The leaf <-> Hub-name table of a text stack (state paths under ``text``; Hub names ``model.*`` and
+    ``lm_head.weight``), shared by every model whose LM is this stack."""
     d, L = t.hidden_size, t.num_hidden_layers
     layer_shapes = text_layer_shapes(t)
     specs = [HFLeafSpec(("text", "embed"), ("model.embed_tokens.weight",), False, _identity, (t.vocab_size, d))]
-    for field, (name, transposed) in TEXT_LAYER_HF_NAMES.items():
+    for field, (name, transposed) in text_layer_hf_names(t).items():
         specs.append(HFLeafSpec(("text", "layers", field), tuple(f"model.layers.{i}.{name}" for i in range(L)), True,
                                 _transpose if transposed else _identity, (L, *layer_shapes[field])))
     specs.append(HFLeafSpec(("text", "norm"), ("model.norm.weight",), False, _identity, (d,)))
     if not t.tie_word_embeddings:
         specs.append(HFLeafSpec(("text", "lm_head"), ("lm_head.weight",), False, _transpose, (d, t.vocab_size)))
+    return specs
+
+
+def hf_leaf_specs(config: Qwen25VLConfig) -> list[HFLeafSpec]:
+    """The leaf <-> Hub-name table of the whole model (text, then vision), one entry per state leaf,
+    built from the text and vision halves' name tables and layout functions, so a caller can build the
+    state one leaf at a time (:func:`load_hf_checkpoint`, :func:`params_from_hf`)."""
+    v = config.vision
+    specs = text_leaf_specs(config.text)
     top, blocks = vision_param_shapes(v)
     block_names = [vision_block_hf_names(i) for i in range(v.depth)]
     for field, name in VISION_TOP_HF_NAMES.items():
@@ -277,7 +284,7 @@ def read_hf_leaf(ckpt: HFCheckpoint, spec: HFLeafSpec, dtype=None, on_tensor: Ca
 
     ``on_tensor(hub_name, stored_bytes)`` is called after each source tensor is placed (progress)."""
     first = ckpt.tensors[spec.sources[0]]
-    np_dtype = np.dtype(dtype) if dtype is not None else _ST_DTYPES[first[3]]
+    np_dtype = np.dtype(dtype) if dtype is not None else ST_DTYPES[first[3]]
     out = np.empty(spec.shape, np_dtype)
     for i, name in enumerate(spec.sources):
         fname, stored, _, _ = ckpt.tensors[name]
@@ -330,11 +337,20 @@ def save_hf_checkpoint(
     if dtype is not None:
         np_dtype = np.dtype(dtype)
         tensors = {k: v.astype(np_dtype) for k, v in tensors.items()}
+    hf = config.to_hf_dict()
+    write_hf_folder(path, hf, tensors)
+    return path
+
+
+def write_hf_folder(path: str, hf: dict, tensors: Mapping[str, np.ndarray]) -> None:
+    """Writes ``config.json`` (``hf``, with ``torch_dtype`` when every tensor has one dtype) and
+    ``model.safetensors`` (``tensors``) into the folder ``path``, replacing it atomically (a temporary folder
+    next to it, then a rename)."""
+    hf = dict(hf)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
     try:
-        hf = config.to_hf_dict()
         stored = {np.dtype(v.dtype) for v in tensors.values()}
         if len(stored) == 1:
             hf["torch_dtype"] = {np.dtype(np.float32): "float32", np.dtype(ml_dtypes.bfloat16): "bfloat16",
@@ -353,4 +369,4 @@ def save_hf_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
+

@@ -36,10 +36,13 @@ def text_layer_shapes(cfg: TextConfig) -> dict[str, tuple[int, ...]]:
     leading ``[L]``); the loader's leaf table and the Hub shapes are both derived from it."""
     d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    return {
+    shapes = {
         "input_norm": (d,), "q_w": (d, q), "q_b": (q,), "k_w": (d, kv), "k_b": (kv,), "v_w": (d, kv),
         "v_b": (kv,), "o_w": (q, d), "post_norm": (d,), "gate_w": (d, f), "up_w": (d, f), "down_w": (f, d),
     }
+    if not cfg.attention_bias:  # a Mistral / Llama decoder: no q/k/v bias
+        del shapes["q_b"], shapes["k_b"], shapes["v_b"]
+    return shapes
 
 
 # ---------------------------------------------------------------------------------------------- init
@@ -85,11 +88,11 @@ class TextDecoderLayers(nnx.Module):
         self.config = cfg
         self.input_norm = nnx.Param(w["input_norm"])  # [L, D]
         self.q_w = nnx.Param(w["q_w"])  # [L, D, Hq*hd]
-        self.q_b = nnx.Param(w["q_b"])  # [L, Hq*hd]
+        self.q_b = nnx.Param(w["q_b"]) if cfg.attention_bias else None  # [L, Hq*hd]
         self.k_w = nnx.Param(w["k_w"])  # [L, D, Hkv*hd]
-        self.k_b = nnx.Param(w["k_b"])  # [L, Hkv*hd]
+        self.k_b = nnx.Param(w["k_b"]) if cfg.attention_bias else None  # [L, Hkv*hd]
         self.v_w = nnx.Param(w["v_w"])  # [L, D, Hkv*hd]
-        self.v_b = nnx.Param(w["v_b"])  # [L, Hkv*hd]
+        self.v_b = nnx.Param(w["v_b"]) if cfg.attention_bias else None  # [L, Hkv*hd]
         self.o_w = nnx.Param(w["o_w"])  # [L, Hq*hd, D]
         self.post_norm = nnx.Param(w["post_norm"])  # [L, D]
         self.gate_w = nnx.Param(w["gate_w"])  # [L, D, F]
@@ -189,7 +192,8 @@ def _split_heads(x: jax.Array, n_heads: int) -> jax.Array:
 def layer_qkv(
     lp: nnx.State, x: jax.Array, cos: jax.Array, sin: jax.Array, cfg: TextConfig
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Input RMSNorm and the q/k/v projections (with bias) of one layer; rotary applied to q and k.
+    """Input RMSNorm and the q/k/v projections (with bias when ``cfg.attention_bias``) of one layer; rotary
+    applied to q and k.
 
     ``lp`` is one layer's slice of the :class:`TextDecoderLayers` state (what scan hands its body).
 
@@ -197,9 +201,12 @@ def layer_qkv(
     ``q [B, Hq, N, hd]``, ``k [B, Hkv, N, hd]``, ``v [B, Hkv, N, hd]`` in ``x.dtype``.
     """
     h = rms_norm(x, lp.input_norm, cfg.rms_norm_eps)
-    q = _split_heads(h @ lp.q_w + lp.q_b, cfg.num_attention_heads)
-    k = _split_heads(h @ lp.k_w + lp.k_b, cfg.num_key_value_heads)
-    v = _split_heads(h @ lp.v_w + lp.v_b, cfg.num_key_value_heads)
+    q, k, v = h @ lp.q_w, h @ lp.k_w, h @ lp.v_w
+    if cfg.attention_bias:
+        q, k, v = q + lp.q_b, k + lp.k_b, v + lp.v_b
+    q = _split_heads(q, cfg.num_attention_heads)
+    k = _split_heads(k, cfg.num_key_value_heads)
+    v = _split_heads(v, cfg.num_key_value_heads)
     c, s = cos[:, None], sin[:, None]
     return apply_rotary(q, c, s), apply_rotary(k, c, s), v
 
@@ -289,13 +296,20 @@ TEXT_LAYER_HF_NAMES: dict[str, tuple[str, bool]] = {
 }
 
 
+def text_layer_hf_names(cfg: TextConfig) -> dict[str, tuple[str, bool]]:
+    """:data:`TEXT_LAYER_HF_NAMES` for the weights this config has (no q/k/v biases without
+    ``attention_bias``)."""
+    shapes = text_layer_shapes(cfg)
+    return {field: spec for field, spec in TEXT_LAYER_HF_NAMES.items() if field in shapes}
+
+
 def text_hf_shapes(cfg: TextConfig) -> dict[str, tuple[int, ...]]:
     """Hub name -> torch shape for every tensor of the text half (``lm_head.weight`` only when untied)."""
     d, v = cfg.hidden_size, cfg.vocab_size
     out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, d)}
     shapes = text_layer_shapes(cfg)
     for i in range(cfg.num_hidden_layers):
-        for field, (name, transposed) in TEXT_LAYER_HF_NAMES.items():
+        for field, (name, transposed) in text_layer_hf_names(cfg).items():
             shape = shapes[field]
             out[f"model.layers.{i}.{name}"] = shape[::-1] if transposed else shape
     out["model.norm.weight"] = (d,)
@@ -312,7 +326,7 @@ def text_params_from_hf(tensors: Mapping[str, np.ndarray], cfg: TextConfig, dtyp
         return jnp.asarray(a.T if transposed else a, dtype=dtype)
 
     leaves = {("embed",): get("model.embed_tokens.weight"), ("norm",): get("model.norm.weight")}
-    for field, (name, tr) in TEXT_LAYER_HF_NAMES.items():
+    for field, (name, tr) in text_layer_hf_names(cfg).items():
         stacked = np.stack([np.asarray(tensors[f"model.layers.{i}.{name}"]) for i in range(cfg.num_hidden_layers)])
         leaves[("layers", field)] = jnp.asarray(stacked.swapaxes(-1, -2) if tr else stacked, dtype=dtype)
     if not cfg.tie_word_embeddings:
@@ -323,7 +337,7 @@ def text_params_from_hf(tensors: Mapping[str, np.ndarray], cfg: TextConfig, dtyp
 def text_params_to_hf(params: nnx.State, cfg: TextConfig) -> dict[str, np.ndarray]:
     """The inverse of :func:`text_params_from_hf`: Hub-named host arrays in torch layout."""
     out: dict[str, np.ndarray] = {"model.embed_tokens.weight": np.asarray(params.embed)}
-    for field, (name, transposed) in TEXT_LAYER_HF_NAMES.items():
+    for field, (name, transposed) in text_layer_hf_names(cfg).items():
         stacked = np.asarray(getattr(params.layers, field))
         for i in range(cfg.num_hidden_layers):
             out[f"model.layers.{i}.{name}"] = np.ascontiguousarray(stacked[i].T if transposed else stacked[i])

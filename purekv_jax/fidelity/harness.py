@@ -39,8 +39,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.qwen2_5_vl.layers import dense_attention, rms_norm
-from models.qwen2_5_vl.text import TextConfig, layer_out, layer_qkv, lm_logits, mrope_cos_sin
+from models.family import text_stack
+from models.qwen2_5_vl.layers import dense_attention
+from models.qwen2_5_vl.text import TextConfig
 
 from .. import cache as C
 from .. import policies as P
@@ -89,7 +90,7 @@ def analysis_prefill(params, ids: jax.Array, window_len: jax.Array | None = None
     b, n = ids.shape
     x = jnp.take(params.embed, ids, axis=0)
     pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None], (b, n))
-    cos, sin = mrope_cos_sin(pos, cfg)
+    cos, sin = text_stack(cfg).cos_sin(pos, cfg)
     valid = jnp.ones((b, n), bool)
     mask = jnp.tril(jnp.ones((n, n), bool))[None, None]
     need_probs = any(isinstance(p, P.H2O) for p in score_policies)
@@ -104,7 +105,7 @@ def analysis_prefill(params, ids: jax.Array, window_len: jax.Array | None = None
         return attn, carry, (k, v, scores)
 
     x, _, (k, v, scores) = scan_layers(params, cfg, x, cos, sin, (0, cfg.num_hidden_layers), step, ())
-    logits = lm_logits(params, rms_norm(x[:, -1:], params.norm, cfg.rms_norm_eps))[:, 0]
+    logits = text_stack(cfg).final_logits(params, x[:, -1:], cfg)[:, 0]
     return k, v, scores, logits
 
 
@@ -148,21 +149,21 @@ def continuation_logits(params, cache: C.KVCache, ids: jax.Array, *, cfg: TextCo
     g = cfg.num_attention_heads // hkv
     x = jnp.take(params.embed, ids, axis=0)
     pos = cache.decode_positions()[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
-    cos, sin = mrope_cos_sin(pos, cfg)
+    cos, sin = text_stack(cfg).cos_sin(pos, cfg)
     causal = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool))[None, None], (b, hkv, t, t))
 
     def body(x, xs):
         lp, kc, vc, valid, quant = xs
         kc, vc, valid = C.layer_entries(kc, vc, valid, quant)
-        q, k, v = layer_qkv(lp, x, cos, sin, cfg)
+        q, k, v = text_stack(cfg).layer_qkv(lp, x, cos, sin, cfg)
         keys = jnp.concatenate([kc, k.astype(kc.dtype)], axis=2)
         vals = jnp.concatenate([vc, v.astype(vc.dtype)], axis=2)
         mask = jnp.concatenate([jnp.broadcast_to(valid[:, :, None, :], (b, hkv, t, valid.shape[-1])), causal], -1)
         attn = dense_attention(q, keys, vals, jnp.repeat(mask, g, axis=1))
-        return layer_out(lp, x, attn, cfg), None
+        return text_stack(cfg).layer_out(lp, x, attn, cfg), None
 
     x, _ = jax.lax.scan(body, x, (params.layers, cache.k, cache.v, cache.valid, cache.quant))
-    return lm_logits(params, rms_norm(x, params.norm, cfg.rms_norm_eps))
+    return text_stack(cfg).final_logits(params, x, cfg)
 
 
 @jax.jit

@@ -33,10 +33,8 @@ import numpy as np
 
 from kernels.block_sparse_attention import (HeadPattern, LayoutError, STLayout, VideoSpan,
                                             block_sparse_attention, resolve_backend)
-from models.qwen2_5_vl.merge import check_feature_counts
-from models.qwen2_5_vl.model import embed_inputs, n_vision_features, static_grid
-from models.qwen2_5_vl.rope_index import get_rope_index
-from models.qwen2_5_vl.text import layer_out, layer_qkv, mrope_cos_sin
+from models.family import family_of, text_stack
+from models.qwen2_5_vl.model import static_grid
 from purekv_jax.attention import prefill_attention_impl
 from purekv_jax.config import PureKVConfig, STPlan
 from purekv_jax.st_sparse.calibrate import DEFAULT_CANDIDATES, pattern_errors, sample_video_rows
@@ -48,14 +46,10 @@ __all__ = ["STPrefillAttention", "row_layouts", "st_prefill_attention", "Calibra
 
 # --------------------------------------------------------------------------------- layouts
 def _merged_grids(config, video_grid) -> list[tuple[int, int, int]]:
-    m = config.vision.spatial_merge_size
-    out = []
-    for n, (t, h, w) in enumerate(video_grid or ()):
-        if h % m or w % m:
-            raise LayoutError(f"video {n}: grid (t, h, w) = {(t, h, w)} is not divisible by the spatial "
-                              f"merge size {m}")
-        out.append((int(t), int(h) // m, int(w) // m))
-    return out
+    try:
+        return family_of(config).video_token_grids(config, video_grid)
+    except ValueError as err:
+        raise LayoutError(str(err)) from None
 
 
 def row_layouts(config, ids, valid, video_grid, *, spatial_radius=None, temporal_window=None):
@@ -72,7 +66,7 @@ def row_layouts(config, ids, valid, video_grid, *, spatial_radius=None, temporal
         off = int(real[0])
         if not np.array_equal(real, np.arange(off, ids.shape[1])):
             raise LayoutError(f"row {r}: the real tokens must be one block at the end (left padding)")
-        pos = np.flatnonzero(ids[r, off:] == config.video_token_id)
+        pos = np.flatnonzero(ids[r, off:] == family_of(config).video_token_id(config))
         spans, i = [], 0
         while i < pos.size:
             if k >= len(grids):
@@ -237,9 +231,10 @@ def choose_patterns(errors, candidates, rel_tol: float = 0.0, atol: float = 0.0)
 
 @functools.partial(jax.jit, static_argnames=("cfg", "attention"))
 def _calib_layer(lp, x, cos, sin, valid, *, cfg, attention):
-    q, k, v = layer_qkv(lp, x, cos, sin, cfg)
+    stack = text_stack(cfg)
+    q, k, v = stack.layer_qkv(lp, x, cos, sin, cfg)
     attn = prefill_attention_impl(attention, x.shape[1])(q, k, v, valid, None)
-    return layer_out(lp, x, attn, cfg), q, k, v
+    return stack.layer_out(lp, x, attn, cfg), q, k, v
 
 
 def calibrate_model(params, config, input_ids, *, pixel_values=None, image_grid_thw=None,
@@ -268,18 +263,19 @@ def calibrate_model(params, config, input_ids, *, pixel_values=None, image_grid_
     image_grid, video_grid = static_grid(image_grid_thw), static_grid(video_grid_thw)
     if video_grid is None:
         raise ValueError("calibrate_model needs a video prompt (pixel_values_videos and video_grid_thw)")
-    check_feature_counts(config, ids, n_vision_features(image_grid, config), n_vision_features(video_grid, config))
+    family = family_of(config)
+    family.check_media(config, ids, image_grid, video_grid)
     valid = np.ones(ids.shape, bool)
     ((_, layout),) = row_layouts(config, ids, valid, video_grid, spatial_radius=st.spatial_radius,
                                  temporal_window=st.temporal_window)
 
     dtype = params.text.embed.dtype
-    embed = jax.jit(embed_inputs, static_argnums=(1, 4, 6))
+    embed = jax.jit(family.embed, static_argnums=(1, 4, 6))
     x = embed(params, config, jnp.asarray(ids, jnp.int32),
               None if pixel_values is None else jnp.asarray(pixel_values, dtype), image_grid,
               jnp.asarray(pixel_values_videos, dtype), video_grid)
-    pos, _ = get_rope_index(config, ids, image_grid, video_grid, second_per_grid_ts, valid.astype(np.int32))
-    cos, sin = mrope_cos_sin(jnp.asarray(pos, jnp.int32), cfg)
+    pos, _ = family.prompt_positions(config, ids, valid, image_grid, video_grid, second_per_grid_ts)
+    cos, sin = family.text.cos_sin(jnp.asarray(pos, jnp.int32), cfg)
     valid_j = jnp.asarray(valid)
     errors = np.full((n_layers, len(candidates), cfg.num_attention_heads), np.nan, np.float64)
     for l in range(n_layers):
