@@ -4,9 +4,11 @@
 #      64k: vision tower, one layer's cuDNN attention, prefill of full / PureKV / ST mixed / ST union / eager SnapKV /
 #      the XLA flash path; the Amdahl bound), budget 240 s, killed at 280 s;
 #   2. benchmarks/gpu_kernels.py: the block-sparse kernels vs cuDNN at 7.7k / 16k / 32k (Triton 128x128, Mosaic GPU
-#      64x128, warp-specialised Mosaic GPU 128x128; spatial, temporal, union split, mixed), budget 110 s, killed at 140 s.
+#      64x128, warp-specialised Mosaic GPU 128x128; spatial, temporal, union split, mixed), budget 110 s, killed at 140 s;
+#   3. benchmarks/quant_decode_kernel.py: decode attention over 4- and 8-bit codes, the Pallas kernel vs the XLA path
+#      vs bf16 over the same slots (decides PureKVConfig.kv_decode's default on a GPU), killed at 45 s.
 # A failure never stops the next step; each step rewrites its json / md after every row, so a killed step keeps
-# what it measured. Outputs (7 files) go to $OUT when set (the device tool returns what is written there), else
+# what it measured. Outputs (10 files) go to $OUT when set (the device tool returns what is written there), else
 # benchmarks/results/.
 #   bash benchmarks/gpu_session.sh             (PYTHON=... picks the interpreter; default python3)
 #   bash benchmarks/gpu_session.sh --smoke     (CPU dry run at tiny sizes, interpret mode: every step and row runs)
@@ -39,4 +41,7 @@ OUT="$DEST" timeout "$KERNEL_KILL" "$PY" benchmarks/gpu_kernels.py --time-budget
   | tee "$DEST/gpu_kernels_log.txt"
 echo "gpu_kernels.py exit ${PIPESTATUS[0]} (124 = killed by timeout: no json/md, see the log)" \
   | tee -a "$DEST/gpu_session_log.txt"
+timeout 45 "$PY" benchmarks/quant_decode_kernel.py --out "$DEST/quant_decode_kernel" "${SMOKE[@]}" 2>&1 \
+  | tee "$DEST/quant_decode_kernel_log.txt"
+echo "quant_decode_kernel.py exit ${PIPESTATUS[0]}" | tee -a "$DEST/gpu_session_log.txt"
 ls -l "$DEST" | tee -a "$DEST/gpu_session_log.txt"
