@@ -257,12 +257,13 @@ def presets_in(group: str) -> tuple[Preset, ...]:
 
 def build_policy(name: str, budget: float | int, window: int = 32, sink: int = 4, anchors=(2,),
                  st_sparse: bool = False, seed: int = 0, st_start: int | None = None,
-                 head_patterns: str | None = None) -> PureKVConfig | None:
+                 head_patterns: str | None = None, budget_unit: str = "tokens",
+                 kv_bits: int | str | None = None) -> PureKVConfig | None:
     """A ``--policy`` name (:data:`CLI_POLICIES`) with the command line's budget-independent overrides
-    (``--window``, ``--sink``, ``--anchors``, ``--seed``, the ST-SpAttn flags) -> ``None`` (the full cache) or
-    a ``PureKVConfig``. The one place these overrides are applied (``purekv generate``, ``purekv batch`` and
-    a batch request's ``policy`` come here). ``full`` with ``st_sparse``: every entry kept,
-    ``PureKVConfig(budget=1.0, cross_layer=False, st_sparse=True)``.
+    (``--window``, ``--sink``, ``--anchors``, ``--seed``, the ST-SpAttn flags, ``--budget-unit``,
+    ``--kv-bits``) -> ``None`` (the full cache) or a ``PureKVConfig``. The one place these overrides are
+    applied (``purekv generate``, ``purekv batch`` and a batch request's ``policy`` come here). ``full`` with
+    ``st_sparse`` or ``kv_bits``: every entry kept, ``PureKVConfig(budget=1.0, cross_layer=False, ...)``.
 
     Errors (:class:`PresetError`) are worded in the command line's flags; a field the configuration rejects
     raises its :class:`~purekv_jax.config.PureKVConfigError`.
@@ -275,14 +276,20 @@ def build_policy(name: str, budget: float | int, window: int = 32, sink: int = 4
         raise PresetError(f"--sink {sink} must be >= 0")
     if not st_sparse and (st_start is not None or head_patterns is not None):
         raise PresetError("--st-start and --head-patterns configure ST-SpAttn: add --st-sparse")
+    if name == "full" and budget_unit == "bytes":
+        raise PresetError("--budget-unit bytes sets a compressing policy's budget: the full cache keeps every entry")
     st = {}
     if st_sparse:
         st = dict(st_sparse=True, st_start=None if st_start is None else int(st_start),
                   head_patterns_file=head_patterns)
     shape = dict(window=window, sink=sink, anchor_layers=tuple(anchors), **st)
+    if kv_bits is not None:
+        shape["kv_bits"] = kv_bits
     try:
         if name == "full":
-            return PureKVConfig(budget=1.0, cross_layer=False, **shape) if st_sparse else None
+            return PureKVConfig(budget=1.0, cross_layer=False, **shape) if st_sparse or kv_bits else None
+        if budget_unit != "tokens":
+            shape["budget_unit"] = budget_unit
         return preset(name).make(budget, seed=seed, **shape)
     except BudgetBelowWindowError as err:
         raise PresetError(f"--budget {err.budget} is below the --window {err.window} + --sink {err.sink} = "

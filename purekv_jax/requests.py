@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from models.qwen2_5_vl import Qwen25VLConfig, get_rope_index
@@ -197,11 +198,13 @@ def check_prompt(config: Qwen25VLConfig, proc: Qwen25VLProcessor, inputs: dict, 
     return PromptInfo(n, n_img, n_vid, last_prompt)
 
 
-def check_policy(policy: PureKVConfig, text_config: TextConfig, n_tokens: int) -> KVPlan:
+def check_policy(policy: PureKVConfig, text_config: TextConfig, n_tokens: int, kv_dtype=jnp.float32) -> KVPlan:
     """``policy.resolve`` for a model and an ``n_tokens`` prompt (the budget, anchor and ST-SpAttn rules are
-    decided there), its error as a :class:`RequestCheckError` in the command line's terms."""
+    decided there), its error as a :class:`RequestCheckError` in the command line's terms. ``kv_dtype``: the
+    model's dtype, which a byte budget counts in (before the weights are read: float32, the widest, so the
+    check is repeated with the loaded weights' dtype)."""
     try:
-        return policy.resolve(text_config, n_tokens)
+        return policy.resolve(text_config, n_tokens, kv_dtype=kv_dtype)
     except BudgetBelowWindowError as err:  # a fraction of this prompt (an int count fails at construction)
         floor = err.window + err.sink
         raise RequestCheckError(

@@ -34,6 +34,15 @@ def parse_budget(text: str) -> float | int:
     return int(value)
 
 
+def parse_kv_bits(text: str) -> int | str:
+    """``--kv-bits``: ``8``, ``4``, ``2`` or ``auto``."""
+    if text == "auto":
+        return text
+    if text not in ("8", "4", "2"):
+        raise ValueParseError(f"--kv-bits {text!r} is not one of 8, 4, 2, auto")
+    return int(text)
+
+
 def parse_pixels(text: str) -> int:
     """``--max-pixels`` / ``--min-pixels``: an integer, or a product such as ``448*448`` / ``448x448``."""
     parts = text.lower().replace("x", "*").split("*")

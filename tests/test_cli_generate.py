@@ -231,6 +231,15 @@ def test_policy_mapping():
     for base in ("snapkv", "pyramid", "streaming", "random", "h2o"):
         pol = build_policy(base, 0.2, window=16, sink=2)
         assert (pol.base, pol.cross_layer, pol.window, pol.sink) == (base, False, 16, 2)
+    q = build_policy("purekv", 0.2, budget_unit="bytes", kv_bits=4)
+    assert q == PureKVConfig(budget=0.2, budget_unit="bytes", kv_bits=4)
+    assert build_policy("full", 0.2, kv_bits=8) == PureKVConfig(budget=1.0, cross_layer=False, kv_bits=8)
+    with pytest.raises(ValueError, match="--budget-unit bytes"):
+        build_policy("full", 0.2, budget_unit="bytes")
+    from purekv_jax.value_parsers import parse_kv_bits
+    assert [parse_kv_bits(t) for t in ("8", "4", "2", "auto")] == [8, 4, 2, "auto"]
+    with pytest.raises(ValueError, match="--kv-bits '3'"):
+        parse_kv_bits("3")
     try:
         full_st = build_policy("full", 0.2, st_sparse=True)
     except ValueError:  # ST-SpAttn not wired in PureKVConfig

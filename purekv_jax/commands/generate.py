@@ -18,14 +18,15 @@ import sys
 import textwrap
 
 from models.qwen2_5_vl import Qwen25VLConfig
+from models.qwen2_5_vl.model import text_part
 from purekv_jax import checkpoint
 from purekv_jax.config import PureKVConfig
 from purekv_jax.kept_plot import show_kept
 from purekv_jax.presets import CLI_POLICIES, build_policy, policy_label, preset
-from purekv_jax.requests import (build_inputs, check_checkpoint_folder, check_file, check_output_file, check_prompt,
-                                 check_text, eos_ids, make_processor, run_policy)
+from purekv_jax.requests import (build_inputs, check_checkpoint_folder, check_file, check_output_file, check_policy,
+                                 check_prompt, check_text, eos_ids, make_processor, run_policy)
 from purekv_jax.run_stats import format_plan, format_stats
-from purekv_jax.value_parsers import parse_anchors, parse_budget, parse_pixels
+from purekv_jax.value_parsers import parse_anchors, parse_budget, parse_kv_bits, parse_pixels
 
 from .errors import ArgumentsError, one_line_errors, run_guarded
 
@@ -100,6 +101,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     kv.add_argument("--sink", type=int, default=4, metavar="N", help="first tokens always kept (default 4)")
     kv.add_argument("--anchors", type=parse_anchors, default=(2,), metavar="L[,L...]",
                     help="CLIE anchor layers, 0-based (purekv, clie; default 2); ST-SpAttn starts after the last")
+    kv.add_argument("--budget-unit", choices=("tokens", "bytes"), default="tokens",
+                    help="what --budget counts: KV entries (default) or bytes of the full cache in the model's "
+                         "dtype (then as many entries are kept as fit at --kv-bits)")
+    kv.add_argument("--kv-bits", type=parse_kv_bits, default=None, metavar="{8,4,2,auto}",
+                    help="store the kept prompt entries as KIVI codes of this width (the most recent window "
+                         "stays in the model's dtype); auto (byte budgets): the width the measured tables "
+                         "favour (docs/kv_bytes.md)")
     kv.add_argument("--st-sparse", action="store_true",
                     help="spatial-temporal block-sparse prefill attention for video tokens (ST-SpAttn) from "
                          "--st-start on; works with every policy (with full: every entry kept)")
@@ -132,7 +140,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def validate_args(args: argparse.Namespace) -> PureKVConfig | None:
     """Everything checkable without reading the model: returns the policy (None = full cache)."""
     policy = build_policy(args.policy, parse_budget(args.budget), args.window, args.sink, args.anchors,
-                          args.st_sparse, args.seed, args.st_start, args.head_patterns)
+                          args.st_sparse, args.seed, args.st_start, args.head_patterns, args.budget_unit,
+                          args.kv_bits)
     if args.head_patterns is not None:
         check_file(args.head_patterns, "head patterns")
     if args.max_new_tokens < 1:
@@ -180,6 +189,8 @@ def generate_answer(args: argparse.Namespace) -> int:
     # only now, every check above done; called through the module so tests can watch it
     config, params = checkpoint.load_checkpoint(args.model, dtype=None if args.dtype == "auto" else args.dtype,
                                                 verify=not args.no_verify)
+    if policy is not None:  # a byte budget counts in the loaded weights' dtype
+        check_policy(policy, config.text, info.tokens, kv_dtype=text_part(params).embed.dtype)
     result = run_policy(params, config, proc, inputs, policy, label=args.policy,
                         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, seed=args.seed, eos=eos_ids(args.model, config))
