@@ -144,10 +144,11 @@ RETRIEVAL_POLICIES = (
 )
 
 
-def policy_grid(n_layers: int) -> dict[str, Callable[[float], PureKVConfig | None]]:
-    """name -> ``make(budget) -> PureKVConfig | None`` for a model of ``n_layers`` layers, one per row of
-    :data:`RETRIEVAL_POLICIES`."""
-    return {name: functools.partial(preset(name).make, n_layers=n_layers) for name in RETRIEVAL_POLICIES}
+def policy_grid(n_layers: int, names=None) -> dict[str, Callable[[float], PureKVConfig | None]]:
+    """name -> ``make(budget) -> PureKVConfig | None`` for a model of ``n_layers`` layers: ``full`` and the
+    presets called ``names`` (any preset; an unknown name raises), or every row of :data:`RETRIEVAL_POLICIES`."""
+    chosen = RETRIEVAL_POLICIES if names is None else ("full", *(n for n in names if n != "full"))
+    return {name: functools.partial(preset(name).make, n_layers=n_layers) for name in chosen}
 
 
 def run_retrieval(params, config, tokenizer, lengths=(1024, 2048), budgets=(0.1, 0.2, 0.4), prompts: int = 30,
@@ -161,8 +162,7 @@ def run_retrieval(params, config, tokenizer, lengths=(1024, 2048), budgets=(0.1,
     answers: dict = {}
     for n in lengths:
         ps = make_prompts(tokenizer, n, prompts, seed=seed, question=question)
-        grid_all = policy_grid(cfg.num_hidden_layers)
-        grid = {k: v for k, v in grid_all.items() if names is None or k in names or k == "full"}
+        grid = policy_grid(cfg.num_hidden_layers, names)
         entries = [(name, b, make(b)) for name, make in grid.items() for b in ((1.0,) if name == "full" else budgets)]
         pols = base_policies([c for _, _, c in entries])
         for s in range(0, len(ps), batch):
