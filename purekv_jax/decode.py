@@ -44,6 +44,22 @@ class SamplingSettings:
     pad_id: int = 0
 
 
+@dataclasses.dataclass(frozen=True)
+class AppendKV:
+    """How a decode step writes and reads the cache (a static argument of :func:`decode_loop`): the new token's
+    K/V appended at slot ``length``, attention over every valid slot. The decode-time budget
+    (:class:`purekv_jax.decode_budget.EvictingKV`) is the other kind: it evicts instead of growing."""
+
+    def attend(self, cache: C.KVCache, layer, q, k, v):
+        """``q [B, Hq, 1, hd]``, ``k``/``v [B, Hkv, 1, hd]`` of layer ``layer`` -> ``(attn [B, Hq, 1, hd], cache)``."""
+        cache = C.append(cache, layer, k, v)
+        return cache_decode_attention(q, cache, layer), cache
+
+    def advance(self, cache: C.KVCache) -> C.KVCache:
+        """The cache moved on by the token every layer appended."""
+        return C.advance(cache)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DecodeState:
@@ -62,9 +78,10 @@ class DecodeState:
 
 
 def decode_loop(params, cache: C.KVCache, first_logits, max_new, key, *, cfg: TextConfig,
-                sampling: SamplingSettings) -> DecodeState:
+                sampling: SamplingSettings, kv_step=AppendKV()) -> DecodeState:
     """Samples the first token from ``first_logits [B, V]`` (the prefill's), then decodes until every row
-    is done or ``max_new`` (traced, ``<= sampling.n_tokens``) tokens exist. Returns the final state."""
+    is done or ``max_new`` (traced, ``<= sampling.n_tokens``) tokens exist. Returns the final state.
+    ``kv_step`` (static): how each layer writes and reads the cache (:class:`AppendKV`, the default)."""
     count_trace("decode")
     text = text_part(params)
     b = first_logits.shape[0]
@@ -85,12 +102,11 @@ def decode_loop(params, cache: C.KVCache, first_logits, max_new, key, *, cfg: Te
             x, cache = carry
             lp = layer_params(text, l)
             q, k, v = layer_qkv(lp, x, cos, sin, cfg)
-            cache = C.append(cache, l, k, v)
-            attn = cache_decode_attention(q, cache, l)
+            attn, cache = kv_step.attend(cache, l, q, k, v)
             return (layer_out(lp, x, attn, cfg), cache), None
 
         (x, cache), _ = jax.lax.scan(layer, (x, s.cache), jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32))
-        cache = C.advance(cache)
+        cache = kv_step.advance(cache)
         logits = lm_logits(text, rms_norm(x, text.norm, cfg.rms_norm_eps))[:, 0]
         nxt = jnp.where(s.done, sampling.pad_id, sample(logits, s.step))
         tokens = jax.lax.dynamic_update_slice(s.tokens, nxt[:, None], (jnp.int32(0), s.step))
