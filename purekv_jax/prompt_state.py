@@ -1,6 +1,6 @@
 """Compress once, ask many: a prompt's compressed cache kept as a :class:`PromptState` and asked questions.
 
-``prefill(params, config, prompt..., policy=...)`` runs ``generate``'s own jitted prefill once (the video is
+``prefill_prompt(params, config, prompt..., policy=...)`` runs ``generate``'s own jitted prefill once (the video is
 encoded and the cache pruned as it is written) and keeps the result; ``answer(params, state, question_ids)``
 appends the question to that cache with the append-prefill (:mod:`purekv_jax.question_prefill`: the
 question's tokens attend to the kept cache and, causally, to themselves; positions continue from the
@@ -61,7 +61,7 @@ class PromptState:
 
     cache: a :class:`~purekv_jax.cache.KVCache` (growing) or a
       :class:`~purekv_jax.decode_budget.BudgetedCache` (fixed size, with ``budget``).
-    pending: ``[B]`` int32, each row's last answer token, not yet in the cache (-1: none, after ``prefill``).
+    pending: ``[B]`` int32, each row's last answer token, not yet in the cache (-1: none, after ``prefill_prompt``).
     config, policy, budget: the model's config, the compression policy (None: the full cache) and the decode
       budget (None: the cache grows).
     model_id: :func:`model_identity` of the weights the cache was computed with.
@@ -109,7 +109,7 @@ def with_probe(ids: np.ndarray, mask: np.ndarray, probe: np.ndarray):
     return out, valid, lengths
 
 
-def prefill(params, config: Qwen25VLConfig, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+def prefill_prompt(params, config: Qwen25VLConfig, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
             pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, *,
             policy: PureKVConfig | None = None, probe_ids=None, decode_budget: DecodeBudget | None = None,
             prompt_bucket: int = 64, attention="auto", fused_prefill: bool = True) -> PromptState:
@@ -245,7 +245,7 @@ def answer(params, state: PromptState, question_ids, attention_mask=None, *, max
 
     Args:
       params: the model's state (or its text part) that ``state`` was prefilled with (checked).
-      state: a :class:`PromptState` from :func:`prefill`, :func:`answer` or a loaded file.
+      state: a :class:`PromptState` from :func:`prefill_prompt`, :func:`answer` or a loaded file.
       question_ids: ``[B, T]`` (or ``[T]`` for one row) token ids of the question, chat markup included;
         attention_mask ``[B, T]`` (1 = token, any padding).
       max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, pad_token_id: as :func:`generate`.
