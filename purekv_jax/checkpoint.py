@@ -37,7 +37,6 @@ import json
 import os
 import shutil
 import signal
-import tempfile
 import threading
 import time
 from typing import Any, Mapping
@@ -62,7 +61,7 @@ from models.qwen2_5_vl.loader import (
 
 from .checkpoint_files import (FORMAT, FORMAT_VERSION, MARKER_FILE, PARAMS_DIR, PYTREE_SUBDIR, check_file_table,
                                file_table, read_marker)
-from .owned_folders import OwnedTempFolder, replace_refusal, sweep_temp_folders
+from .owned_folders import OwnedTempFolder, install_folder, replace_refusal, sweep_temp_folders
 from .param_tree import abstract_params, leaf_names, path_name
 
 # Copied beside the params when present in the source folder (config.json is required).
@@ -411,13 +410,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype="bf16", force:
         owned.disown()
         _fsync_file(tmp)
 
-        if os.path.lexists(dst):  # force: swap in the new folder, then drop the old one
-            old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
-            os.rename(dst, os.path.join(old, base))
-            os.rename(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, dst)
+        install_folder(tmp, dst)  # force: swap in the new folder, then drop the old one
         _fsync_file(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -43,6 +43,25 @@ class SamplingSettings:
     pad_id: int = 0
 
 
+@dataclasses.dataclass(frozen=True)
+class AppendKV:
+    """How a decode step writes and reads the cache (a static argument of :func:`decode_loop`): the new token's
+    K/V appended at slot ``length``, attention over every valid slot (a quantised cache's codes read by the
+    ``kv_decode`` path, ``PureKVConfig.kv_decode``). The decode-time budget
+    (:class:`purekv_jax.decode_budget.EvictingKV`) is the other kind: it evicts instead of growing."""
+
+    kv_decode: str = "xla"
+
+    def attend(self, cache: C.KVCache, layer, q, k, v):
+        """``q [B, Hq, 1, hd]``, ``k``/``v [B, Hkv, 1, hd]`` of layer ``layer`` -> ``(attn [B, Hq, 1, hd], cache)``."""
+        cache = C.append(cache, layer, k, v)
+        return cache_decode_attention(q, cache, layer, self.kv_decode), cache
+
+    def advance(self, cache: C.KVCache) -> C.KVCache:
+        """The cache moved on by the token every layer appended."""
+        return C.advance(cache)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DecodeState:
@@ -61,10 +80,10 @@ class DecodeState:
 
 
 def decode_loop(params, cache: C.KVCache, first_logits, max_new, key, *, cfg: TextConfig,
-                sampling: SamplingSettings, kv_decode: str = "xla") -> DecodeState:
+                sampling: SamplingSettings, kv_step=AppendKV()) -> DecodeState:
     """Samples the first token from ``first_logits [B, V]`` (the prefill's), then decodes until every row
     is done or ``max_new`` (traced, ``<= sampling.n_tokens``) tokens exist. Returns the final state.
-    ``kv_decode``: how a quantised cache's codes are attended (``PureKVConfig.kv_decode``)."""
+    ``kv_step`` (static): how each layer writes and reads the cache (:class:`AppendKV`, the default)."""
     count_trace("decode")
     text = text_part(params)
     stack = text_stack(cfg)
@@ -86,12 +105,11 @@ def decode_loop(params, cache: C.KVCache, first_logits, max_new, key, *, cfg: Te
             x, cache = carry
             lp = layer_params(text, l)
             q, k, v = stack.layer_qkv(lp, x, cos, sin, cfg)
-            cache = C.append(cache, l, k, v)
-            attn = cache_decode_attention(q, cache, l, kv_decode)
+            attn, cache = kv_step.attend(cache, l, q, k, v)
             return (stack.layer_out(lp, x, attn, cfg), cache), None
 
         (x, cache), _ = jax.lax.scan(layer, (x, s.cache), jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32))
-        cache = C.advance(cache)
+        cache = kv_step.advance(cache)
         logits = stack.final_logits(text, x, cfg)[:, 0]
         nxt = jnp.where(s.done, sampling.pad_id, sample(logits, s.step))
         tokens = jax.lax.dynamic_update_slice(s.tokens, nxt[:, None], (jnp.int32(0), s.step))
@@ -106,9 +124,9 @@ def decode_loop(params, cache: C.KVCache, first_logits, max_new, key, *, cfg: Te
 
 
 def decode_program(params, cache: C.KVCache, first_logits, max_new: int, seed: int, *, cfg: TextConfig,
-                   sampling: SamplingSettings, kv_decode: str = "xla") -> tuple[CompiledProgram, tuple]:
+                   sampling: SamplingSettings, kv_step=AppendKV()) -> tuple[CompiledProgram, tuple]:
     """The compiled decode for these shapes and settings (compiled once, then cached) and its arguments;
     ``program.run(*args)`` donates the cache."""
     args = (text_part(params), cache, first_logits, jnp.int32(max_new), jax.random.PRNGKey(seed))
-    statics = dict(cfg=cfg, sampling=sampling, kv_decode=kv_decode)
+    statics = dict(cfg=cfg, sampling=sampling, kv_step=kv_step)
     return compiled("decode", decode_loop, statics, args, donate=(1,)), args

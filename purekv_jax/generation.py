@@ -26,7 +26,7 @@ from . import sharding as S
 from .attention import prefill_attention_impl
 from .compile_cache import compiled, peak_bytes
 from .config import KVPlan, PureKVConfig
-from .decode import SamplingSettings, decode_program
+from .decode import AppendKV, SamplingSettings, decode_program
 from .observation import question_window_lengths
 from .prefill import PrefillInputs, compressed_prefill
 from .st_sparse.prefill import st_prefill_attention
@@ -190,6 +190,52 @@ def prefill_inputs(prompt: PreparedPrompt, window_len: np.ndarray, pixel_values,
                                           for name, axis in PrefillInputs.BATCH_AXES.items()})
 
 
+def check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
+    """The decode's settings, checked on the host (:class:`GenerateError` naming the bad one)."""
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise GenerateError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
+    if not isinstance(temperature, (int, float, np.number)) or not 0 <= temperature < float("inf"):
+        raise GenerateError(f"temperature={temperature!r} must be a finite number >= 0")
+    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
+        raise GenerateError(f"top_k={top_k!r} must be None or an int >= 1")
+    if top_p is not None and (not isinstance(top_p, (int, float, np.number)) or not 0 < top_p <= 1):
+        raise GenerateError(f"top_p={top_p!r} must be None or a number in (0, 1]")
+
+
+def observation_windows(plan: KVPlan, prompt: PreparedPrompt, config: Qwen25VLConfig, question_len=None) -> np.ndarray:
+    """``[B]`` int32: each row's observation window (:mod:`purekv_jax.observation` when the plan aligns it to
+    the question, else the plan's fixed window). ``question_len`` given to a plan that does not use it is an
+    error, not silently ignored."""
+    if question_len is not None and not plan.question_window:
+        which = "the full cache" if plan.base is None else f"{type(plan.base).__name__} scoring, question_window=False"
+        raise GenerateError(
+            f"question_len={question_len!r} is given, but the policy does not align its window to the question "
+            f"({which}): it would be ignored; drop it or use a policy with question_window=True (the default)")
+    if not plan.question_window:
+        return np.full((prompt.ids.shape[0],), plan.window, np.int32)
+    return question_window_lengths(prompt.ids, prompt.valid, window=plan.window, question_len=question_len,
+                                   vision_end_id=family_of(config).question_start_id(config))
+
+
+def layout_attention(plan: KVPlan, config: Qwen25VLConfig, prompt: PreparedPrompt, attention):
+    """ST-SpAttn's layout-aware prefill attention for this prompt (host work: layouts, cost model), or None
+    when the plan has no ST-SpAttn."""
+    if plan.st is None:
+        return None
+    return st_prefill_attention(plan.st, config, prompt.ids, prompt.valid, prompt.video_grid, attention)
+
+
+def prefill_program(params, config: Qwen25VLConfig, prompt: PreparedPrompt, plan: KVPlan, inputs: PrefillInputs,
+                    capacity: int, attention, st_attn, fused: bool):
+    """The compiled prefill for these settings (compiled once per plan, bucket, grids and attention) and the
+    params it takes (the whole model for media prompts, else the text part)."""
+    sparse_attn = st_attn is not None and bool(st_attn.st_layers)  # (all-dense: reuse the program without ST)
+    statics = dict(config=config, plan=plan, capacity=capacity, attention=st_attn if sparse_attn else attention,
+                   image_grid=prompt.image_grid, video_grid=prompt.video_grid, fused=bool(fused))
+    run_params = params if prompt.multimodal else text_part(params)
+    return compiled("prefill", compressed_prefill, statics, (run_params, inputs)), run_params
+
+
 def eos_and_pad(config: Qwen25VLConfig, eos_token_id, pad_token_id) -> tuple[tuple[int, ...], int]:
     eos = config.eos_token_id if eos_token_id is None else (
         (int(eos_token_id),) if np.ndim(eos_token_id) == 0 else tuple(int(e) for e in eos_token_id))
@@ -271,16 +317,9 @@ def generate(
       cost model's choice per pattern set, with its predicted seconds of each path).
     """
     # ---------------------------------------------------------------- host: every check before device work
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise GenerateError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     if policy is not None and not isinstance(policy, PureKVConfig):
         raise GenerateError(f"policy must be None (full cache) or a PureKVConfig, got {type(policy).__name__}")
-    if not isinstance(temperature, (int, float, np.number)) or not 0 <= temperature < float("inf"):
-        raise GenerateError(f"temperature={temperature!r} must be a finite number >= 0")
-    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
-        raise GenerateError(f"top_k={top_k!r} must be None or an int >= 1")
-    if top_p is not None and (not isinstance(top_p, (int, float, np.number)) or not 0 < top_p <= 1):
-        raise GenerateError(f"top_p={top_p!r} must be None or a number in (0, 1]")
     for name, value in (("new_tokens_bucket", new_tokens_bucket), ("cache_capacity", cache_capacity)):
         if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
             raise GenerateError(f"{name}={value!r} must be an int >= 1")
@@ -294,18 +333,8 @@ def generate(
     text = text_part(params)
     plan = resolve_plan(policy, config, prompt, attention, text.embed.dtype)
     prefill_attention_impl(attention, prompt.padded_len)  # validates the name
-    if question_len is not None and not plan.question_window:
-        which = "the full cache" if policy is None else f"base={policy.base!r}, question_window={policy.question_window}"
-        raise GenerateError(
-            f"question_len={question_len!r} is given, but the policy does not align its window to the question "
-            f"({which}): it would be ignored; drop it or use a policy with question_window=True (the default)")
-    window_len = np.full((prompt.ids.shape[0],), plan.window, np.int32)
-    if plan.question_window:
-        window_len = question_window_lengths(prompt.ids, prompt.valid, window=plan.window, question_len=question_len,
-                                             vision_end_id=family_of(config).question_start_id(config))
-    st_attn = None
-    if plan.st is not None:  # ST-SpAttn: a layout-aware prefill attention
-        st_attn = st_prefill_attention(plan.st, config, prompt.ids, prompt.valid, prompt.video_grid, attention)
+    window_len = observation_windows(plan, prompt, config, question_len)
+    st_attn = layout_attention(plan, config, prompt, attention)
     n_tokens = round_up(max_new_tokens, new_tokens_bucket)
     capacity = cache_slots(plan, prompt, max_new_tokens, n_tokens, cache_capacity)
     eos, pad_id = eos_and_pad(config, eos_token_id, pad_token_id)
@@ -313,12 +342,10 @@ def generate(
     # ---------------------------------------------------------------- prefill
     inputs = prefill_inputs(prompt, window_len, pixel_values, pixel_values_videos, text.embed.dtype,
                             S.params_mesh(params))
-    sparse_attn = st_attn is not None and bool(st_attn.st_layers)  # (all-dense: reuse the program without ST)
-    statics = dict(config=config, plan=plan, capacity=capacity, attention=st_attn if sparse_attn else attention,
-                   image_grid=prompt.image_grid, video_grid=prompt.video_grid, fused=bool(fused_prefill))
-    prefill = compiled("prefill", compressed_prefill, statics, (params if prompt.multimodal else text, inputs))
+    prefill, prefill_params = prefill_program(params, config, prompt, plan, inputs, capacity, attention, st_attn,
+                                              fused_prefill)
     t0 = time.perf_counter()
-    cache, logits = jax.block_until_ready(prefill.run(params if prompt.multimodal else text, inputs))
+    cache, logits = jax.block_until_ready(prefill.run(prefill_params, inputs))
     prefill_s = time.perf_counter() - t0
     kept_bytes = C.kv_bytes_kept(cache)
     kept_tokens = C.kv_tokens_kept(cache)
@@ -327,9 +354,9 @@ def generate(
     # ---------------------------------------------------------------- decode
     sampling = SamplingSettings(n_tokens=n_tokens, temperature=float(temperature), top_k=top_k,
                                 top_p=None if top_p is None else float(top_p), eos=eos, pad_id=pad_id)
-    kv_decode = "xla" if policy is None else policy.kv_decode
+    kv_step = AppendKV("xla" if policy is None else policy.kv_decode)
     decode, dargs = decode_program(text, cache, logits, max_new_tokens, seed, cfg=config.text, sampling=sampling,
-                                   kv_decode=kv_decode)
+                                   kv_step=kv_step)
     t0 = time.perf_counter()
     final = decode.run(*dargs)
     tokens = np.asarray(jax.block_until_ready(final.tokens))

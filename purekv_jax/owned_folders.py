@@ -89,3 +89,16 @@ def sweep_temp_folders(parent: str, base: str) -> tuple[tuple[str, ...], tuple[s
         else:
             left.append(folder)
     return tuple(removed), tuple(left)
+
+
+def install_folder(tmp: str, dst: str) -> None:
+    """Renames the finished folder ``tmp`` to ``dst``; an existing ``dst`` (the caller checked it may be replaced)
+    is swapped out first and removed after, so ``dst`` is at every moment the old folder or the new one."""
+    parent, base = os.path.split(dst)
+    if os.path.lexists(dst):
+        old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
+        os.rename(dst, os.path.join(old, base))
+        os.rename(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, dst)

@@ -39,7 +39,9 @@ class PrefillInputs:
     input_ids ``[B, N]`` int32; positions ``[3, B, N]`` int32 (M-RoPE); valid ``[B, N]`` bool (real tokens);
     window_len ``[B]`` int32 (each row's observation window); next_position ``[B]`` int32 (each row's
     number of real tokens: the logical position of its first generated token); rope_delta ``[B]`` int32;
-    pixel_values ``[P, patch_dim]`` / pixel_values_videos ``[Pv, patch_dim]`` or ``None``.
+    pixel_values ``[P, patch_dim]`` / pixel_values_videos ``[Pv, patch_dim]`` or ``None``; keep_valid ``[B, N]``
+    bool or ``None``: the tokens the cache may keep (``None``: every real token); real tokens outside it are
+    attended to and score the others (probe queries, :mod:`purekv_jax.prompt_state`) but never cached.
     """
 
     input_ids: jax.Array
@@ -50,10 +52,11 @@ class PrefillInputs:
     rope_delta: jax.Array
     pixel_values: jax.Array | None = None
     pixel_values_videos: jax.Array | None = None
+    keep_valid: jax.Array | None = None
 
     #: the batch axis of each field (``None``: not per row), for placing the batch on a mesh.
     BATCH_AXES = dict(input_ids=0, positions=1, valid=0, window_len=0, next_position=0, rope_delta=0,
-                      pixel_values=None, pixel_values_videos=None)
+                      pixel_values=None, pixel_values_videos=None, keep_valid=0)
 
 
 def layer_params(text, layer):
@@ -144,6 +147,7 @@ def compressed_prefill(
     b, n, _ = x.shape
     hkv = cfg.num_key_value_heads
     valid = inputs.valid
+    keepable = valid if inputs.keep_valid is None else inputs.keep_valid
     cos, sin = family.text.cos_sin(inputs.positions, cfg)
     attend = prefill_attention_impl(attention, n)
     budgets = jnp.asarray(plan.budgets, jnp.int32)
@@ -165,12 +169,12 @@ def compressed_prefill(
             else:
                 attn = attend(q, k, v, valid, layer)
             if kind == "full":
-                idx, kept = P.keep_all(valid, hkv)
+                idx, kept = P.keep_all(keepable, hkv)
             else:
                 own = lambda: plan.base.score(P.ScoreContext(q=q, k=k, v=v, valid=valid, layer=layer, probs=probs,
                                                              window_len=inputs.window_len))
                 score, carried = carried_score(plan, kind, layer, own, carried, v)
-                idx, kept = P.keep_set(score, valid, slots=plan.slots, budget=budgets[layer], window=keep_window,
+                idx, kept = P.keep_set(score, keepable, slots=plan.slots, budget=budgets[layer], window=keep_window,
                                        sink=plan.sink, adaptive=plan.head_adaptive)
             kk, vv = C.keep_indices(k, v, idx)
             token_index = jnp.take_along_axis(jnp.broadcast_to(real_rank[:, None], idx.shape[:2] + (n,)), idx, axis=-1)

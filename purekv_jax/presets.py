@@ -25,7 +25,7 @@ from typing import Any
 from .config import BudgetBelowWindowError, PureKVConfig, register_named_policy
 
 ORIGINS = ("full", "library", "paper")
-GROUPS = ("cli", "main", "ablation", "retrieval", "bytes")
+GROUPS = ("cli", "main", "ablation", "retrieval", "bytes", "prompt_state")
 
 
 class PresetError(ValueError):
@@ -48,6 +48,8 @@ class Preset:
       anchors_every: anchor layers every ``anchors_every`` layers from ``anchors_from`` up to the model's
         depth (``None``: the anchors of ``fields`` / the origin); such a preset needs ``n_layers``.
       anchors_from: the first of those anchor layers.
+      probe: text of generic probe queries that score a question-agnostic cache (``None``: none); the caller
+        tokenizes it with the model's tokenizer for :func:`purekv_jax.prompt_state.prefill_prompt`'s ``probe_ids``.
     """
 
     name: str
@@ -57,6 +59,7 @@ class Preset:
     fields: tuple[tuple[str, Any], ...] = ()
     anchors_every: int | None = None
     anchors_from: int = 0
+    probe: str | None = None
 
     def __post_init__(self):
         if self.origin not in ORIGINS:
@@ -211,6 +214,21 @@ _BYTES = (
            "(kv_bits='auto')", "bytes", origin="library", fields=(("budget_unit", "bytes"), ("kv_bits", "auto"))),
 )
 
+#: Generic probe queries in the chat markup both models use: a request for everything the prompt holds, in the
+#: place a question would be, so their queries score the cache the way many questions would.
+GENERIC_PROBE = ("\n\nDescribe everything above in detail: what happens, who and what appears, every name, "
+                 "code, number and fact.<|im_end|>\n<|im_start|>assistant\n")
+
+#: Question-agnostic compression for a prompt that is prefilled once and asked many questions
+#: (:mod:`purekv_jax.prompt_state`; docs/prompt_state.md).
+_PROMPT_STATE = (
+    Preset("agnostic_tail", "question-agnostic: the default scoring with a fixed window over the prompt's own last "
+           "--window tokens (no question in the prompt)", "prompt_state", origin="library",
+           fields=(("question_window", False),)),
+    Preset("agnostic_probe", "question-agnostic: the default scoring with generic probe queries after the prompt as "
+           "the window (scored with, never kept)", "prompt_state", origin="library", probe=GENERIC_PROBE),
+)
+
 #: Every named policy, by name (the fidelity harness's main rows first, in its order).
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     _FULL, _RANDOM, _STREAMING, _SNAPKV, _PYRAMIDKV, _H2O, _CLIE, _CLIE_NO_VNORM,
@@ -221,6 +239,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     *_ABLATIONS,
     *_RETRIEVAL,
     *_BYTES,
+    *_PROMPT_STATE,
 )}
 
 #: ``--policy`` names of ``purekv generate`` / ``purekv batch`` (and a batch request's ``policy``), in the
