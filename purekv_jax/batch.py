@@ -10,8 +10,9 @@ Fields: ``id`` (a string or an integer, kept as given: ``7`` and ``"7"`` are two
 ``"line-N"``), the prompt as ``prompt`` (user text, chat template applied, optional ``system``),
 ``messages`` (chat messages) or ``input_ids`` (token ids as they are), media as ``image`` / ``images`` /
 ``video`` / ``videos`` (paths), and overrides of the run's settings: ``policy`` (a policy name, or an
-object with ``name``, ``budget``, ``window``, ``sink``, ``anchors``, ``st_sparse``; missing keys come from
-the run) and ``max_new_tokens``. Every field's JSON type is checked (:mod:`purekv_jax.batch_records`).
+object with ``name``, ``budget``, ``window``, ``sink``, ``anchors``, ``st_sparse``, ``st_select``
+(``"always"`` runs ST-SpAttn block-sparse even where its cost model would pick dense); missing keys come
+from the run) and ``max_new_tokens``. Every field's JSON type is checked (:mod:`purekv_jax.batch_records`).
 Media paths (relative ones from there) must lie inside ``media_root`` (default: the requests file's
 folder), links resolved; user text is tokenised without special tokens unless the processor allows them.
 
@@ -22,7 +23,7 @@ the file (:mod:`purekv_jax.batch_output`: a second run on the same output stops 
     {"id": "q1", "index": 1, "text": "...", "tokens": [...], "finish_reason": "stop" | "length",
      "prompt_tokens": 412, "generated_tokens": 17, "policy": "purekv budget=0.2",
      "batch": {"index": 3, "rows": 5, "padded_rows": 8, "prefill_s": ..., "decode_s": ...,
-               "kv_bytes_full": ..., "kv_bytes_kept": ...}}
+               "kv_bytes_full": ..., "kv_bytes_kept": ..., "st_layers": [...]}}
 
 and a bad request (a line that is not UTF-8 or not JSON, a field of the wrong type, a missing or
 undecodable media file, a prompt too long, a policy that cannot work for it; whatever the exception)
@@ -42,6 +43,16 @@ runs. A short batch is padded (copies of its first row, dropped afterwards) to t
 multiple of the mesh's data axis, so every batch shape is one of a handful and compiles once.
 Requests are read and preprocessed (tokenizer, image / video decoding) in a background thread while
 the device generates.
+
+Several processes (the hosts of a pod slice, ``docs/pods.md``): every process reads the same requests
+file, preprocesses every request and forms the same batches, which run as one SPMD program on the global
+mesh (each host feeds its own rows, :func:`purekv_jax.sharding.put`; the generated tokens are gathered to
+every host). Process 0 alone owns the output file: it takes the lock, reads the ids already done and
+shares them, and writes every record, so the file, the resume rule and the lock are those of one process
+and there is nothing to merge. Before anything runs, the processes compare the requests file, the
+settings and then each batch (ids, inputs, the error records since the last one) through
+:class:`purekv_jax.multihost.Job`, so a host that would run something else stops the job with one line
+instead of hanging in a collective.
 """
 
 from __future__ import annotations
@@ -56,7 +67,6 @@ import threading
 import time
 from typing import Any
 
-import jax
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -300,7 +310,8 @@ def result_records(items: list[Prepared], res, rows: int, batch_index: int, proc
     st = res.stats
     info = {"index": batch_index, "rows": len(items), "padded_rows": rows,
             "prefill_s": round(st["prefill_s"], 6), "decode_s": round(st["decode_s"], 6),
-            "kv_bytes_full": st["kv_bytes_full"], "kv_bytes_kept": st["kv_bytes_kept"]}
+            "kv_bytes_full": st["kv_bytes_full"], "kv_bytes_kept": st["kv_bytes_kept"],
+            "st_layers": [int(layer) for layer in st["st_layers"]]}
     out = []
     for r, it in enumerate(items):
         row = [int(t) for t in np.asarray(res.tokens[r])]
