@@ -117,8 +117,12 @@ class Job:
     def current(cls, prog: str, timeouts: JobTimeouts = JobTimeouts()) -> Job:
         """The job of this process: after :func:`jax.distributed.initialize`, all its processes; else one."""
         client = jax_distributed.global_state.client
-        if client is None or jax.process_count() == 1:
+        if jax.process_count() == 1:
             return cls(prog, timeouts)
+        if client is None:  # e.g. a TPU pod slice whose runtime joined the hosts without jax.distributed
+            raise JobError(f"this process is one of {jax.process_count()} but jax.distributed is not initialised, "
+                           "so the processes cannot coordinate; add --distributed (or set JAX_COORDINATOR_ADDRESS, "
+                           "JAX_NUM_PROCESSES, JAX_PROCESS_ID)")
         return cls(prog, timeouts, client, jax.process_index(), jax.process_count())
 
     @property
