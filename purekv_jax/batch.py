@@ -390,8 +390,7 @@ def run_batch(params, config, proc, requests_path, out_path, settings: BatchSett
     if not os.path.isfile(requests_path):
         raise BatchError(f"requests file not found: {requests_path}")
     check_output_path(requests_path, out_path)
-    job.same(f"the requests file {requests_path}", f"sha256 {file_digest(requests_path)}")
-    job.same("the run's settings", digest(settings, eos, config, None if mesh is None else dict(mesh.shape)))
+    check_same_run(job, requests_path, settings, config, mesh, eos)
     with ResultWriter(out_path, enabled=job.is_writer) as writer:  # the lock, before the file is read
         done = read_done_ids(out_path) if job.is_writer else set()
         done = set(json.loads(job.broadcast("the ids already done", json.dumps(sorted(done)).encode())))
@@ -399,6 +398,14 @@ def run_batch(params, config, proc, requests_path, out_path, settings: BatchSett
         job.same("the run's counts", f"{summary.completed} results, {summary.errors} errors, {summary.skipped} "
                                      f"already done, {summary.duplicates} duplicates")
         return summary
+
+
+def check_same_run(job: Job, requests_path, settings: BatchSettings, config, mesh, eos) -> None:
+    """Every process of ``job`` has the same requests file (sha256), settings, model config, mesh and EOS
+    ids, else :class:`~purekv_jax.multihost.ProcessesDisagree` in every process (the command checks this
+    before loading the weights too)."""
+    job.same(f"the requests file {requests_path}", f"sha256 {file_digest(requests_path)}")
+    job.same("the run's settings", digest(settings, tuple(eos), config, None if mesh is None else dict(mesh.shape)))
 
 
 def inputs_digest(inputs: dict) -> str:

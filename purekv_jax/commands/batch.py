@@ -16,7 +16,7 @@ import traceback
 
 from models.qwen2_5_vl import Qwen25VLConfig
 from purekv_jax import sharding as S
-from purekv_jax.batch import BatchSettings, run_batch
+from purekv_jax.batch import BatchSettings, check_same_run, run_batch
 from purekv_jax.batch_output import check_output_path, make_output_folder, probe_output_lock
 from purekv_jax.checkpoint import load_checkpoint
 from purekv_jax.launcher import launch_local, strip_options
@@ -25,7 +25,7 @@ from purekv_jax.presets import CLI_POLICIES, build_policy
 from purekv_jax.requests import check_checkpoint_folder, check_output_file, check_text, eos_ids, make_processor
 from purekv_jax.value_parsers import parse_anchors, parse_budget, parse_pixels
 
-from .errors import one_line, one_line_errors, run_guarded
+from .errors import ArgumentsError, one_line, one_line_errors, run_guarded
 
 EPILOG = """\
 requests (one JSON object a line):
@@ -173,10 +173,7 @@ def run(args: argparse.Namespace) -> int:
     describes (a single process when it describes none); a failure in any process stops every process
     with one line each (:class:`~purekv_jax.multihost.Job`)."""
     if args.processes is not None:
-        argv = strip_options(args.argv, LAUNCHER_OPTIONS)
-        timeouts = JobTimeouts(peer_s=args.peer_timeout, sync_s=args.sync_timeout)
-        return run_guarded("purekv batch", lambda: launch_local(argv, args.processes, args.devices_per_process,
-                                                                grace_s=timeouts.peer_s + 30))
+        return run_guarded("purekv batch", lambda: launch(args))
     started: list[Job] = []
     status = run_guarded("purekv batch", lambda: started.append(start_job(args)) or 0, interrupted=INTERRUPTED)
     if status:
@@ -189,15 +186,27 @@ def run(args: argparse.Namespace) -> int:
             traceback.print_exc()
             job.fail(1, f"{job.prog}: crashed: {type(err).__name__}: {one_line(err)}")
         raise
-    if status == 0:
-        job.finish()
     return status
+
+
+def job_timeouts(args: argparse.Namespace) -> JobTimeouts:
+    for flag, value in (("--peer-timeout", args.peer_timeout), ("--sync-timeout", args.sync_timeout)):
+        if not value >= 5:
+            raise ArgumentsError(f"{flag} {value:g} must be at least 5 seconds")
+    return JobTimeouts(peer_s=args.peer_timeout, sync_s=args.sync_timeout)
+
+
+def launch(args: argparse.Namespace) -> int:
+    """``--processes N``: this command without the launcher's options, as N local processes of one job."""
+    timeouts = job_timeouts(args)
+    return launch_local(strip_options(args.argv, LAUNCHER_OPTIONS), args.processes, args.devices_per_process,
+                        grace_s=timeouts.peer_s + 30)
 
 
 def start_job(args: argparse.Namespace) -> Job:
     """Joins the multi-process job the environment describes (before any device is touched) and starts
     its watchdog; a single-process :class:`Job` otherwise."""
-    timeouts = JobTimeouts(peer_s=args.peer_timeout, sync_s=args.sync_timeout)
+    timeouts = job_timeouts(args)
     S.initialize_distributed(force=args.distributed, heartbeat_timeout_s=timeouts.runtime_heartbeat_s)
     job = Job.current("purekv batch", timeouts)
     job.start_watchdog()
@@ -215,6 +224,8 @@ def batch(args: argparse.Namespace, job: Job) -> int:
     mesh = S.make_mesh(mesh_spec) if mesh_spec else None
     proc = make_processor(args.model, fps=args.fps, max_frames=args.max_frames, max_pixels=args.max_pixels,
                           min_pixels=args.min_pixels, allow_special=args.allow_special)
+    eos = eos_ids(args.model, config)
+    check_same_run(job, args.requests, settings, config, mesh, eos)  # before the (long) load on every host
     dtype = None if args.dtype == "auto" else args.dtype
     shardings = None if mesh is None else S.sharding_for_leaf(config, mesh)
     config, params = load_checkpoint(args.model, dtype=dtype, shardings=shardings, verify=not args.no_verify)
@@ -222,7 +233,7 @@ def batch(args: argparse.Namespace, job: Job) -> int:
     where = "1 device" if mesh is None else f"mesh {S.mesh_str(mesh)} ({mesh.size} devices)"
     print(f"{prog}: {args.model} on {where}; batch size {settings.batch_size}", file=sys.stderr, flush=True)
     summary = run_batch(params, config, proc, args.requests, args.out, settings, mesh=mesh,
-                        eos=eos_ids(args.model, config), progress=not args.quiet, job=job)
+                        eos=eos, progress=not args.quiet, job=job)
     print(f"{prog}: {summary.format()}", file=sys.stderr)
     if args.summary_json and job.is_writer:
         try:
@@ -230,4 +241,5 @@ def batch(args: argparse.Namespace, job: Job) -> int:
                 json.dump(summary.as_dict(), f, indent=2)
         except OSError as e:  # it was writable at the start: say what happened, the results are in --out
             raise OSError(f"--summary-json {args.summary_json}: {e.strerror} (the results are in --out)") from None
+    job.finish()  # every process ends together (then JAX's own exit barrier)
     return 0
