@@ -7,7 +7,8 @@ client; the launcher's environment and argument handling.
 
 Subprocesses (the tiny checkpoint, six requests: two full-cache, two with the default policy, one
 ST-SpAttn video request forced block-sparse, one missing video): the reference is one process on one
-device; then two processes x four devices with the mesh data=4,model=2 (through ``--processes 2``), and
+device; then two processes x four devices with the mesh data=4,model=2 (through ``--processes 2``, from
+an orbax copy of the checkpoint restored shard by shard), and
 with data=8 where process 1 is SIGKILLed once the first result is written: process 0 must stop with one
 line naming process 1 (its watchdog, not a hang), and the rerun must finish with every id exactly once
 and every record equal to the reference.
@@ -30,6 +31,7 @@ import pytest
 from conftest import jsonl_records, sample_video_path
 from purekv_jax import launcher as L
 from purekv_jax import multihost as M
+from purekv_jax.checkpoint import convert
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -244,8 +246,12 @@ def reference(job_files):
 
 
 @pytest.mark.slow
-def test_two_processes_on_a_data4_model2_mesh_write_the_single_process_records(job_files, reference):
+def test_two_processes_on_a_data4_model2_mesh_write_the_single_process_records(job_files, reference, tiny_model_dir):
+    """From an orbax copy of the checkpoint (float32): each process restores its shards of the global mesh."""
     folder, argv = job_files
+    orbax = folder / "tiny-orbax"
+    convert(tiny_model_dir, orbax, dtype="float32", progress=False)
+    argv = [str(orbax) if a == tiny_model_dir else a for a in argv]
     out = folder / "mesh4x2.jsonl"
     err = finished(cli([*argv, "--out", str(out), "--processes", "2", "--devices-per-process", "4",
                         "--mesh", "data=4,model=2"]), "2 processes, data=4,model=2")
