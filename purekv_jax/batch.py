@@ -10,8 +10,9 @@ Fields: ``id`` (a string or an integer, kept as given: ``7`` and ``"7"`` are two
 ``"line-N"``), the prompt as ``prompt`` (user text, chat template applied, optional ``system``),
 ``messages`` (chat messages) or ``input_ids`` (token ids as they are), media as ``image`` / ``images`` /
 ``video`` / ``videos`` (paths), and overrides of the run's settings: ``policy`` (a policy name, or an
-object with ``name``, ``budget``, ``window``, ``sink``, ``anchors``, ``st_sparse``; missing keys come from
-the run) and ``max_new_tokens``. Every field's JSON type is checked (:mod:`purekv_jax.batch_records`).
+object with ``name``, ``budget``, ``window``, ``sink``, ``anchors``, ``st_sparse``, ``st_select``
+(``"always"`` runs ST-SpAttn block-sparse even where its cost model would pick dense); missing keys come
+from the run) and ``max_new_tokens``. Every field's JSON type is checked (:mod:`purekv_jax.batch_records`).
 Media paths (relative ones from there) must lie inside ``media_root`` (default: the requests file's
 folder), links resolved; user text is tokenised without special tokens unless the processor allows them.
 
@@ -22,7 +23,7 @@ the file (:mod:`purekv_jax.batch_output`: a second run on the same output stops 
     {"id": "q1", "index": 1, "text": "...", "tokens": [...], "finish_reason": "stop" | "length",
      "prompt_tokens": 412, "generated_tokens": 17, "policy": "purekv budget=0.2",
      "batch": {"index": 3, "rows": 5, "padded_rows": 8, "prefill_s": ..., "decode_s": ...,
-               "kv_bytes_full": ..., "kv_bytes_kept": ...}}
+               "kv_bytes_full": ..., "kv_bytes_kept": ..., "st_layers": [...]}}
 
 and a bad request (a line that is not UTF-8 or not JSON, a field of the wrong type, a missing or
 undecodable media file, a prompt too long, a policy that cannot work for it; whatever the exception)
@@ -42,11 +43,22 @@ runs. A short batch is padded (copies of its first row, dropped afterwards) to t
 multiple of the mesh's data axis, so every batch shape is one of a handful and compiles once.
 Requests are read and preprocessed (tokenizer, image / video decoding) in a background thread while
 the device generates.
+
+Several processes (the hosts of a pod slice, ``docs/pods.md``): every process reads the same requests
+file, preprocesses every request and forms the same batches, which run as one SPMD program on the global
+mesh (each host feeds its own rows, :func:`purekv_jax.sharding.put`; the generated tokens are gathered to
+every host). Process 0 alone owns the output file: it takes the lock, reads the ids already done and
+shares them, and writes every record, so the file, the resume rule and the lock are those of one process
+and there is nothing to merge. Before anything runs, the processes compare the requests file, the
+settings and then each batch (ids, inputs, the error records since the last one) through
+:class:`purekv_jax.multihost.Job`, so a host that would run something else stops the job with one line
+instead of hanging in a collective.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import queue
@@ -55,7 +67,6 @@ import threading
 import time
 from typing import Any
 
-import jax
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -63,6 +74,7 @@ from .batch_output import ResultWriter, check_output_path, read_done_ids
 from .batch_records import (RequestError, check_messages, count_requests, id_key, input_id_list, iter_request_lines,
                             media_list, policy_spec, typed, valid_id, with_media)
 from .generation import GenerateError, generate
+from .multihost import Job, digest, file_digest
 from .presets import build_policy, policy_label
 from .requests import build_inputs, check_policy, check_prompt, confined_media
 from .sharding import DATA
@@ -173,6 +185,10 @@ def resolve_policy(spec, settings: BatchSettings, rid=None):
     anchors = (anchors,) if isinstance(anchors, int) else tuple(anchors)
     policy = build_policy(name, budget, fields.get("window", settings.window), fields.get("sink", settings.sink),
                           anchors, fields.get("st_sparse", settings.st_sparse), settings.seed)
+    if "st_select" in fields:
+        if policy is None or not policy.st_sparse:
+            raise RequestError(f"request {rid!r}: policy.st_select needs ST-SpAttn (policy.st_sparse true)")
+        policy = dataclasses.replace(policy, st_select=fields["st_select"])
     return policy, policy_label(name, policy)
 
 
@@ -294,7 +310,8 @@ def result_records(items: list[Prepared], res, rows: int, batch_index: int, proc
     st = res.stats
     info = {"index": batch_index, "rows": len(items), "padded_rows": rows,
             "prefill_s": round(st["prefill_s"], 6), "decode_s": round(st["decode_s"], 6),
-            "kv_bytes_full": st["kv_bytes_full"], "kv_bytes_kept": st["kv_bytes_kept"]}
+            "kv_bytes_full": st["kv_bytes_full"], "kv_bytes_kept": st["kv_bytes_kept"],
+            "st_layers": [int(layer) for layer in st["st_layers"]]}
     out = []
     for r, it in enumerate(items):
         row = [int(t) for t in np.asarray(res.tokens[r])]
@@ -352,7 +369,7 @@ def error_record(rid, index: int, err: BaseException) -> dict:
 
 
 def run_batch(params, config, proc, requests_path, out_path, settings: BatchSettings = BatchSettings(), *,
-              mesh=None, eos=None, progress: bool = True) -> BatchSummary:
+              mesh=None, eos=None, progress: bool = True, job: Job | None = None) -> BatchSummary:
     """Runs every request of ``requests_path`` not yet in ``out_path``; see the module doc.
 
     ``params`` may live on ``mesh`` (see :mod:`purekv_jax.sharding`); batches are padded to a multiple of
@@ -360,20 +377,56 @@ def run_batch(params, config, proc, requests_path, out_path, settings: BatchSett
     ``progress``: a tqdm bar on stderr with tokens/s and requests/s. A failure inside ``generate`` that is
     a ``ValueError`` reruns that batch's requests one by one (only the bad one becomes an error record);
     any other exception stops the run (rerun to resume).
+
+    ``job``: the processes of a multi-process run (:class:`purekv_jax.multihost.Job`; default: this one).
+    Every process reads the same requests and runs the same batches on the global ``mesh``; process 0
+    alone holds the output file (its lock, the ids already done, every record) and shares the done ids;
+    the requests file, the settings and each batch's inputs are checked to be the same in every process
+    before anything runs on the devices (:meth:`~purekv_jax.multihost.Job.same`).
     """
+    job = job or Job("purekv batch")
     eos = tuple(config.eos_token_id if eos is None else eos)
     data = int(mesh.shape.get(DATA, 1)) if mesh is not None else 1
     if not os.path.isfile(requests_path):
         raise BatchError(f"requests file not found: {requests_path}")
     check_output_path(requests_path, out_path)
-    writer_enabled = jax.process_index() == 0
-    with ResultWriter(out_path, enabled=writer_enabled) as writer:  # the lock, before the file is read
-        done = read_done_ids(out_path, repair=writer_enabled)
-        return _run(params, config, proc, requests_path, settings, writer, done, eos, data, progress)
+    check_same_run(job, requests_path, settings, config, mesh, eos)
+    with ResultWriter(out_path, enabled=job.is_writer) as writer:  # the lock, before the file is read
+        done = read_done_ids(out_path) if job.is_writer else set()
+        done = set(json.loads(job.broadcast("the ids already done", json.dumps(sorted(done)).encode())))
+        summary = _run(params, config, proc, requests_path, settings, writer, done, eos, data, progress, job)
+        job.same("the run's counts", f"{summary.completed} results, {summary.errors} errors, {summary.skipped} "
+                                     f"already done, {summary.duplicates} duplicates")
+        return summary
+
+
+def check_same_run(job: Job, requests_path, settings: BatchSettings, config, mesh, eos) -> None:
+    """Every process of ``job`` has the same requests file (sha256), settings, model config, mesh and EOS
+    ids, else :class:`~purekv_jax.multihost.ProcessesDisagree` in every process (the command checks this
+    before loading the weights too)."""
+    job.same(f"the requests file {requests_path}", f"sha256 {file_digest(requests_path)}")
+    job.same("the run's settings", digest(settings, tuple(eos), config, None if mesh is None else dict(mesh.shape)))
+
+
+def inputs_digest(inputs: dict) -> str:
+    """A digest of one request's model inputs (every array's dtype, shape and bytes)."""
+    parts = []
+    for name in sorted(inputs):
+        arr = np.ascontiguousarray(np.asarray(inputs[name]))
+        parts += [name, str(arr.dtype), arr.shape, arr.tobytes()]
+    return digest(*parts)
+
+
+def batch_fingerprint(items: list[Prepared], errors: list[str]) -> str:
+    """What a batch is about to run, for the processes to compare: the requests' ids, bucket keys and input
+    digests, and the error records written since the last batch (as ``id_key:error type``)."""
+    ids = json.dumps([it.id for it in items])
+    return (f"inputs {digest(*((it.key, it.index, inputs_digest(it.inputs)) for it in items))}, "
+            f"errors {digest(*errors)}, ids {ids}")
 
 
 def _run(params, config, proc, requests_path, settings: BatchSettings, writer: ResultWriter, done: set[str], eos,
-         data: int, progress: bool) -> BatchSummary:
+         data: int, progress: bool, job: Job) -> BatchSummary:
     total = count_requests(requests_path)
     summary = BatchSummary()
     max_pending = settings.max_pending or 4 * settings.batch_size
@@ -386,11 +439,14 @@ def _run(params, config, proc, requests_path, settings: BatchSettings, writer: R
         bar = tqdm(total=total, unit="req", desc="purekv batch", dynamic_ncols=True, file=sys.stderr,
                    disable=not writer.enabled)
     buckets: dict[tuple, list[Prepared]] = {}
+    errors_since: list[str] = []  # error records since the last batch (compared across processes with it)
     t0 = time.perf_counter()
 
     def emit(records: list[dict], results: bool = True) -> None:
         for rec in records:
             writer.write(rec)
+            if "error" in rec:
+                errors_since.append(f"{id_key(rec['id'])}:{rec['error_type']}")
         if results:
             writer.sync()
         else:  # error records: fsync at most once per interval (and with the next results / at the end)
@@ -402,6 +458,9 @@ def _run(params, config, proc, requests_path, settings: BatchSettings, writer: R
                                 f"{summary.errors} err", refresh=False)
 
     def run(items: list[Prepared]) -> None:
+        job.same(f"batch {summary.batches + 1} ({len(items)} requests from line {items[0].index})",
+                 batch_fingerprint(items, errors_since))
+        errors_since.clear()
         try:
             res, rows = generate_batch(params, config, items, settings, eos, data=data)
         except (GenerateError, ValueError) as e:

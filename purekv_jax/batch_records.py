@@ -20,7 +20,7 @@ from .requests import check_text
 #: The ``policy`` object's fields and the JSON types each accepts (a budget may be a number or text).
 POLICY_TYPES: dict[str, tuple[type, ...]] = {
     "name": (str,), "budget": (int, float, str), "window": (int,), "sink": (int,), "anchors": (int, list),
-    "st_sparse": (bool,),
+    "st_sparse": (bool,), "st_select": (str,),
 }
 #: Keys of a ``messages`` content item that name a media file.
 MEDIA_KEYS = ("image", "image_url", "video")

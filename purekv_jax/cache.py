@@ -35,6 +35,7 @@ import numpy as np
 from kernels.quantized_decode_attention import QuantizedSlots
 
 from . import kv_quant as Q
+from .host_arrays import host_array
 
 
 class CacheError(ValueError):
@@ -296,10 +297,10 @@ def kv_bytes_kept(cache: KVCache) -> int:
     count their codes and value scales / zero points, and every key group holding a valid slot its key
     scales and zero points."""
     per_slot = 2 * cache.k.shape[-1] * jnp.dtype(cache.k.dtype).itemsize
-    held = int(np.sum(np.asarray(cache.valid), dtype=np.int64)) * per_slot
+    held = int(np.sum(host_array(cache.valid), dtype=np.int64)) * per_slot
     if cache.quant is not None:
         q = cache.quant
-        valid = np.asarray(q.valid)
+        valid = host_array(q.valid)
         per_slot = q.k_codes.shape[-1] + q.v_codes.shape[-1] + 2 * q.v_scale.shape[-1] * Q.PARAM_BYTES
         groups = valid.reshape(*valid.shape[:-1], -1, q.group).any(-1)
         held += int(valid.sum(dtype=np.int64)) * per_slot
@@ -309,8 +310,8 @@ def kv_bytes_kept(cache: KVCache) -> int:
 
 def kv_tokens_kept(cache: KVCache) -> int:
     """Entries held in valid slots, quantised or not, all layers and KV heads (host int)."""
-    held = int(np.sum(np.asarray(cache.valid), dtype=np.int64))
-    return held + (0 if cache.quant is None else int(np.sum(np.asarray(cache.quant.valid), dtype=np.int64)))
+    held = int(np.sum(host_array(cache.valid), dtype=np.int64))
+    return held + (0 if cache.quant is None else int(np.sum(host_array(cache.quant.valid), dtype=np.int64)))
 
 
 def kv_bytes_full(n_tokens, n_layers: int, n_kv_heads: int, head_dim: int, dtype=jnp.float32) -> int:

@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not getattr(args, "takes_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as given (the batch launcher passes it on)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:

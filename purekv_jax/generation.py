@@ -27,6 +27,7 @@ from .attention import prefill_attention_impl
 from .compile_cache import compiled, peak_bytes
 from .config import KVPlan, PureKVConfig
 from .decode import AppendKV, SamplingSettings, decode_program
+from .host_arrays import host_array
 from .observation import question_window_lengths
 from .prefill import PrefillInputs, compressed_prefill
 from .st_sparse.prefill import st_prefill_attention
@@ -359,7 +360,7 @@ def generate(
                                    kv_step=kv_step)
     t0 = time.perf_counter()
     final = decode.run(*dargs)
-    tokens = np.asarray(jax.block_until_ready(final.tokens))
+    tokens = host_array(jax.block_until_ready(final.tokens))  # every process: all rows
     decode_s = time.perf_counter() - t0
 
     cfg = config.text

