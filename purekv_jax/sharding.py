@@ -56,7 +56,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from .cache import KVCache
+from .cache import KVCache, QuantizedKV
 from .param_tree import abstract_params, leaf_names, path_name
 
 DATA = "data"
@@ -340,14 +340,19 @@ def params_mesh(params) -> Mesh | None:
 
 
 # ------------------------------------------------------------------------------------------ KV cache
-def cache_specs(text_config, batch: int, mesh: Mesh | Mapping[str, int]):
+def cache_specs(text_config, batch: int, mesh: Mesh | Mapping[str, int], kv_bits: int | None = None):
     """A :class:`~purekv_jax.cache.KVCache` of PartitionSpecs: batch over ``"data"``, KV heads over
-    ``"model"`` (each only when it divides). ``mesh``: a Mesh or its axis sizes."""
+    ``"model"`` (each only when it divides). ``mesh``: a Mesh or its axis sizes; ``kv_bits``: a quantised
+    cache's code width (its ``quant`` fields, ``[L, B, Hkv, ...]`` too, get the same rule), None: no ``quant``."""
     d, m = _axis(mesh, DATA), _axis(mesh, MODEL)
     b = DATA if d > 1 and batch % d == 0 else None
     h = MODEL if m > 1 and _divides(text_config.num_key_value_heads, m) else None
+    slots, entries = P(None, b, h, None), P(None, b, h, None, None)
+    quant = None if kv_bits is None else QuantizedKV(
+        k_codes=entries, k_scale=entries, k_zero=entries, v_codes=entries, v_scale=entries, v_zero=entries,
+        valid=slots, bits=kv_bits)
     return KVCache(
-        k=P(None, b, h, None, None), v=P(None, b, h, None, None), valid=P(None, b, h, None),
-        length=P(b), next_position=P(b), rope_delta=P(b), token_index=P(None, b, h, None),
+        k=entries, v=entries, valid=slots,
+        length=P(b), next_position=P(b), rope_delta=P(b), token_index=slots, quant=quant,
     )
 

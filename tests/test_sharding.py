@@ -18,7 +18,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from models.qwen2_5_vl import init_params, tiny_config
+from purekv_jax import cache as C
 from purekv_jax import sharding as S
+from purekv_jax.kv_quant import QuantLayout
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -103,6 +105,13 @@ def test_cache_rule():
     assert c.k == P(None, None, None, None, None) and c.length == P(None)
     c = S.cache_specs(cfg, 8, S.make_mesh("data=-1"))
     assert c.k[2] is None
+    # a quantised cache: its codes, scales and zero points follow the same rule, and the specs have the
+    # cache's own tree structure (so they map over it leaf by leaf)
+    cache = C.create(cfg.num_hidden_layers, 8, cfg.num_key_value_heads, 24, cfg.head_dim, quant=QuantLayout(4, 8, 16))
+    c = S.cache_specs(cfg, 8, {"data": 4, "model": 2}, kv_bits=4)
+    assert jax.tree.structure(c) == jax.tree.structure(cache)
+    assert c.quant.k_codes == P(None, "data", "model", None, None) and c.quant.valid == P(None, "data", "model", None)
+    assert S.cache_specs(cfg, 8, {"data": 4}).quant is None
 
 
 def test_multihost_env_detection():
