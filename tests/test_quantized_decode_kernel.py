@@ -2,6 +2,7 @@
 dense float32 twin, the partial-softmax merge against one softmax, and the kernel's lowering for GPU
 (Triton) and TPU (Mosaic) from the CPU."""
 
+import contextlib
 import functools
 
 import jax
@@ -105,16 +106,31 @@ def _abstract(b=1, hkv=4, g=7, d=128, group=64, n=256, bits=4):
 
 
 @pytest.mark.parametrize("bits", (8, 4, 2))
-def test_kernel_lowers_for_tpu_and_gpu(bits):
-    """jax.export from the CPU: Mosaic TPU custom call (no disabled check), Triton for CUDA (its custom call
-    has no compatibility guarantee, hence the disabled check). Mosaic's and Triton's own compilers run only
-    on the device."""
+def test_kernel_lowers_for_tpu(bits):
+    """jax.export from the CPU to a Mosaic TPU custom call (no disabled check); Mosaic's own compiler runs
+    only on a TPU."""
     q, slots = _abstract(bits=bits)
     tpu = jax.export.export(jax.jit(functools.partial(pallas_partials, scale=0.1)), platforms=["tpu"])(q, slots)
     assert "tpu_custom_call" in tpu.mlir_module()
-    if JAX_011:
-        pytest.skip("jax >= 0.11 needs a (abstract) GPU to lower Triton kernels; see test_kernel_export.py")
-    gpu = jax.export.export(jax.jit(functools.partial(pallas_partials, scale=0.1, target="triton")),
-                            platforms=["cuda"],
-                            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(q, slots)
+
+
+def _abstract_gpu():
+    """jax >= 0.11 lowers Triton kernels only for a (possibly abstract) GPU device."""
+    if not JAX_011:
+        return contextlib.nullcontext()
+    from jax.sharding import AbstractDevice, AbstractMesh, AxisType  # (jax >= 0.11 names)
+    dev = AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="gpu")
+    return jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=dev))
+
+
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+def test_kernel_lowers_for_gpu_triton():
+    """jax.export from the CPU for CUDA: the Triton custom call (no compatibility guarantee, hence the
+    disabled check); PTX is produced only on the device."""
+    q, slots = _abstract(bits=4)
+    with _abstract_gpu():
+        gpu = jax.export.export(jax.jit(functools.partial(pallas_partials, scale=0.1, target="triton")),
+                                platforms=["cuda"],
+                                disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+                                )(q, slots)
     assert "triton" in gpu.mlir_module()
