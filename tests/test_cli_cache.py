@@ -184,7 +184,7 @@ def test_save_refuses_bad_arguments_before_the_weights(tiny, saved, monkeypatch,
     monkeypatch.setattr(checkpoint, "load_checkpoint", lambda *a, **k: pytest.fail("weights read"))
     cases = [(["--video", _video(), "--policy", "full", "--probe", "x"], "--probe"),
              ([], "--video or --image"),
-             (["--video", _video(), "--decode-budget", "0"], "slots"),
+             (["--video", _video(), "--decode-budget", "0"], "--decode-budget 0"),
              (["--video", _video(), "--policy", "agnostic_tail", "--budget", "0.01"], "--budget")]
     for extra, needle in cases:
         assert _run(["cache", "save", "--model", tiny, *MEDIA, "--out", saved.parent / "new.cache", *extra]) == 2
@@ -194,35 +194,30 @@ def test_save_refuses_bad_arguments_before_the_weights(tiny, saved, monkeypatch,
     assert "--force" in capsys.readouterr().err
 
 
-def test_default_policy_with_decode_budget(tiny, tmp_path, capsys):
-    """The default (agnostic_probe) with a decode budget: saved with its policy and budget, answered, and the
-    cache stays at its slots."""
-    out = tmp_path / "probe.cache"
-    assert _run(["cache", "save", "--model", tiny, "--video", _video(), *MEDIA, "--budget", "0.6",
-                 "--decode-budget", "160", "--out", out]) == 0
-    line = capsys.readouterr().out.strip()
-    assert line.startswith(f"saved {out} | prefill") and "agnostic_probe budget=0.6" in line, line
-    marker = _marker(out)
-    assert marker["policy"]["budget"] == 0.6 and marker["policy"]["question_window"] is True
-    assert marker["budget"]["slots"] == 160 and marker["arrays"]["kv"]["k"]["shape"][3] == 160
-    assert _ask(tiny, out, "What happens?", "--update") == 0
-    assert ASK_STATS.match(capsys.readouterr().out.rstrip("\n").split("\n")[-1])
-    assert _marker(out)["arrays"]["kv"]["k"]["shape"][3] == 160
-
-
-def test_interrupted_save_leaves_no_half_folder(tiny, saved, tmp_path, monkeypatch, capsys):
+def test_interrupted_save_leaves_no_half_folder_default_policy(tiny, saved, tmp_path, monkeypatch, capsys):
     """Ctrl-C while a state is being put in place: no new folder, no temporary folder left, and an
-    --update's old state is intact."""
+    --update's old state is intact. Then the same save uninterrupted, with the default policy
+    (agnostic_probe) and a decode budget: the marker holds them."""
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
+    install = prompt_state_files.install_folder
     monkeypatch.setattr(prompt_state_files, "install_folder", interrupted)
     out = tmp_path / "new.cache"
-    assert _run(["cache", "save", "--model", tiny, "--video", _video(), *MEDIA, "--policy", "full",
-                 "--out", out]) == 130
+    save = ["cache", "save", "--model", tiny, "--video", _video(), *MEDIA, "--budget", "0.6", "--decode-budget",
+            "160", "--out", out]
+    assert _run(save) == 130
     assert not out.exists() and _temp_folders(tmp_path) == []
     cache = tmp_path / "talk.cache"
     shutil.copytree(saved, cache)
     assert _ask(tiny, cache, "What happens?", "--update") == 130
     assert "interrupted" in capsys.readouterr().err
     assert _marker(cache)["turns"] == 0 and _temp_folders(tmp_path) == []
+    monkeypatch.setattr(prompt_state_files, "install_folder", install)
+    assert _run(save) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"saved {out} | prefill") and line.endswith("| agnostic_probe budget=0.6"), line
+    marker = _marker(out)
+    assert marker["policy"]["budget"] == 0.6 and marker["policy"]["question_window"] is True
+    assert marker["budget"]["slots"] == 160 and marker["arrays"]["kv"]["k"]["shape"][3] == 160
+    assert marker["notes"]["prompt_tokens"] > marker["notes"]["video_tokens"] > 0

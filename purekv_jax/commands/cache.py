@@ -137,6 +137,8 @@ def save_cache(args: argparse.Namespace) -> int:
             raise ArgumentsError(f"--probe sets the probe queries of --policy {DEFAULT_POLICY}, not of {args.policy}")
         if not check_text(args.probe, "--probe").strip():
             raise ArgumentsError("--probe is empty")
+    if args.decode_budget is not None and args.decode_budget < 1:
+        raise ArgumentsError(f"--decode-budget {args.decode_budget} must be >= 1 (cache slots)")
     budget = None if args.decode_budget is None else DecodeBudget(slots=args.decode_budget)
     check_checkpoint_folder(args.model)
     out = check_destination(args.out, args.force)
