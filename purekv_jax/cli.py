@@ -10,6 +10,8 @@ Sub-commands (each in ``purekv_jax/commands/``):
   calibrate  per-head ST-SpAttn patterns of a model on video prompts, written to a JSON file.
   batch      a JSONL file of requests in static-shape batches, optionally on a device mesh; resumable.
   bench      measurements on the real trained LM (fidelity: perplexity / agreement / KL per policy).
+  cache      compress once, ask many: `cache save` prefills a video once and saves the compressed cache,
+             `cache ask` answers questions from it (`--update`: the conversation goes on).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from purekv_jax.commands import batch, bench, calibrate, convert, demo, generate
+from purekv_jax.commands import batch, bench, cache, calibrate, convert, demo, generate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="PureKV-JAX: KV-cache compression and sparse prefill for Qwen2.5-VL.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in (demo, generate, convert, calibrate, batch, bench):
+    for command in (demo, generate, convert, calibrate, batch, bench, cache):
         command.add_parser(sub)
     return parser
 

@@ -246,6 +246,10 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
 #: order the help lists them.
 CLI_POLICIES = ("full", "purekv", "clie", "snapkv", "pyramid", "streaming", "random", "h2o")
 
+#: ``--policy`` names of ``purekv cache save``: the question-agnostic presets first (a saved cache is
+#: compressed before any question is known), then the command line's own.
+CACHE_POLICIES = ("agnostic_probe", "agnostic_tail") + CLI_POLICIES
+
 
 
 def register_presets(presets: dict[str, Preset]) -> None:
@@ -277,8 +281,8 @@ def presets_in(group: str) -> tuple[Preset, ...]:
 def build_policy(name: str, budget: float | int, window: int = 32, sink: int = 4, anchors=(2,),
                  st_sparse: bool = False, seed: int = 0, st_start: int | None = None,
                  head_patterns: str | None = None, budget_unit: str = "tokens",
-                 kv_bits: int | str | None = None) -> PureKVConfig | None:
-    """A ``--policy`` name (:data:`CLI_POLICIES`) with the command line's budget-independent overrides
+                 kv_bits: int | str | None = None, names: tuple[str, ...] = CLI_POLICIES) -> PureKVConfig | None:
+    """A ``--policy`` name (one of ``names``: :data:`CLI_POLICIES`, or :data:`CACHE_POLICIES`) with the command line's budget-independent overrides
     (``--window``, ``--sink``, ``--anchors``, ``--seed``, the ST-SpAttn flags, ``--budget-unit``,
     ``--kv-bits``) -> ``None`` (the full cache) or a ``PureKVConfig``. The one place these overrides are
     applied (``purekv generate``, ``purekv batch`` and a batch request's ``policy`` come here). ``full`` with
@@ -287,8 +291,8 @@ def build_policy(name: str, budget: float | int, window: int = 32, sink: int = 4
     Errors (:class:`PresetError`) are worded in the command line's flags; a field the configuration rejects
     raises its :class:`~purekv_jax.config.PureKVConfigError`.
     """
-    if name not in CLI_POLICIES:
-        raise PresetError(f"unknown --policy {name!r}; choose one of: {', '.join(CLI_POLICIES)}")
+    if name not in names:
+        raise PresetError(f"unknown --policy {name!r}; choose one of: {', '.join(names)}")
     if window < 1:
         raise PresetError(f"--window {window} must be >= 1")
     if sink < 0:

@@ -6,7 +6,8 @@ Layout::
       arrays/                     orbax pytree: kv (every array field of the KVCache), quant (its quantised
                                   slots, when any), budget (score, slot_pos, under a decode budget), pending
       purekv_prompt_state.json    format, version, model id, the model's config, the policy, the decode
-                                  budget, prompt_len, turns, every array's shape and dtype (written last)
+                                  budget, prompt_len, turns, every array's shape and dtype, the caller's
+                                  notes (written last)
 
 Written into a hidden temporary sibling with an owner lock (:mod:`purekv_jax.owned_folders`), the marker
 last, then renamed into place: a run killed at any point leaves the old folder or none, never a half state.
@@ -99,16 +100,25 @@ def array_table(tree: dict) -> dict:
             for group, value in tree.items()}
 
 
-def save_state(path: str | os.PathLike, state: PromptState, force: bool = False) -> str:
-    """Writes ``state`` to the folder ``path`` (atomically; ``force``: replace a saved state) -> the path."""
-    if not isinstance(state, PromptState):
-        raise PromptStateFileError(f"save_state needs a PromptState, got {type(state).__name__}")
+def check_destination(path: str | os.PathLike, force: bool = False) -> str:
+    """The absolute ``path`` when a state may be saved there (nothing there, or, with ``force``, an empty folder
+    or a saved prompt state); else :class:`PromptStateFileError`. Callable before the work that makes the state."""
     dst = os.path.abspath(os.fspath(path))
     if os.path.lexists(dst) and not force:
         raise PromptStateFileError(f"{dst} exists; pass force=True (--force) to replace a saved prompt state")
     refusal = replace_refusal(dst, (MARKER_FILE,), "a saved prompt state")
     if refusal:
         raise PromptStateFileError(refusal)
+    return dst
+
+
+def save_state(path: str | os.PathLike, state: PromptState, force: bool = False, notes: dict | None = None) -> str:
+    """Writes ``state`` to the folder ``path`` (atomically; ``force``: replace a saved state) -> the path.
+    ``notes``: JSON values kept in the marker for the caller (e.g. how long the prefill took), read back by
+    :func:`read_marker`."""
+    if not isinstance(state, PromptState):
+        raise PromptStateFileError(f"save_state needs a PromptState, got {type(state).__name__}")
+    dst = check_destination(path, force)
     parent, base = os.path.split(dst)
     os.makedirs(parent, exist_ok=True)
     sweep_temp_folders(parent, base)
@@ -117,7 +127,7 @@ def save_state(path: str | os.PathLike, state: PromptState, force: bool = False)
         "format": FORMAT, "version": FORMAT_VERSION, "model_id": state.model_id,
         "config": jsonable(state.config), "policy": jsonable(state.policy), "budget": jsonable(state.budget),
         "quant_bits": None if state.kv.quant is None else state.kv.quant.bits,
-        "prompt_len": state.prompt_len, "turns": state.turns, "arrays": array_table(tree),
+        "prompt_len": state.prompt_len, "turns": state.turns, "arrays": array_table(tree), "notes": notes or {},
     }
     owned = OwnedTempFolder(parent, base)
     try:
@@ -158,6 +168,17 @@ def read_marker(path: str) -> dict:
     return marker
 
 
+def check_config(path: str | os.PathLike, config: Qwen25VLConfig) -> dict:
+    """The marker of the state saved at ``path``, refused (naming the fields) when it was saved for another
+    model config: a check that needs no weights."""
+    path = os.path.abspath(os.fspath(path))
+    marker = read_marker(path)
+    diff = differences(marker["config"], jsonable(config))
+    if diff:
+        raise PromptStateFileError(f"{path} was saved for another model config: {'; '.join(diff[:5])}")
+    return marker
+
+
 _MISSING = object()
 
 
@@ -166,10 +187,7 @@ def load_state(path: str | os.PathLike, params, config: Qwen25VLConfig, policy=_
     cache): the policy the caller expects the state to hold. Mismatches raise :class:`PromptStateFileError`
     naming the fields."""
     path = os.path.abspath(os.fspath(path))
-    marker = read_marker(path)
-    diff = differences(marker["config"], jsonable(config))
-    if diff:
-        raise PromptStateFileError(f"{path} was saved for another model config: {'; '.join(diff[:5])}")
+    marker = check_config(path, config)
     found = model_identity(config, params)
     if marker["model_id"] != found:
         raise PromptStateFileError(f"{path} was saved with other weights (model id {marker['model_id']}, these "

@@ -78,6 +78,32 @@ def add_parser(sub) -> argparse.ArgumentParser:
     io.add_argument("--no-verify", action="store_true",
                     help="skip the checksums of an orbax checkpoint's files at load (sizes are still checked)")
 
+    add_media_arguments(p)
+    add_kv_arguments(p)
+    add_decoding_arguments(p)
+    p.add_argument("--show-kept", metavar="FILE", default=None,
+                   help="draw what the cache kept into FILE (.png, .pdf, .svg): for a video, its frames with the "
+                        "fraction of layers x KV heads keeping each 28x28 patch overlaid, and a strip of the text "
+                        "tokens; for a text prompt, the text shaded token by token")
+    p.add_argument("--verbose", action="store_true",
+                   help="also print the resolved plan on stderr: budgets, cache slots, and per ST-SpAttn pattern "
+                        "set the path the cost model chose (block-sparse or dense) with its predicted times")
+    p.set_defaults(func=run)
+    p.epilog = EPILOG + "\n\n" + policies_help(CLI_POLICIES)
+    return p
+
+
+def policies_help(names: tuple[str, ...]) -> str:
+    """The ``policies:`` section of a command's epilog: each name with its preset's one-line help."""
+    width = max(len(k) for k in names) + 1
+    return "policies:\n" + "\n".join(
+        textwrap.fill(preset(k).help, 100, initial_indent=f"  {k:<{width}} ", subsequent_indent=" " * (width + 3))
+        for k in names)
+
+
+def add_media_arguments(p: argparse.ArgumentParser) -> None:
+    """The media sampling flags (``--fps``, ``--max-frames``, ``--max-pixels``, ``--min-pixels``), shared by
+    the commands that read videos / images (checked by :func:`check_media_args`)."""
     media = p.add_argument_group("media sampling")
     media.add_argument("--fps", type=float, default=None,
                        help="video frames sampled per second (default: the checkpoint's video processor, else 2)")
@@ -90,9 +116,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        help="smaller images / frames are upscaled to this (default: the processor's; images 3136, "
                             "video frames 100352)")
 
+
+def add_kv_arguments(p: argparse.ArgumentParser, policies: tuple[str, ...] = CLI_POLICIES,
+                     default: str = "purekv"):
+    """The KV-cache policy flags (``--policy`` among ``policies``, ``--budget``, ``--window``, ...), shared
+    by the commands that compress a prompt (read by :func:`policy_from_args`); returns the argument group,
+    for a command's own KV-cache flags."""
     kv = p.add_argument_group("KV cache")
-    kv.add_argument("--policy", default="purekv", metavar="NAME",
-                    help="one of: " + ", ".join(CLI_POLICIES) + " (default purekv; see below)")
+    kv.add_argument("--policy", default=default, metavar="NAME",
+                    help="one of: " + ", ".join(policies) + f" (default {default}; see below)")
     kv.add_argument("--budget", type=str, default="0.2", metavar="B",
                     help="kept KV entries per layer and KV head: a fraction in (0, 1] of the prompt or a count "
                          "(default 0.2)")
@@ -115,7 +147,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     help="first ST-SpAttn layer (default: the layer after the last --anchors layer)")
     kv.add_argument("--head-patterns", default=None, metavar="FILE",
                     help="per-head ST-SpAttn patterns from `purekv calibrate` (default: union for every head)")
+    return kv
 
+
+def add_decoding_arguments(p: argparse.ArgumentParser) -> None:
+    """The decoding flags (``--max-new-tokens``, sampling, ``--seed``; checked by :func:`check_decoding_args`)."""
     gen = p.add_argument_group("decoding")
     gen.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
                      help="stop after N tokens (or at the end-of-turn token; default 64)")
@@ -123,27 +159,20 @@ def add_parser(sub) -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=None, metavar="K", help="sample from the k most likely tokens")
     gen.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling threshold in (0, 1]")
     gen.add_argument("--seed", type=int, default=0, metavar="N", help="sampling and random-policy seed (default 0)")
-    p.add_argument("--show-kept", metavar="FILE", default=None,
-                   help="draw what the cache kept into FILE (.png, .pdf, .svg): for a video, its frames with the "
-                        "fraction of layers x KV heads keeping each 28x28 patch overlaid, and a strip of the text "
-                        "tokens; for a text prompt, the text shaded token by token")
-    p.add_argument("--verbose", action="store_true",
-                   help="also print the resolved plan on stderr: budgets, cache slots, and per ST-SpAttn pattern "
-                        "set the path the cost model chose (block-sparse or dense) with its predicted times")
-    p.set_defaults(func=run)
-    p.epilog = EPILOG + "\n\npolicies:\n" + "\n".join(
-        textwrap.fill(preset(k).help, 100, initial_indent=f"  {k:<10} ", subsequent_indent=" " * 13)
-        for k in CLI_POLICIES)
-    return p
 
 
-def validate_args(args: argparse.Namespace) -> PureKVConfig | None:
-    """Everything checkable without reading the model: returns the policy (None = full cache)."""
+def policy_from_args(args: argparse.Namespace, names: tuple[str, ...] = CLI_POLICIES) -> PureKVConfig | None:
+    """The policy :func:`add_kv_arguments`' flags name (None = full cache), ``--head-patterns`` checked."""
     policy = build_policy(args.policy, parse_budget(args.budget), args.window, args.sink, args.anchors,
                           args.st_sparse, args.seed, args.st_start, args.head_patterns, args.budget_unit,
-                          args.kv_bits)
+                          args.kv_bits, names=names)
     if args.head_patterns is not None:
         check_file(args.head_patterns, "head patterns")
+    return policy
+
+
+def check_decoding_args(args: argparse.Namespace) -> None:
+    """:func:`add_decoding_arguments`' values in range."""
     if args.max_new_tokens < 1:
         raise ArgumentsError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
     if args.temperature < 0 or not math.isfinite(args.temperature):
@@ -152,20 +181,32 @@ def validate_args(args: argparse.Namespace) -> PureKVConfig | None:
         raise ArgumentsError(f"--top-k {args.top_k} must be >= 1")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise ArgumentsError(f"--top-p {args.top_p} must lie in (0, 1]")
+
+
+def check_media_args(args: argparse.Namespace) -> None:
+    """:func:`add_media_arguments`' values in range, ``--video`` / ``--image`` readable files, ``--system``
+    valid text."""
     if args.fps is not None and not (args.fps > 0 and math.isfinite(args.fps)):
         raise ArgumentsError(f"--fps {args.fps} must be > 0")
     if args.max_frames is not None and args.max_frames < 2:
         raise ArgumentsError(f"--max-frames {args.max_frames} must be >= 2 (frames go in pairs)")
     if args.min_pixels is not None and args.max_pixels is not None and args.min_pixels > args.max_pixels:
         raise ArgumentsError(f"--min-pixels {args.min_pixels} is larger than --max-pixels {args.max_pixels}")
-    if not check_text(args.prompt, "--prompt").strip():
-        raise ArgumentsError("--prompt is empty")
     if args.system is not None:
         check_text(args.system, "--system")
     for v in args.video:
         check_file(v, "video")
     for im in args.image:
         check_file(im, "image")
+
+
+def validate_args(args: argparse.Namespace) -> PureKVConfig | None:
+    """Everything checkable without reading the model: returns the policy (None = full cache)."""
+    policy = policy_from_args(args)
+    check_decoding_args(args)
+    check_media_args(args)
+    if not check_text(args.prompt, "--prompt").strip():
+        raise ArgumentsError("--prompt is empty")
     check_checkpoint_folder(args.model)
     if args.show_kept is not None:
         check_output_file(args.show_kept, "--show-kept")
