@@ -475,8 +475,11 @@ class PureKVConfig:
         if self.budget_unit == "tokens":
             return -(-budget_tokens(self.budget, self.window, self.sink, prompt_len) // m) * m
         budget_bytes, full_token = self.budget_bytes(prompt_len, head_dim, kv_dtype)
-        kept = byte_budget_tokens(budget_bytes, full_token, self.code_bits(prompt_len, head_dim, kv_dtype), head_dim,
-                                  self.window, self.kv_group, prompt_len, m)
+        bits = self.code_bits(prompt_len, head_dim, kv_dtype)
+        if self.adaptive_heads and bits is not None:
+            # per-head counts: a head's codes may end in a part-filled key group, whose scales cost a whole one
+            budget_bytes -= 2 * head_dim * Q.PARAM_BYTES
+        kept = byte_budget_tokens(budget_bytes, full_token, bits, head_dim, self.window, self.kv_group, prompt_len, m)
         if kept < self.window + self.sink:
             raise BudgetBelowWindowError(self.budget, kept, self.window, self.sink, prompt_len)
         return kept
@@ -526,6 +529,12 @@ class PureKVConfig:
             slots = min(-(-math.ceil(self.adaptive_cap * max(budgets)) // m) * m, padded_len)
         budgets = tuple(min(b, slots) for b in budgets)
         n_quant = 0 if bits is None else quantized_split(slots, self.window, self.kv_group)
+        if n_quant and self.adaptive_heads:
+            # the model-dtype slots stay those of the per-head budget (what the byte count assumed): a head
+            # holding more entries holds the extra ones as codes
+            recent = count - quantized_split(count, self.window, self.kv_group)
+            n_quant = (slots - recent) // self.kv_group * self.kv_group
+            slots = n_quant + recent
         return KVPlan(
             budgets=budgets,
             slots=slots,

@@ -147,8 +147,10 @@ class EvictingKV:
             k=kv.k.at[layer].set(put(kv.k[layer], k)),
             v=kv.v.at[layer].set(put(kv.v[layer], v)),
             valid=kv.valid.at[layer].set(put(valid, jnp.ones(slots.shape, bool))),
-            token_index=kv.token_index.at[layer].set(put(jnp.where(valid, kv.token_index[layer], -1), new_pos)),
         )
+        if kv.token_index is not None:  # (a cache built without the record keeps none)
+            kv = dataclasses.replace(kv, token_index=kv.token_index.at[layer].set(
+                put(jnp.where(valid, kv.token_index[layer], -1), new_pos)))
         return attn, BudgetedCache(kv, cache.score.at[layer].set(put(score, gained[..., c:])),
                                    cache.slot_pos.at[layer].set(put(cache.slot_pos[layer], new_pos)))
 

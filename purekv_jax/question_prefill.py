@@ -82,13 +82,16 @@ class ContiguousAppend:
         mark = jnp.broadcast_to(q_valid[:, None, :], (b, heads, t))
         index = jnp.where(mark, (cache.next_position[:, None] + jnp.arange(t, dtype=jnp.int32))[:, None], -1)
         at = cache.length + cache.quantized_slots  # token_index counts the quantised slots first
-        return attn, dataclasses.replace(
+        written = dataclasses.replace(
             cache,
             k=cache.k.at[layer].set(write_rows(cache.k[layer], k, cache.length)),
             v=cache.v.at[layer].set(write_rows(cache.v[layer], v, cache.length)),
             valid=cache.valid.at[layer].set(write_rows(cache.valid[layer], mark, cache.length)),
-            token_index=cache.token_index.at[layer].set(write_rows(cache.token_index[layer], index, at)),
         )
+        if cache.token_index is None:  # (a cache built without the record keeps none)
+            return attn, written
+        return attn, dataclasses.replace(
+            written, token_index=cache.token_index.at[layer].set(write_rows(cache.token_index[layer], index, at)))
 
     def advance(self, cache: C.KVCache, n) -> C.KVCache:
         """The cache moved on by ``n [B]`` real tokens per row."""

@@ -405,3 +405,19 @@ def test_pallas_decode_path_gives_the_xla_paths_tokens(tiny):
     np.testing.assert_array_equal(runs["pallas"].tokens, runs["xla"].tokens)
     with pytest.raises(PureKVConfigError, match="kv_decode"):
         PureKVConfig(kv_bits=4, kv_decode="cuda")
+
+
+def test_adaptive_heads_stay_within_the_byte_budget(tiny):
+    """AdaKV's per-head counts under a byte budget: however the entries spread over the heads, the cache's
+    bytes (counted from its arrays) stay within the budget: the model-dtype slots are the per-head budget's,
+    and a part-filled key group's scales are paid for."""
+    config, params = tiny
+    rng = np.random.default_rng(9)
+    for n in (300, 420):
+        ids = rng.integers(0, 900, size=(2, n))
+        pk = PureKVConfig(budget=0.25, budget_unit="bytes", kv_bits=4, kv_group=8, adaptive_heads=True)
+        st_ = generate(params, config, ids, policy=pk, max_new_tokens=2).stats
+        assert st_["kv_bytes_kept"] <= 0.25 * st_["kv_bytes_full"]
+        plan = pk.resolve(config.text, n)
+        uniform = PureKVConfig(budget=0.25, budget_unit="bytes", kv_bits=4, kv_group=8).resolve(config.text, n)
+        assert plan.recent_slots == uniform.recent_slots and plan.slots > uniform.slots
