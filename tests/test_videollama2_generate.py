@@ -71,17 +71,18 @@ def test_every_policy_keeps_a_fifth(vl2, name):
 
 
 def test_st_sparse_equals_dense_masked_reference(vl2):
-    """ST-SpAttn's block-sparse prefill (patterns per head) against dense attention under the explicit
-    METHOD.md mask of the connector's (t', h', w') grid, same kept cache and tokens."""
+    """ST-SpAttn's block-sparse prefill (one ST layer holding all four head patterns: one kernel compile)
+    against dense attention under the explicit METHOD.md mask of the connector's (t', h', w') grid, same
+    kept cache and tokens."""
     cfg, params = vl2["cfg"], vl2["params"]
     T, S, U, D = HeadPattern.TEMPORAL, HeadPattern.SPATIAL, HeadPattern.UNION, HeadPattern.DENSE
-    pats = (None, (T, S, U, D), (U, U, T, S))
+    pats = (None, None, (T, S, U, D))
     pol = PureKVConfig(budget=1.0, cross_layer=False, st_sparse=True, head_patterns=pats, window=8, sink=2,
-                       st_start=1, budget_multiple=8, st_block_q=16, st_block_k=16, st_select="always")
-    common = dict(pixel_values_videos=vl2["pix"], video_grid_thw=vl2["grid"], max_new_tokens=N_NEW,
+                       st_start=2, budget_multiple=8, st_block_q=32, st_block_k=32, st_select="always")
+    common = dict(pixel_values_videos=vl2["pix"], video_grid_thw=vl2["grid"], max_new_tokens=2,
                   eos_token_id=(), return_cache=True)
     got = G.generate(params, cfg, vl2["ids"], policy=pol, **common)
-    assert got.stats["st_layers"] == (1, 2)
+    assert got.stats["st_layers"] == (2,)
     ids_al, valid = G.realign_left(vl2["ids"], np.ones(vl2["ids"].shape, bool), 192, 0)
     ((off, lay),) = row_layouts(cfg, ids_al, valid, vl2["grid"])
     assert (lay.videos[0].t, lay.videos[0].h, lay.videos[0].w) == (5, 3, 3)
