@@ -16,6 +16,7 @@ from models.qwen2_5_vl.layers import dense_attention
 from models.videollama2 import expand_placeholders, load_checkpoint, tiny_config
 from purekv_jax import generation as G
 from purekv_jax.config import PureKVConfig
+from purekv_jax.fidelity import analyse_prompt, continuation_logits, policy_cache
 from purekv_jax.presets import CLI_POLICIES, build_policy
 from purekv_jax.st_sparse import HeadPattern, STLayout, VideoSpan, reference_mask
 from purekv_jax.st_sparse.prefill import row_layouts
@@ -103,6 +104,19 @@ def test_st_sparse_equals_dense_masked_reference(vl2):
     for a, b in ((got.cache.k, ref.cache.k), (got.cache.v, ref.cache.v)):
         assert np.abs(np.where(kept[..., None], np.asarray(a) - np.asarray(b), 0)).max() < 1e-5
     np.testing.assert_array_equal(got.tokens, ref.tokens)
+
+
+def test_fidelity_harness_takes_the_whole_model(vl2):
+    """The harness on VideoLLaMA2's state and config: the full cache of its analysis prefill, continued
+    teacher-forced, gives the transformers LM's logits on the whole text."""
+    cfg, (_, _, lm) = vl2["cfg"], vl2["torch"]
+    prompt, cont = vl2["before"][:40], vl2["after"][:6]
+    an = analyse_prompt(vl2["params"], cfg, prompt, [PureKVConfig.snapkv(budget=0.5, window=8)])
+    cache, _, _, _ = policy_cache(an, cfg, None)
+    ours = continuation_logits(vl2["params"].text, cache, jnp.asarray(cont[None], jnp.int32), cfg=cfg.text)
+    with torch.no_grad():
+        expected = lm(torch.from_numpy(np.r_[prompt, cont][None])).logits[0, -len(cont):].numpy()
+    np.testing.assert_allclose(np.asarray(ours[0]), expected, atol=1e-4, rtol=0)
 
 
 def test_method_modules_hold_no_model_branch():
