@@ -56,6 +56,11 @@ def family_name_of_file(path: str | os.PathLike) -> str:
     return "videollama2" if "videollama2" in tag else "qwen2_5_vl"
 
 
+def family_of_file(path: str | os.PathLike) -> ModelFamily:
+    """The family a checkpoint folder's (or file's) ``config.json`` names."""
+    return FAMILIES[CONFIG_TYPES[family_name_of_file(path)]]
+
+
 def config_from_json(path: str | os.PathLike):
     """The whole-model config of a checkpoint folder, of whichever family its ``config.json`` names."""
     return CONFIG_TYPES[family_name_of_file(path)].from_json(path)

@@ -10,7 +10,10 @@ A family is a frozen object of functions (hashable, so a config's family is a st
   layout for ST-SpAttn: ``video_token_id`` and ``video_token_grids`` (each video's ``(t, h, w)`` token grid,
   frame-major, row, column, contiguous in the prompt from its first video token);
 * device side, jittable: ``embed`` (the prompt's embeddings with the media features merged) and the text
-  stack (:class:`TextStack`: rotary tables, one layer's q/k/v and output, the final norm + logits).
+  stack (:class:`TextStack`: rotary tables, one layer's q/k/v and output, the final norm + logits);
+* checkpoints: ``abstract_state`` (the state's structure, nothing allocated), ``inspect_checkpoint`` (a
+  safetensors folder's config and headers, checked) and ``leaf_specs`` (each state leaf's tensors in the
+  folder), which ``purekv convert`` and ``purekv_jax.checkpoint.load_checkpoint`` read leaf by leaf.
 """
 
 from __future__ import annotations
@@ -45,7 +48,10 @@ class ModelFamily:
         -> (positions [3, B, N] int, rope_delta [B] int);
     placeholder_ids(config) -> tuple of ids allowed outside ``[0, vocab)``;
     question_start_id(config) -> int; video_token_id(config) -> int;
-    video_token_grids(config, video_grid) -> list of (t, h, w) token grids, one per video.
+    video_token_grids(config, video_grid) -> list of (t, h, w) token grids, one per video;
+    abstract_state(config, dtype) -> (graphdef, state of jax.ShapeDtypeStruct);
+    inspect_checkpoint(path) -> models.qwen2_5_vl.loader.HFCheckpoint (config + checked headers, no data);
+    leaf_specs(config) -> list of models.qwen2_5_vl.loader.HFLeafSpec, one per state leaf.
     """
 
     name: str
@@ -57,3 +63,6 @@ class ModelFamily:
     question_start_id: Callable[[Any], int]
     video_token_id: Callable[[Any], int]
     video_token_grids: Callable
+    abstract_state: Callable
+    inspect_checkpoint: Callable
+    leaf_specs: Callable

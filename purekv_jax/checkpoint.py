@@ -1,7 +1,8 @@
-"""Orbax checkpoints of the Qwen2.5-VL Flax model's state: conversion from Hugging Face safetensors and loading.
+"""Orbax checkpoints of a Flax model's state (Qwen2.5-VL or VideoLLaMA2, the family ``config.json`` names:
+:mod:`models.family`): conversion from safetensors and loading.
 
-:func:`convert` turns a Hugging Face folder (``model.safetensors`` or shards + index, Hub or transformers-5
-tensor names) into a folder::
+:func:`convert` turns a safetensors folder (``model.safetensors`` or shards + index; Qwen2.5-VL's Hub or
+transformers-5 tensor names, VideoLLaMA2's release names) into a folder::
 
     DST/
       config.json, tokenizer.json, tokenizer_config.json, vocab.json, merges.txt, chat_template*,
@@ -49,15 +50,8 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import v1 as ocp1
 from tqdm.auto import tqdm
 
-from models.qwen2_5_vl.config import Qwen25VLConfig
-from models.qwen2_5_vl.loader import (
-    INDEX_FILE,
-    SINGLE_FILE,
-    CheckpointError,
-    hf_leaf_specs,
-    inspect_hf_checkpoint,
-    read_hf_leaf,
-)
+from models.family import config_from_json, family_of, family_of_file
+from models.qwen2_5_vl.loader import INDEX_FILE, SINGLE_FILE, CheckpointError, read_hf_leaf
 
 from .checkpoint_files import (FORMAT, FORMAT_VERSION, MARKER_FILE, PARAMS_DIR, PYTREE_SUBDIR, check_file_table,
                                file_table, read_marker)
@@ -125,19 +119,19 @@ def _nest(flat: Mapping[str, Any]) -> dict:
     return out
 
 
-def _fill(config: Qwen25VLConfig, values: Mapping[str, Any]):
+def _fill(config, values: Mapping[str, Any]):
     """The model's state (``nnx.State``) with every leaf taken from ``values`` by its dotted name."""
     return jax.tree_util.tree_map_with_path(lambda p, _: values[path_name(p)], abstract_params(config))
 
 
-def _checked_specs(config: Qwen25VLConfig):
-    """The loader's leaf table in params flatten order, checked against the params structure (a mismatch
-    is a bug, not user input)."""
-    specs = {s.name: s for s in hf_leaf_specs(config)}
+def _checked_specs(config):
+    """The loader's leaf table (of the config's model family) in params flatten order, checked against the
+    params structure (a mismatch is a bug, not user input)."""
+    specs = {s.name: s for s in family_of(config).leaf_specs(config)}
     abstract = {path_name(p): tuple(x.shape)
                 for p, x in jax.tree_util.tree_flatten_with_path(abstract_params(config))[0]}
     if {n: tuple(s.shape) for n, s in specs.items()} != abstract:
-        raise RuntimeError(f"hf_leaf_specs does not match the model's state: {sorted(set(specs) ^ set(abstract))}")
+        raise RuntimeError(f"the family's leaf_specs do not match the model's state: {sorted(set(specs) ^ set(abstract))}")
     return [specs[n] for n in abstract]
 
 
@@ -324,7 +318,8 @@ def _fsync_file(path: str) -> None:
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype="bf16", force: bool = False,
             progress: bool = True, compress: bool = False) -> ConvertResult:
-    """Converts the Hugging Face Qwen2.5-VL folder ``src`` into an orbax checkpoint folder ``dst``.
+    """Converts the safetensors folder ``src`` (Qwen2.5-VL in the Hub layout, or VideoLLaMA2 in the release's:
+    the family its ``config.json`` names) into an orbax checkpoint folder ``dst``.
 
     Args:
       src: a folder with ``config.json`` and ``model.safetensors`` or ``model.safetensors.index.json`` +
@@ -347,7 +342,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype="bf16", force:
     if np_dtype is None:
         raise ValueError("dtype must be given (bf16 or float32)")
     _check_paths(src, dst, force)
-    ckpt = inspect_hf_checkpoint(src)
+    ckpt = family_of_file(src).inspect_checkpoint(src)
     specs = _checked_specs(ckpt.config)
     delay = float(os.environ.get(_DELAY_ENV, "0") or 0)
 
@@ -456,7 +451,7 @@ def _load_orbax(path: str, dtype: np.dtype | None, shardings: Shardings, verify:
         check_file_table(path, marker["files"], verify)
     elif verify:  # a marker from before the file table: every leaf read on the host and its sha256 compared
         _verify(marker["params"], marker["leaves"], progress=False)
-    config = Qwen25VLConfig.from_json(path)
+    config = config_from_json(path)
     abstract = abstract_params(config)
     names = leaf_names(abstract)
     stored = marker["leaves"]
@@ -480,7 +475,7 @@ def _load_orbax(path: str, dtype: np.dtype | None, shardings: Shardings, verify:
 
 
 def _load_hf(path: str, dtype: np.dtype | None, shardings: Shardings):
-    ckpt = inspect_hf_checkpoint(path)
+    ckpt = family_of_file(path).inspect_checkpoint(path)
     specs = _checked_specs(ckpt.config)
     if dtype is None:
         dtype = ckpt.stored_dtype or np.dtype(np.float32)
@@ -494,7 +489,7 @@ def _load_hf(path: str, dtype: np.dtype | None, shardings: Shardings):
 
 
 def load_checkpoint(path: str | os.PathLike, dtype=None, shardings: Shardings = None, verify: bool = True
-                    ) -> tuple[Qwen25VLConfig, Any]:
+                    ) -> tuple[Any, Any]:
     """Loads ``(config, state)`` (the Flax model's state: ``nnx.merge`` it with the model's graph, or pass it
     to the pure functions) from a folder written by :func:`convert` or from a Hugging Face folder.
 

@@ -1,5 +1,5 @@
-"""Names and abstract structure of the Qwen2.5-VL state (the Flax model's parameters), shared by
-checkpoints and sharding.
+"""Names and abstract structure of a model's state (the Flax model's parameters, of either model family),
+shared by checkpoints and sharding.
 
 A leaf is named by its dotted attribute path in the module tree (``text.layers.q_w``,
 ``vision.blocks.qkv_w``): the same name for an ``nnx.State`` leaf (whose ``nnx.Param`` wrapper is not part
@@ -11,8 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from models.qwen2_5_vl.config import Qwen25VLConfig
-from models.qwen2_5_vl.model import abstract_state
+from models.family import family_of
 
 
 def _key_name(k) -> str:
@@ -36,6 +35,7 @@ def leaf_names(tree) -> list[str]:
     return [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def abstract_params(config: Qwen25VLConfig, dtype=jnp.float32):
-    """The model's state with ``jax.ShapeDtypeStruct`` leaves (no memory, no compute)."""
-    return abstract_state(config, dtype)[1]
+def abstract_params(config, dtype=jnp.float32):
+    """The state of ``config``'s model (any family, :func:`models.family.family_of`) with
+    ``jax.ShapeDtypeStruct`` leaves (no memory, no compute)."""
+    return family_of(config).abstract_state(config, dtype)[1]

@@ -5,7 +5,7 @@ Order of work (every user error surfaces before the weights are read): :func:`ch
 :func:`check_checkpoint_folder` on the paths alone; :func:`make_processor` and :func:`build_inputs` decode
 and patch the media and render the chat template; :func:`check_prompt` checks the token ids against the
 vocabulary, the processor's vision tokens against the config, the positions (M-RoPE) against
-``max_position_embeddings``, and resolves the policy for this model and prompt (:func:`check_policy`:
+``max_position_embeddings`` (each through the config's model family, :mod:`models.family`), and resolves the policy for this model and prompt (:func:`check_policy`:
 ``PureKVConfig.resolve`` decides the budget, anchor and ST-SpAttn rules); then :func:`run_policy` generates.
 Shared by ``purekv generate``, ``purekv demo`` and ``purekv batch``.
 """
@@ -21,14 +21,15 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from models.qwen2_5_vl import Qwen25VLConfig, get_rope_index
+from models.family import family_name_of_file, family_of
 from models.qwen2_5_vl.config import TextConfig
 from models.qwen2_5_vl.loader import INDEX_FILE, SINGLE_FILE, CheckpointError
+from models.qwen2_5_vl.model import static_grid
 
 from .checkpoint import MARKER_FILE, PARAMS_DIR
 from .config import BudgetBelowWindowError, KVPlan, PureKVConfig, PureKVConfigError
 from .generation import generate
-from .processing import MediaFileError, Qwen25VLProcessor, user_message
+from .processing import MediaFileError, Qwen25VLProcessor, VideoLLaMA2Processor, user_message
 from .processing.errors import require_readable_file
 
 
@@ -106,7 +107,7 @@ def check_checkpoint_folder(path: str) -> None:
             raise CheckpointError(f"--model {path}: no {name} in the checkpoint folder")
 
 
-def eos_ids(model_dir: str, config: Qwen25VLConfig) -> tuple[int, ...]:
+def eos_ids(model_dir: str, config) -> tuple[int, ...]:
     """EOS ids: ``config.json``'s, and ``generation_config.json``'s when present."""
     path = os.path.join(model_dir, "generation_config.json")
     ids = list(config.eos_token_id)
@@ -121,11 +122,11 @@ def eos_ids(model_dir: str, config: Qwen25VLConfig) -> tuple[int, ...]:
 
 
 # ------------------------------------------------------------------------------------------ the prompt
-def make_processor(model_dir: str, *, fps: float | None = None, max_frames: int | None = None,
-                   max_pixels: int | None = None, min_pixels: int | None = None,
-                   allow_special: bool = False) -> Qwen25VLProcessor:
-    """The checkpoint's processor with the request's sampling overrides (``max_pixels`` lowers the minimums
-    above it); ``allow_special``: honour special-token strings in user text (default: plain text)."""
+def qwen25vl_processor(model_dir: str, *, fps: float | None = None, max_frames: int | None = None,
+                       max_pixels: int | None = None, min_pixels: int | None = None,
+                       allow_special: bool = False) -> Qwen25VLProcessor:
+    """Qwen2.5-VL's processor from the folder, with the request's sampling overrides (``max_pixels`` lowers
+    the minimums above it)."""
     proc = Qwen25VLProcessor.from_pretrained(model_dir, allow_special=allow_special)
     if fps is not None:
         proc.fps = float(fps)
@@ -141,7 +142,32 @@ def make_processor(model_dir: str, *, fps: float | None = None, max_frames: int 
     return proc
 
 
-def build_inputs(proc: Qwen25VLProcessor, prompt: str, images=(), videos=(), system: str | None = None) -> dict:
+def videollama2_processor(model_dir: str, *, fps: float | None = None, max_frames: int | None = None,
+                          max_pixels: int | None = None, min_pixels: int | None = None,
+                          allow_special: bool = False) -> VideoLLaMA2Processor:
+    """VideoLLaMA2's processor from the folder: ``max_frames`` sets the frames sampled per video (default the
+    config's ``num_frames``); the release samples a fixed count at the tower's fixed size, so a frame rate
+    or pixel bounds are refused."""
+    given = [flag for flag, v in (("--fps", fps), ("--max-pixels", max_pixels), ("--min-pixels", min_pixels))
+             if v is not None]
+    if given:
+        raise RequestCheckError(f"{', '.join(given)}: VideoLLaMA2 samples a fixed number of frames (--max-frames) "
+                                "at its vision tower's fixed size; these options apply to Qwen2.5-VL only")
+    return VideoLLaMA2Processor.from_pretrained(model_dir, allow_special=allow_special, num_frames=max_frames)
+
+
+#: each model family's processor builder, by the family name a checkpoint's config.json gives.
+PROCESSOR_BUILDERS = {"qwen2_5_vl": qwen25vl_processor, "videollama2": videollama2_processor}
+
+
+def make_processor(model_dir: str, **options):
+    """The checkpoint's processor (of the family its ``config.json`` names) with the request's sampling
+    options (``fps``, ``max_frames``, ``max_pixels``, ``min_pixels``, ``allow_special``: honour special-token
+    strings in user text; default plain text)."""
+    return PROCESSOR_BUILDERS[family_name_of_file(model_dir)](model_dir, **options)
+
+
+def build_inputs(proc, prompt: str, images=(), videos=(), system: str | None = None) -> dict:
     """The processor's inputs (``input_ids [1, N]``, pixels, grids) for a user turn with the media, after
     an optional system prompt."""
     messages = user_message(prompt, images=list(images), videos=list(videos))
@@ -160,15 +186,18 @@ class PromptInfo:
     last_position: int
 
 
-def check_prompt(config: Qwen25VLConfig, proc: Qwen25VLProcessor, inputs: dict, policy: PureKVConfig | None,
-                 max_new_tokens: int) -> PromptInfo:
-    """Token ids in the vocabulary, vision token ids as in the config, positions that fit the model, and a
-    policy that resolves for this model and prompt (:func:`check_policy`)."""
+def check_prompt(config, proc, inputs: dict, policy: PureKVConfig | None, max_new_tokens: int) -> PromptInfo:
+    """Token ids in the vocabulary (the family's media placeholders aside), vision token ids as in the
+    config, media tokens that match the media, positions that fit the model, and a policy that resolves
+    for this model and prompt (:func:`check_policy`)."""
+    family = family_of(config)
     ids = inputs["input_ids"]
     n = int(ids.shape[1])
     vocab = config.text.vocab_size
-    if int(ids.max()) >= vocab:
-        raise RequestCheckError(f"the tokenizer produced token id {int(ids.max())} but the model's vocab_size is "
+    real = ids[~np.isin(ids, family.placeholder_ids(config))]
+    if real.size and (int(real.max()) >= vocab or int(real.min()) < 0):
+        bad = int(real.max()) if int(real.max()) >= vocab else int(real.min())
+        raise RequestCheckError(f"the tokenizer produced token id {bad} but the model's vocab_size is "
                                 f"{vocab}; tokenizer.json does not belong to this checkpoint")
     for kind, tok_id, cfg_id in (("image", proc.image_token_id, config.image_token_id),
                                  ("video", proc.video_token_id, config.video_token_id)):
@@ -177,8 +206,10 @@ def check_prompt(config: Qwen25VLConfig, proc: Qwen25VLProcessor, inputs: dict, 
                                     f"{kind}_token_id is {cfg_id}; tokenizer.json does not belong to this checkpoint")
     n_img = int((ids == config.image_token_id).sum())
     n_vid = int((ids == config.video_token_id).sum())
-    pos, _ = get_rope_index(config, ids, inputs.get("image_grid_thw"), inputs.get("video_grid_thw"),
-                            inputs.get("second_per_grid_ts"))
+    image_grid, video_grid = static_grid(inputs.get("image_grid_thw")), static_grid(inputs.get("video_grid_thw"))
+    family.check_media(config, ids, image_grid, video_grid)
+    pos, _ = family.prompt_positions(config, ids, np.ones(ids.shape, bool), image_grid, video_grid,
+                                     inputs.get("second_per_grid_ts"))
     last_prompt = int(np.max(pos))
     limit = config.text.max_position_embeddings
     media = ", ".join(f"{c} {k}" for c, k in ((n_vid, "video"), (n_img, "image")) if c)
@@ -226,7 +257,7 @@ class PolicyRun:
     stats: dict
 
 
-def run_policy(params, config: Qwen25VLConfig, proc: Qwen25VLProcessor, inputs: dict, policy: PureKVConfig | None,
+def run_policy(params, config, proc, inputs: dict, policy: PureKVConfig | None,
                *, label: str = "", max_new_tokens: int = 64, temperature: float = 0.0, top_k=None, top_p=None,
                seed: int = 0, eos=None) -> PolicyRun:
     """``generate`` on the processor's inputs; returns the decoded answer (cut at EOS) and the stats

@@ -10,8 +10,9 @@ from models.interface import ModelFamily, TextStack
 
 from .config import Qwen25VLConfig, TextConfig
 from .layers import rms_norm
+from .loader import hf_leaf_specs, inspect_hf_checkpoint
 from .merge import check_feature_counts
-from .model import embed_inputs, n_vision_features
+from .model import abstract_state, embed_inputs, n_vision_features
 from .rope_index import get_rope_index
 from .text import layer_out, layer_qkv, lm_logits, mrope_cos_sin
 
@@ -67,4 +68,7 @@ QWEN25VL = ModelFamily(
     question_start_id=lambda config: config.vision_end_token_id,
     video_token_id=lambda config: config.video_token_id,
     video_token_grids=video_token_grids,
+    abstract_state=abstract_state,
+    inspect_checkpoint=inspect_hf_checkpoint,
+    leaf_specs=hf_leaf_specs,
 )

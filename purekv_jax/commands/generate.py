@@ -17,11 +17,12 @@ import math
 import sys
 import textwrap
 
-from models.qwen2_5_vl import Qwen25VLConfig
+from models.family import config_from_json
 from models.qwen2_5_vl.model import text_part
 from purekv_jax import checkpoint
 from purekv_jax.config import PureKVConfig
 from purekv_jax.kept_plot import show_kept
+from purekv_jax.processing import Qwen25VLProcessor
 from purekv_jax.presets import CLI_POLICIES, build_policy, policy_label, preset
 from purekv_jax.requests import (build_inputs, check_checkpoint_folder, check_file, check_output_file, check_policy,
                                  check_prompt, check_text, eos_ids, make_processor, run_policy)
@@ -53,7 +54,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "generate",
         help="answer a prompt about images / a video with a checkpoint and a KV-cache policy",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Load a Qwen2.5-VL checkpoint (a Hugging Face folder or one written by `purekv convert`),\n"
+        description="Load a Qwen2.5-VL or VideoLLaMA2 checkpoint (a safetensors folder, the family named by its\n"
+                    "config.json, or one written by `purekv convert`),\n"
                     "read the images / videos, render the chat template, generate with the chosen KV-cache\n"
                     "policy, and print the answer and one stats line.",
         epilog=EPILOG,
@@ -108,7 +110,8 @@ def add_media_arguments(p: argparse.ArgumentParser) -> None:
     media.add_argument("--fps", type=float, default=None,
                        help="video frames sampled per second (default: the checkpoint's video processor, else 2)")
     media.add_argument("--max-frames", type=int, default=None, metavar="N",
-                       help="at most N frames per video (default: the processor's, 768)")
+                       help="at most N frames per video (default: the processor's, 768; VideoLLaMA2: the frames sampled "
+                            "per video, default its config's num_frames)")
     media.add_argument("--max-pixels", type=parse_pixels, default=None, metavar="PX",
                        help="pixel cap per image and per video frame, e.g. 200704 or 448*448 (default: the "
                             "processor's; images 1003520, video frames 602112). Lowers --min-pixels to match")
@@ -222,9 +225,12 @@ def run(args: argparse.Namespace) -> int:
 def generate_answer(args: argparse.Namespace) -> int:
     """Checks everything, then loads the weights, generates, prints the answer and the stats line."""
     policy = validate_args(args)
-    config = Qwen25VLConfig.from_json(args.model)
+    config = config_from_json(args.model)
     proc = make_processor(args.model, fps=args.fps, max_frames=args.max_frames, max_pixels=args.max_pixels,
                           min_pixels=args.min_pixels, allow_special=args.allow_special)
+    if args.show_kept is not None and not isinstance(proc, Qwen25VLProcessor):
+        raise ArgumentsError("--show-kept draws Qwen2.5-VL's patch layout; it is not built for this checkpoint's "
+                             "model family")
     inputs = build_inputs(proc, args.prompt, images=args.image, videos=args.video, system=args.system)
     info = check_prompt(config, proc, inputs, policy, args.max_new_tokens)
     # only now, every check above done; called through the module so tests can watch it

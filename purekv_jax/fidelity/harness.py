@@ -41,6 +41,7 @@ import numpy as np
 
 from models.family import text_stack
 from models.qwen2_5_vl.layers import dense_attention
+from models.qwen2_5_vl.model import text_part
 from models.qwen2_5_vl.text import TextConfig
 
 from .. import cache as C
@@ -201,9 +202,21 @@ class PromptAnalysis:
     n_prompt: int
 
 
+def language_model(params, cfg):
+    """The text state and :class:`TextConfig` of a model of either family (a whole-model state and config:
+    Qwen2.5-VL, VideoLLaMA2) or of a text model (a GGUF LM): the harness measures the language model."""
+    return text_part(params), text_config(cfg)
+
+
+def text_config(cfg) -> TextConfig:
+    """The :class:`TextConfig` of a whole-model config (either family), or ``cfg`` itself."""
+    return getattr(cfg, "text", cfg)
+
+
 def analyse_prompt(params, cfg: TextConfig, prompt_ids: np.ndarray, configs, kv_dtype=None) -> PromptAnalysis:
-    """The analysis prefill of one prompt; ``kv_dtype``: the dtype its keys and values are stored in (the
-    caches' dtype; None: the model's)."""
+    """The analysis prefill of one prompt (``params`` / ``cfg``: any model, :func:`language_model`);
+    ``kv_dtype``: the dtype its keys and values are stored in (the caches' dtype; None: the model's)."""
+    params, cfg = language_model(params, cfg)
     pols = score_policies_needed(configs)
     k, v, scores, _ = analysis_prefill(params, jnp.asarray(prompt_ids[None], jnp.int32), cfg=cfg, score_policies=pols)
     if kv_dtype is not None:
@@ -213,7 +226,8 @@ def analyse_prompt(params, cfg: TextConfig, prompt_ids: np.ndarray, configs, kv_
 
 def policy_cache(an: PromptAnalysis, cfg: TextConfig, pk: PureKVConfig | None):
     """``(cache, idx, kept, plan)`` for one policy (``None`` = full) on an analysed prompt (byte budgets
-    counted in the analysis' key / value dtype)."""
+    counted in the analysis' key / value dtype; ``cfg``: a text or whole-model config)."""
+    cfg = text_config(cfg)
     if pk is None:
         cache, idx, kept = build_full_cache(an.k, an.v)
         return cache, idx, kept, KVPlan.full(cfg.num_hidden_layers, an.n_prompt)
@@ -283,7 +297,9 @@ class FidelitySettings:
 
 def run_fidelity(params, cfg: TextConfig, tokenizer, settings: FidelitySettings,
                  sources=None, log=print) -> dict:
-    """Runs every (length, policy, budget) over ``settings.prompts`` windows per length -> a JSON-able dict."""
+    """Runs every (length, policy, budget) over ``settings.prompts`` windows per length -> a JSON-able dict
+    (``params`` / ``cfg``: a model of either family or a text model, :func:`language_model`)."""
+    params, cfg = language_model(params, cfg)
     t_start = time.perf_counter()
     n_layers = cfg.num_hidden_layers
     main = list(MAIN_POLICIES)

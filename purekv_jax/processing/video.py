@@ -180,7 +180,13 @@ def _decode(container, path: Path):
             raise NoFramesError(f"video file {path}: no decodable frames (decoder: {err})") from None
 
 
-def _grab_frames(path: Path, indices: np.ndarray, resize=None) -> dict[int, np.ndarray]:
+def count_frames(path: Path) -> int:
+    """How many frames really decode (for a header that over-counts)."""
+    with _open_container(path) as container:
+        return sum(1 for _ in _decode(container, path))
+
+
+def grab_frames(path: Path, indices: np.ndarray, resize=None) -> dict[int, np.ndarray]:
     """Decode frames up to the last index; keep those in ``indices`` as RGB uint8 [H, W, 3], each resized as
     it is decoded to ``resize(height, width, len(indices))`` (computed on the first kept frame) when given."""
     wanted = {int(i) for i in indices}
@@ -225,15 +231,14 @@ def read_video(
 
     total = meta.total_num_frames
     idx = sample(total)
-    frames = _grab_frames(path, idx, resize)
+    frames = grab_frames(path, idx, resize)
     if len(frames) < len(idx):
         # the header over-counts: sample again over the frames that really decode
-        with _open_container(path) as container:
-            total = sum(1 for _ in _decode(container, path))
+        total = count_frames(path)
         if total == 0:
             raise NoFramesError(f"video file {path}: no decodable frames (header says {meta.total_num_frames})")
         idx = sample(total)
-        frames = _grab_frames(path, idx, resize)
+        frames = grab_frames(path, idx, resize)
     kept = [int(i) for i in idx]
     video = np.stack([frames[i] for i in kept])
     width, height = (video.shape[2], video.shape[1]) if resize is None else (meta.width, meta.height)
