@@ -121,20 +121,47 @@ def prefill_attention_impl(name: "str | PrefillAttention", n: int) -> PrefillAtt
     return _PREFILL_IMPLS[name]
 
 
-def decode_attention(q, k_cache, v_cache, valid):
+def masked_softmax(scores, mask):
+    """Softmax of float32 ``scores`` over the last axis where ``mask`` (broadcastable) holds; a fully masked
+    row gives zeros, not NaN (the model's ``dense_attention`` numerics)."""
+    scores = jnp.where(mask, scores, -jnp.inf)
+    top = jnp.max(scores, axis=-1, keepdims=True)
+    p = jnp.where(mask, jnp.exp(scores - jnp.where(jnp.isfinite(top), top, 0.0)), 0.0)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    return p / jnp.where(denom > 0, denom, 1.0)
+
+
+def decode_attention(q, k_cache, v_cache, valid, k_new=None, v_new=None):
     """One new query per row over the cache: ``q [B,Hq,1,hd]``, ``k_cache``/``v_cache`` ``[B,Hkv,C,hd]``,
-    ``valid [B,Hkv,C]`` (per KV head) -> ``[B,Hq,1,hd]``."""
-    g = q.shape[1] // k_cache.shape[1]
-    mask = jnp.repeat(valid, g, axis=1)[:, :, None, :]
-    return dense_attention(q, k_cache, v_cache, mask)
+    ``valid [B,Hkv,C]`` (per KV head) -> ``[B,Hq,1,hd]``; with ``k_new``/``v_new [B,Hkv,1,hd]`` (the step's
+    own entry, not written into the cache yet) one softmax over the valid slots and that entry."""
+    if k_new is None:
+        g = q.shape[1] // k_cache.shape[1]
+        return dense_attention(q, k_cache, v_cache, jnp.repeat(valid, g, axis=1)[:, :, None, :])
+    b, hq, _, d = q.shape
+    hkv = k_cache.shape[1]
+    qg = q.reshape(b, hkv, hq // hkv, d)
+    scores = jnp.concatenate([jnp.einsum("bhgd,bhcd->bhgc", qg, k_cache, preferred_element_type=jnp.float32),
+                              jnp.einsum("bhgd,bhcd->bhgc", qg, k_new, preferred_element_type=jnp.float32)], -1)
+    mask = jnp.concatenate([valid, jnp.ones(valid.shape[:2] + (1,), bool)], -1)[:, :, None, :]
+    p = masked_softmax(scores * d**-0.5, mask).astype(v_cache.dtype)
+    out = jnp.einsum("bhgc,bhcd->bhgd", p[..., :-1], v_cache, preferred_element_type=jnp.float32)
+    out = out + jnp.einsum("bhgc,bhcd->bhgd", p[..., -1:], v_new, preferred_element_type=jnp.float32)
+    return out.reshape(b, hq, 1, d).astype(q.dtype)
 
 
-def cache_decode_attention(q, cache: C.KVCache, layer):
+def cache_decode_attention(q, cache: C.KVCache, layer, k_new=None, v_new=None):
     """:func:`decode_attention` of ``q [B,Hq,1,hd]`` over layer ``layer`` (static or traced) of ``cache``: its
-    model-dtype slots, and with a quantised cache its codes too (:func:`quantized_decode_attention`)."""
+    model-dtype slots, with a quantised cache its codes too (:func:`quantized_decode_attention`), and the
+    step's own entry ``k_new``/``v_new [B,Hkv,1,hd]`` when given. Taking the new entry apart lets the decode
+    read each layer's cache without writing it inside its layer loop (it appends every layer's entry once,
+    after the loop: :func:`purekv_jax.cache.append_layers`)."""
     k, v, valid = cache.k[layer], cache.v[layer], cache.valid[layer]
     if cache.quant is None:
-        return decode_attention(q, k, v, valid)
+        return decode_attention(q, k, v, valid, k_new, v_new)
+    if k_new is not None:
+        k, v = jnp.concatenate([k, k_new.astype(k.dtype)], 2), jnp.concatenate([v, v_new.astype(v.dtype)], 2)
+        valid = jnp.concatenate([valid, jnp.ones(valid.shape[:2] + (1,), bool)], -1)
     return quantized_decode_attention(q, cache.quant.layer(layer), k, v, valid)
 
 
@@ -162,12 +189,7 @@ def quantized_decode_attention(q, quant: C.QuantizedKV, k, v, valid):
                 + jnp.einsum("bhgd,bhnd->bhgn", qg.astype(f32), k_zero)[..., None]).reshape(b, hkv, g, n_quant)
     scores_f = jnp.einsum("bhgd,bhcd->bhgc", qg, k, preferred_element_type=f32)
     scores = jnp.concatenate([scores_q, scores_f], axis=-1) * d**-0.5
-    mask = jnp.concatenate([quant.valid, valid], axis=-1)[:, :, None, :]
-    scores = jnp.where(mask, scores, -jnp.inf)
-    top = jnp.max(scores, axis=-1, keepdims=True)
-    p = jnp.where(mask, jnp.exp(scores - jnp.where(jnp.isfinite(top), top, 0.0)), 0.0)
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    p = p / jnp.where(denom > 0, denom, 1.0)
+    p = masked_softmax(scores, jnp.concatenate([quant.valid, valid], axis=-1)[:, :, None, :])
     p_q, p_f = p[..., :n_quant], p[..., n_quant:]
     v_codes = Q.unpack_codes(quant.v_codes, quant.bits).astype(f32).reshape(b, hkv, n_quant, n_vgroups, -1)
     v_scale, v_zero = quant.v_scale.astype(f32), quant.v_zero.astype(f32)  # [B, Hkv, Q, hd / group]

@@ -280,6 +280,22 @@ def append(cache: KVCache, layer, k_new: jax.Array, v_new: jax.Array) -> KVCache
     )
 
 
+def append_layers(cache: KVCache, k_new: jax.Array, v_new: jax.Array) -> KVCache:
+    """Writes one new token's entries of every layer, ``k_new``/``v_new [L, B, Hkv, hd]``, at slot ``length[b]``
+    of each row and marks them valid (:func:`append` for all layers at once: one write per step instead of
+    one per layer). Does not advance ``length``; inside jit a full cache's write is clamped to the last slot.
+    """
+    rows = jnp.arange(cache.batch)
+    slot = jnp.minimum(cache.length, cache.capacity - 1)
+    rows_first = lambda a: jnp.swapaxes(a, 0, 1)  # [L, B, ...] -> [B, L, ...], as the index below orders them
+    return dataclasses.replace(
+        cache,
+        k=cache.k.at[:, rows, :, slot].set(rows_first(k_new).astype(cache.k.dtype)),
+        v=cache.v.at[:, rows, :, slot].set(rows_first(v_new).astype(cache.v.dtype)),
+        valid=cache.valid.at[:, rows, :, slot].set(True),
+    )
+
+
 def advance(cache: KVCache, n: int = 1) -> KVCache:
     """Moves ``length`` and ``next_position`` on by ``n`` tokens (after every layer appended)."""
     return dataclasses.replace(cache, length=cache.length + n, next_position=cache.next_position + n)

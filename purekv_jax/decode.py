@@ -1,7 +1,8 @@
 """The decode: an on-device ``lax.while_loop`` over tokens on a (compressed) KV cache.
 
-Each step embeds the last token, runs the layer stack as a ``lax.scan`` that appends the token's K/V to
-the cache and attends over the valid slots, samples the next token and writes it into the token buffer.
+Each step embeds the last token, runs the layer stack as a ``lax.scan`` that attends over each layer's valid
+slots and the token's own K/V (the cache is only read inside the layer loop: writing it there rewrote the
+whole cache array per layer), appends every layer's K/V in one write, samples the next token and writes it into the token buffer.
 Rows stop at EOS (padded after it); the loop exits when every row is done or ``max_new`` tokens exist.
 Positions continue from the original prompt length plus the rope delta, whatever was pruned. No host sync
 per token; the cache is donated to the compiled program. A quantised cache keeps its codes as they are: each
@@ -81,16 +82,14 @@ def decode_loop(params, cache: C.KVCache, first_logits, max_new, key, *, cfg: Te
         x = jnp.take(text.embed, s.token, axis=0)[:, None]
         cos, sin = mrope_cos_sin(s.cache.decode_positions()[:, None], cfg)
 
-        def layer(carry, l):
-            x, cache = carry
+        def layer(x, l):  # reads the cache; the new entries are written once, after the layer loop
             lp = layer_params(text, l)
             q, k, v = layer_qkv(lp, x, cos, sin, cfg)
-            cache = C.append(cache, l, k, v)
-            attn = cache_decode_attention(q, cache, l)
-            return (layer_out(lp, x, attn, cfg), cache), None
+            attn = cache_decode_attention(q, s.cache, l, k, v)
+            return layer_out(lp, x, attn, cfg), (k[:, :, 0], v[:, :, 0])
 
-        (x, cache), _ = jax.lax.scan(layer, (x, s.cache), jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32))
-        cache = C.advance(cache)
+        x, (k_new, v_new) = jax.lax.scan(layer, x, jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32))
+        cache = C.advance(C.append_layers(s.cache, k_new, v_new))
         logits = lm_logits(text, rms_norm(x, text.norm, cfg.rms_norm_eps))[:, 0]
         nxt = jnp.where(s.done, sampling.pad_id, sample(logits, s.step))
         tokens = jax.lax.dynamic_update_slice(s.tokens, nxt[:, None], (jnp.int32(0), s.step))
