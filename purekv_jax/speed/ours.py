@@ -22,7 +22,7 @@ from models.qwen2_5_vl import load_hf_checkpoint
 from purekv_jax.config import PureKVConfig
 from purekv_jax.generation import generate
 
-from .standalone import emit, load_prompt, memory_status
+from .standalone import emit, load_prompt, memory_status, pin_to
 
 
 def policy_for(spec: dict) -> PureKVConfig | None:
@@ -37,6 +37,7 @@ def policy_for(spec: dict) -> PureKVConfig | None:
 
 def run_ours(spec: dict) -> dict:
     """Loads ``spec["checkpoint"]`` and times ``generate`` on ``spec["prompt"]`` under the spec's policy."""
+    pin_to(spec.get("cpus"))  # before the backend starts (jax creates its CPU client lazily)
     prompt = load_prompt(spec["prompt"])
     ids = prompt.pop("input_ids")
     jax.devices()  # the backend's own memory counts before loading

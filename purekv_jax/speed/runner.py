@@ -82,22 +82,21 @@ def write_inputs(folder: str, settings: SpeedSettings) -> tuple[str, list[str]]:
     return str(ckpt), prompts
 
 
-def worker_cpus(cores: int) -> set[int] | None:
-    """The CPUs a worker is pinned to (None: not pinned)."""
+def worker_cpus(cores: int) -> list[int] | None:
+    """The CPUs a worker pins itself to (None: not pinned)."""
     if cores == 0 or not hasattr(os, "sched_getaffinity"):
         return None
-    return set(sorted(os.sched_getaffinity(0))[:cores])
+    return sorted(os.sched_getaffinity(0))[:cores]
 
 
-def run_worker(spec: dict, cpus: set[int] | None = None) -> dict:
-    """One configuration in a fresh process (pinned to ``cpus``); its JSON result."""
+def run_worker(spec: dict) -> dict:
+    """One configuration in a fresh process; its JSON result."""
     if spec["config"] == "hf":
         cmd = [sys.executable, standalone.__file__, json.dumps(spec)]
     else:
         cmd = [sys.executable, "-m", "purekv_jax.speed.ours", json.dumps(spec)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    pin = None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO_ROOT, preexec_fn=pin)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO_ROOT)
     if proc.returncode != 0:
         raise SpeedBenchError(f"the {spec['config']} worker failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -114,8 +113,8 @@ def run_speed_bench(settings: SpeedSettings, progress: bool = True) -> dict:
         for grid, path, r, c in tqdm(jobs, desc="purekv bench speed", unit="process", disable=not progress,
                                      file=sys.stderr, dynamic_ncols=True):
             spec = dict(config=c, checkpoint=ckpt, prompt=path, new=settings.new, reps=settings.reps,
-                        budget=settings.budget, patterns=settings.patterns)
-            raw.append(dict(run_worker(spec, worker_cpus(settings.cores)), grid=list(grid), round=r))
+                        budget=settings.budget, patterns=settings.patterns, cpus=worker_cpus(settings.cores))
+            raw.append(dict(run_worker(spec), grid=list(grid), round=r))
     return dict(settings=dataclasses.asdict(settings), configs=configs, machine=machine(), raw=raw,
                 summary=summarize(raw, configs, settings.grids))
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 import time
 
@@ -22,22 +23,27 @@ import numpy as np
 PROMPT_FIELDS = ("input_ids", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
 
-def memory_status() -> dict[str, int]:
-    """This process's resident memory now (``VmRSS``) and its peak so far (``VmHWM``), bytes (Linux's
-    ``/proc/self/status``; elsewhere the peak from ``ru_maxrss`` and no current figure)."""
+def memory_status(keys: tuple[str, ...] = ("VmRSS", "VmHWM")) -> dict[str, int]:
+    """This process's memory figures from Linux's ``/proc/self/status`` in bytes: by default the resident memory
+    now (``VmRSS``) and its peak so far (``VmHWM``); elsewhere both from ``ru_maxrss`` (the peak)."""
     out = {}
     try:
         with open("/proc/self/status") as f:
             for line in f:
                 key, _, rest = line.partition(":")
-                if key in ("VmRSS", "VmHWM"):
+                if key in keys:
                     out[key] = int(rest.split()[0]) * 1024
     except OSError:
-        import resource  # only where /proc is missing
-
-        out["VmHWM"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        out["VmRSS"] = out["VmHWM"]
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        out = {k: peak for k in keys}
     return out
+
+
+def pin_to(cpus: list[int] | None) -> None:
+    """Pins this process to ``cpus`` (None or where unsupported: left alone). Called before jax's CPU client
+    or torch starts, so that both size their thread pools to the same cores."""
+    if cpus and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cpus)
 
 
 def load_prompt(path: str) -> dict[str, np.ndarray]:
@@ -54,6 +60,7 @@ def emit(spec: dict, result: dict) -> None:
 
 def run_transformers(spec: dict) -> dict:
     """Loads ``spec["checkpoint"]`` with transformers and times ``generate`` on ``spec["prompt"]``."""
+    pin_to(spec.get("cpus"))
     import torch  # optional dependency: only this configuration needs it
     import transformers
 
