@@ -7,7 +7,7 @@ compile, the prefill run, the decode compile and the decode run (``generate``'s 
 to read the RSS around them), with XLA's memory analysis of each program (arguments, outputs, temporaries,
 aliased = donated bytes, generated code); for transformers the first ``generate`` and a second one.
 
-    JAX_PLATFORMS=cpu python benchmarks/speed_memory.py [--grid 8x16x16] [--policy full|purekv] [--new 32]
+    JAX_PLATFORMS=cpu python benchmarks/speed_memory.py [--grid 8x16x16] [--policy full|purekv] [--new 32] [--sides ours,hf]
 """
 
 from __future__ import annotations
@@ -117,6 +117,7 @@ def main() -> None:
     ap.add_argument("--grid", default="8x16x16")
     ap.add_argument("--policy", default="full", choices=("full", "purekv"))
     ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--sides", default="ours,hf", help="which processes to run: ours, hf or both")
     ap.add_argument("--child", nargs=3, metavar=("SIDE", "CKPT", "PROMPT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -140,7 +141,7 @@ def main() -> None:
         print(f"# generate memory by stage: bench-small, video {args.grid} ({p.n_tokens} tokens), "
               f"{args.new} new tokens, ours: {args.policy}\n")
         env = {**os.environ, "PYTHONPATH": REPO}
-        for side in ("ours", "hf"):
+        for side in args.sides.split(","):
             t0 = time.perf_counter()
             out = subprocess.run([sys.executable, __file__, "--grid", args.grid, "--policy", args.policy, "--new",
                                   str(args.new), "--child", side, ckpt, prompt], env=env, capture_output=True,
