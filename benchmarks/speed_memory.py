@@ -2,12 +2,13 @@
 next to transformers, on the bench-small Qwen2.5-VL and one video prompt (``purekv bench speed``'s model).
 
 Each side runs in a fresh process. Stages (each stage's peak measured alone: ``/proc/self/clear_refs``
-resets ``VmHWM`` before it): imports (+ jax's CPU client), loading the checkpoint, and for ours the prefill
+resets ``VmHWM`` before it): imports (+ jax's CPU client), loading the checkpoint, for ours the prefill
 compile, the prefill run, the decode compile and the decode run (``generate``'s compiled programs, wrapped
 to read the RSS around them), with XLA's memory analysis of each program (arguments, outputs, temporaries,
 aliased = donated bytes, generated code); for transformers the first ``generate`` and a second one.
 
-    JAX_PLATFORMS=cpu python benchmarks/speed_memory.py [--grid 8x16x16] [--policy full|purekv] [--new 32] [--sides ours,hf]
+    JAX_PLATFORMS=cpu python benchmarks/speed_memory.py [--grid 8x16x16] [--policy full|purekv] [--new 32] \
+        [--sides ours,hf]
 """
 
 from __future__ import annotations
@@ -148,7 +149,8 @@ def main() -> None:
                                  text=True, check=True)
             rows = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"## {side} ({time.perf_counter() - t0:.0f} s)\n")
-            print("| stage | RSS after MiB | anon / file MiB | stage peak MiB | XLA: args / out / temp / alias / code MiB |")
+            print("| stage | RSS after MiB | anon / file MiB | stage peak MiB | "
+                  "XLA: args / out / temp / alias / code MiB |")
             print("| --- | ---: | ---: | ---: | --- |")
             for r in rows:
                 xla = " / ".join(f"{r[k] / MIB:.1f}" for k in ("args", "out", "temp", "alias", "code")) \

@@ -44,7 +44,8 @@ def speed(args: argparse.Namespace) -> int:
                              patterns=args.patterns, configs=configs, cores=args.cores)
     out = run_speed_bench(settings)
     command = (f"purekv bench speed --grids {','.join('x'.join(map(str, g)) for g in grids)} --new {args.new} "
-               f"--rounds {args.rounds} --reps {args.reps} --cores {args.cores} --budget {args.budget} --configs {','.join(configs)}"
+               f"--rounds {args.rounds} --reps {args.reps} --cores {args.cores} --budget {args.budget} "
+               f"--configs {','.join(configs)}"
                + (f" --patterns {shlex.quote(args.patterns)}" if args.patterns else ""))
     paths = write_results(out, args.out, command)
     print(open(paths["md"]).read())

@@ -95,7 +95,8 @@ def run_worker(spec: dict) -> dict:
         cmd = [sys.executable, standalone.__file__, json.dumps(spec)]
     else:
         cmd = [sys.executable, "-m", "purekv_jax.speed.ours", json.dumps(spec)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    path = os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env = {**os.environ, "PYTHONPATH": path}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO_ROOT)
     if proc.returncode != 0:
         raise SpeedBenchError(f"the {spec['config']} worker failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
