@@ -1,9 +1,8 @@
 """The decode: an on-device ``lax.while_loop`` over tokens on a (compressed) KV cache.
 
 Each step embeds the last token, runs the layer stack as a ``lax.scan`` that attends over each layer's valid
-slots and the token's own K/V (the cache is only read inside the layer loop: writing it there rewrote the
-whole cache array per layer), appends every layer's K/V in one write, samples the next token and writes it
-into the token buffer.
+slots and the token's own K/V (the cache is only read inside the layer loop), appends every layer's K/V in
+one write after it, samples the next token and writes it into the token buffer.
 Rows stop at EOS (padded after it); the loop exits when every row is done or ``max_new`` tokens exist.
 Positions continue from the original prompt length plus the rope delta, whatever was pruned. No host sync
 per token; the cache is donated to the compiled program. A quantised cache keeps its codes as they are: each
