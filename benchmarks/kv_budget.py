@@ -12,24 +12,15 @@ decode step time, the prefill time, and the compile times. ``F`` rows use ``fuse
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 
 import jax
 import numpy as np
 
-from models.qwen2_5_vl.config import Qwen25VLConfig, TextConfig, tiny_config
 from models.qwen2_5_vl.text import init_text_params
 from purekv_jax import generation as G
 from purekv_jax.config import PureKVConfig
-
-
-def bench_config(vocab: int) -> Qwen25VLConfig:
-    text = TextConfig(
-        vocab_size=vocab, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-        num_attention_heads=8, num_key_value_heads=2, mrope_section=(8, 12, 12), max_position_embeddings=32768,
-    )
-    return dataclasses.replace(tiny_config(), text=text)
+from purekv_jax.speed.model import bench_small_config as bench_config  # its text half (batch_throughput too)
 
 
 def mib(x) -> str:

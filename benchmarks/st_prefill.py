@@ -15,28 +15,18 @@ fallback on the CPU), plus the block density of the ST layers.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 
 import jax
 import numpy as np
 
 from models.qwen2_5_vl import init_params
-from models.qwen2_5_vl.config import TextConfig, tiny_config
 from purekv_jax import generation as G
 from purekv_jax.compile_cache import clear_compile_cache
 from purekv_jax.config import PureKVConfig
 from purekv_jax.st_sparse import HeadPattern, block_tables
+from purekv_jax.speed.model import bench_small_config, video_prompt
 from purekv_jax.st_sparse.prefill import row_layouts
-
-
-def bench_config(vocab: int):
-    text = TextConfig(
-        vocab_size=vocab, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-        num_attention_heads=8, num_key_value_heads=2, mrope_section=(8, 12, 12), max_position_embeddings=32768,
-    )
-    cfg = tiny_config()
-    return dataclasses.replace(cfg, text=text, vision=dataclasses.replace(cfg.vision, out_hidden_size=512))
 
 
 def main(argv=None) -> None:
@@ -50,17 +40,10 @@ def main(argv=None) -> None:
     ap.add_argument("--only", default=None, help="comma-separated row numbers to run (1-6)")
     args = ap.parse_args(argv)
 
-    config = bench_config(1024)
+    config = bench_small_config(1024)
     t, h, w = (int(x) for x in args.grid.split("x"))
-    m = config.vision.spatial_merge_size
-    rng = np.random.default_rng(0)
-    ids = np.concatenate([
-        rng.integers(0, 900, args.text_before), [config.vision_start_token_id],
-        np.full(t * h * w, config.video_token_id), [config.vision_end_token_id], rng.integers(0, 900, args.text_after),
-    ]).astype(np.int32)[None]
-    grid = np.array([[t, h * m, w * m]])
-    pixels = rng.standard_normal((t * h * m * w * m, config.vision.patch_dim), dtype=np.float32)
-    mm = dict(pixel_values_videos=pixels, video_grid_thw=grid, second_per_grid_ts=np.ones(1, np.float32))
+    prompt = video_prompt(config, (t, h, w), args.text_before, args.text_after)
+    ids, grid, mm = prompt.input_ids, prompt.video_grid_thw, prompt.media()
     params = init_params(config, jax.random.key(0))
 
     common = dict(window=32, sink=4, st_block_q=args.block, st_block_k=args.block, st_backend="xla")

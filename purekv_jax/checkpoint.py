@@ -30,7 +30,6 @@ folder's files are checked against the marker first (:mod:`purekv_jax.checkpoint
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import glob
 import hashlib
@@ -55,6 +54,7 @@ from models.qwen2_5_vl.loader import INDEX_FILE, SINGLE_FILE, CheckpointError, r
 
 from .checkpoint_files import (FORMAT, FORMAT_VERSION, MARKER_FILE, PARAMS_DIR, PYTREE_SUBDIR, check_file_table,
                                file_table, read_marker)
+from .heap import trim_heap
 from .owned_folders import OwnedTempFolder, install_folder, replace_refusal, sweep_temp_folders
 from .param_tree import abstract_params, leaf_names, path_name
 
@@ -268,7 +268,7 @@ def _verify(pytree_dir: str, leaves: Mapping[str, Mapping[str, Any]], progress: 
                                       f"what was written ({list(got.shape)} {_dtype_name(got.dtype)} vs "
                                       f"{meta['shape']} {meta['dtype']}, or its sha256)")
             del got
-            _malloc_trim()
+            trim_heap()
             bar.update(1)
 
 
@@ -286,26 +286,6 @@ def _progress(total: int, desc: str, enabled: bool, unit: str = "B"):
     scale = unit == "B"
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=scale, unit_divisor=1024 if scale else 1000,
                 disable=not enabled, dynamic_ncols=True, leave=True)
-
-
-def _load_libc():
-    """glibc with ``malloc_trim`` typed, or None where there is none (macOS, musl)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim.argtypes = [ctypes.c_size_t]
-    except (OSError, AttributeError):
-        return None
-    return libc
-
-
-_LIBC = _load_libc()
-
-
-def _malloc_trim() -> None:
-    """Hands freed heap memory back to the OS (glibc keeps what the writer threads freed in their arenas,
-    which would otherwise add up to a few leaves of resident memory). No-op where unavailable."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
 
 
 def _fsync_file(path: str) -> None:
@@ -375,7 +355,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype="bf16", force:
                     ocp1.partial.save(params_dir, _nest({spec.name: leaf}))
                 n_tensors += len(spec.sources)
                 del leaf
-                _malloc_trim()
+                trim_heap()
             with _deferred_signals():
                 ocp1.partial.finalize(params_dir)
 
@@ -470,7 +450,7 @@ def _load_orbax(path: str, dtype: np.dtype | None, shardings: Shardings, verify:
         args = ocp.ArrayRestoreArgs(sharding=table[n] or default, global_shape=shapes[n],
                                     dtype=dtype if dtype is not None else _np_dtype(stored[n]["dtype"]))
         values[n] = _restore_one(marker["params"], n, args)
-        _malloc_trim()
+        trim_heap()
     return config, _fill(config, values)
 
 

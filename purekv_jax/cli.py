@@ -9,7 +9,8 @@ Sub-commands (each in ``purekv_jax/commands/``):
              verified, written atomically), with the config, tokenizer and preprocessor files beside it.
   calibrate  per-head ST-SpAttn patterns of a model on video prompts, written to a JSON file.
   batch      a JSONL file of requests in static-shape batches, optionally on a device mesh; resumable.
-  bench      measurements on the real trained LM (fidelity: perplexity / agreement / KL per policy).
+  bench      measurements: on the real trained LM (fidelity: perplexity / agreement / KL per policy), and
+             speed / peak memory next to transformers (speed).
   cache      compress once, ask many: `cache save` prefills a video once and saves the compressed cache,
              `cache ask` answers questions from it (`--update`: the conversation goes on).
 """

@@ -354,7 +354,8 @@ def _segment_ids(cu_seqlens: np.ndarray, n: int) -> np.ndarray:
 # Defaults of :func:`segment_batches` and of the query chunking in :func:`batched_segment_attention`.
 SPLIT_MIN_LEN = 128
 MIN_FILL = 0.5
-MAX_SCORES_PER_CHUNK = 1 << 28  # float32 scores of one query chunk: 1 GiB
+MAX_SCORES_PER_CHUNK = 1 << 22  # float32 scores of one query chunk: 16 MiB (scores and probabilities live
+#   together, so a prefill's vision temporaries stay a few times this, not O(frames * window^2))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
