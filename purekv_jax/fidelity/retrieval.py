@@ -41,7 +41,7 @@ from ..decode import SamplingSettings, decode_program
 from ..presets import preset
 from .data import DEFAULT_SOURCES, read_text
 from .model import load_model
-from .harness import analysis_prefill, build_cache, layer_scores, score_policies_needed as base_policies
+from .harness import analysis_prefill, build_cache, carried_layers, score_policies_needed as base_policies
 
 SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 USER = "<|im_start|>user\n"
@@ -115,11 +115,12 @@ def policy_answers(params, config, an: dict, pk: PureKVConfig | None, max_new: i
     n = k.shape[3]
     if pk is None:
         plan = KVPlan.full(cfg.num_hidden_layers, n)
-        scores = jnp.zeros(k.shape[:4], jnp.float32)
+        scores, budgets = jnp.zeros(k.shape[:4], jnp.float32), None
     else:
         plan = pk.resolve(cfg, n, kv_dtype=k.dtype)
-        scores = layer_scores(plan, table, v)
-    cache, idx, kept = build_cache(scores, k, v, an.get("window_len"), plan=plan, capacity=plan.slots + max_new)
+        scores, budgets = carried_layers(plan, table, v)
+    cache, idx, kept = build_cache(scores, k, v, an.get("window_len"), budgets, plan=plan,
+                                   capacity=plan.slots + max_new)
     kept_np = np.asarray(kept).sum() / (cfg.num_hidden_layers * k.shape[2] * n * k.shape[1])
     full_bytes = C.kv_bytes_full(n * k.shape[1], cfg.num_hidden_layers, k.shape[2], cfg.head_dim, k.dtype)
     bytes_kept = C.kv_bytes_kept(cache) / full_bytes
@@ -144,10 +145,10 @@ RETRIEVAL_POLICIES = (
 )
 
 
-def policy_grid(n_layers: int) -> dict[str, Callable[[float], PureKVConfig | None]]:
-    """name -> ``make(budget) -> PureKVConfig | None`` for a model of ``n_layers`` layers, one per row of
-    :data:`RETRIEVAL_POLICIES`."""
-    return {name: functools.partial(preset(name).make, n_layers=n_layers) for name in RETRIEVAL_POLICIES}
+def policy_grid(n_layers: int, names=RETRIEVAL_POLICIES) -> dict[str, Callable[[float], PureKVConfig | None]]:
+    """name -> ``make(budget) -> PureKVConfig | None`` for a model of ``n_layers`` layers, one per name of
+    ``names`` (presets; default the rows of :data:`RETRIEVAL_POLICIES`)."""
+    return {name: functools.partial(preset(name).make, n_layers=n_layers) for name in names}
 
 
 def run_retrieval(params, config, tokenizer, lengths=(1024, 2048), budgets=(0.1, 0.2, 0.4), prompts: int = 30,
@@ -161,8 +162,8 @@ def run_retrieval(params, config, tokenizer, lengths=(1024, 2048), budgets=(0.1,
     answers: dict = {}
     for n in lengths:
         ps = make_prompts(tokenizer, n, prompts, seed=seed, question=question)
-        grid_all = policy_grid(cfg.num_hidden_layers)
-        grid = {k: v for k, v in grid_all.items() if names is None or k in names or k == "full"}
+        grid = policy_grid(cfg.num_hidden_layers, RETRIEVAL_POLICIES if names is None else
+                           tuple(dict.fromkeys(("full", *names))))
         entries = [(name, b, make(b)) for name, make in grid.items() for b in ((1.0,) if name == "full" else budgets)]
         pols = base_policies([c for _, _, c in entries])
         for s in range(0, len(ps), batch):
