@@ -227,6 +227,8 @@ class PureKVConfig:
       carry_candidates: ``"rerank"``'s candidates, as a multiple of the budget.
       carry_power: ``"allocate"``'s sharpening of the entropy ratio.
       carry_cap: ``"allocate"``'s most a layer may keep, as a multiple of the budget (the cache's slots).
+      carry_statistic: ``"allocate"``'s per-layer statistic: ``"entropy"`` (of the window score, as CAKE) or
+        ``"missed"`` (the score mass outside the uniform budget's top entries, as DynamicKV).
     """
 
     budget: float | int = 0.2
@@ -262,6 +264,7 @@ class PureKVConfig:
     carry_candidates: float = 2.0
     carry_power: float = 1.0
     carry_cap: float = 2.0
+    carry_statistic: str = "entropy"
 
     @classmethod
     def paper(cls, budget: float | int = 0.2, **overrides) -> "PureKVConfig":
@@ -337,6 +340,9 @@ class PureKVConfig:
         if self.carry == "allocate" and self.adaptive_heads:
             raise PureKVConfigError("PureKVConfig.carry='allocate' sets per-row layer budgets; adaptive_heads=True "
                                     "cannot split those over heads")
+        if self.carry_statistic not in ("entropy", "missed"):
+            raise PureKVConfigError(f"PureKVConfig.carry_statistic={self.carry_statistic!r} is not one of "
+                                    "('entropy', 'missed')")
         if not 0.0 <= self.carry_decay <= 1.0:
             raise PureKVConfigError(f"PureKVConfig.carry_decay={self.carry_decay} must lie in [0, 1]")
         if self.carry_candidates < 1.0 or self.carry_cap < 1.0 or self.carry_power <= 0.0:
@@ -351,7 +357,7 @@ class PureKVConfig:
             return P.RerankCarry(candidates=math.ceil(self.carry_candidates * count))
         if self.carry == "allocate" and count < slots:
             return P.BudgetCarry(budget=count, n_layers=n_layers, low=self.window + self.sink, high=slots,
-                                 power=self.carry_power)
+                                 power=self.carry_power, statistic=self.carry_statistic)
         return None
 
     def _check_kv_storage(self):

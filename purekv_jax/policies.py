@@ -283,13 +283,19 @@ class BudgetCarry:
     ``budget * (E_l / mean(E_0..E_l)) ** power`` entries, less its share of what the layers below took beyond
     the budget (``debt / layers left``), clipped to ``[low, high]``; the last layer takes what is left, so
     the rows' totals match ``n_layers * budget`` unless the clipping binds. Carry ``[B, 2]`` float32: the
-    sum of the entropies so far and the debt."""
+    sum of the statistics so far and the debt.
+
+    ``statistic="missed"`` replaces the entropy by the score mass the uniform budget would miss (one minus
+    the mass of the layer's top ``budget`` entries, after DynamicKV's per-layer top-k attention mass): a
+    layer whose budget already holds nearly all of its mass gives entries to one that misses much.
+    """
 
     budget: int
     n_layers: int
     low: int
     high: int
     power: float = 1.0
+    statistic: str = "entropy"
 
     def init(self, b: int, hkv: int, n: int) -> jax.Array:
         return jnp.zeros((b, 2), jnp.float32)
@@ -298,8 +304,11 @@ class BudgetCarry:
         """``own [B, Hkv, N]`` (>= 0) -> ``(budget [B, 1, 1] int32, carry)`` for layer ``layer`` (traced)."""
         n = own.shape[-1]
         p = normalized_score(own)
-        entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1) / math.log(n)
-        e = jnp.mean(entropy, axis=1)  # [B]
+        if self.statistic == "missed":
+            stat = 1.0 - jnp.sum(jax.lax.top_k(p, min(self.budget, n))[0], axis=-1)
+        else:
+            stat = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1) / math.log(n)
+        e = jnp.mean(stat, axis=1)  # [B]
         total, debt = carried[:, 0] + e, carried[:, 1]
         mean = total / (jnp.asarray(layer, jnp.float32) + 1.0)
         ratio = jnp.where(mean > 0, e / jnp.where(mean > 0, mean, 1.0), 1.0)

@@ -231,6 +231,8 @@ _CARRY = (
            carry="allocate"),
     _carry("carry allocate p4", "own scores; each layer's budget from its window-score entropy ** 4 (up to 2 x)",
            carry="allocate", carry_power=4.0),
+    _carry("carry allocate missed", "own scores; each layer's budget from the score mass the uniform budget misses "
+           "(up to 2 x)", carry="allocate", carry_statistic="missed"),
 )
 
 #: Every named policy, by name (the fidelity harness's main rows first, in its order).

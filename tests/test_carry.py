@@ -116,3 +116,19 @@ def test_carry_configuration_errors():
     with pytest.raises(PureKVConfigError, match="carry_decay"):
         PureKVConfig(carry="accumulate", carry_decay=1.5)
     assert plan_of().carry is None and plan_of(carry="allocate", budget=1.0).carry is None
+
+
+def test_missed_mass_statistic_gives_the_missing_layer_more():
+    """statistic='missed': the layer whose top-16 entries hold least of its score mass gets the most."""
+    rng = np.random.default_rng(6)
+    scores = rng.random((L, B, H, N)) ** 8 + 1e-6
+    scores[3] = 1.0  # flat: its top 16 of 40 miss 60% of the mass
+    plan = plan_of(carry="allocate", carry_statistic="missed")
+    _, budgets = run(plan, scores)
+    budgets = budgets[:, :, 0, 0]
+    p = scores / scores.sum(-1, keepdims=True)
+    missed = (1 - np.sort(p, -1)[..., -16:].sum(-1)).mean(-1)  # [L, B]
+    assert missed[3].min() > missed[:3].max()
+    assert (budgets[3] == budgets[:4].max(0)).all() and (budgets[3] > 16).all()
+    with pytest.raises(PureKVConfigError, match="carry_statistic"):
+        PureKVConfig(carry="allocate", carry_statistic="variance")

@@ -28,7 +28,7 @@ from .harness import FidelitySettings, analysis_prefill, run_fidelity, score_pol
 from .model import load_model
 from .multi_fact import make_prompts, score_answers
 from .report import markdown_tables
-from .retrieval import markdown, paired_markdown, policy_answers, policy_grid, run_retrieval
+from .retrieval import markdown, merge_runs, paired_markdown, policy_answers, policy_grid, run_retrieval
 
 #: the reference every carry is paired against: today's default, ``PureKVConfig(budget=...)``.
 DEFAULT_ROW = "default PureKVConfig()"
@@ -78,16 +78,53 @@ def run_multi_fact(params, config, tokenizer, n_tokens: int, budgets=(0.1, 0.2, 
             "depths": [q.depth for q in questions], "total_s": round(time.perf_counter() - t_start, 1)}
 
 
+def report(folder: str) -> str:
+    """The study's tables from the runs under ``folder`` (``needle_N.json``, ``multi_N.json``): per task,
+    accuracy per policy and budget at every length, then each policy's paired wins / losses against the
+    default (prompts it answers right and the default wrong / the reverse), and the multi-fact rows'
+    answers taken from another fact."""
+    parts = []
+    for task, title in (("needle", "Needle retrieval"), ("multi", "Multi-fact retrieval")):
+        runs: dict[int, list] = {}
+        for p in sorted(os.listdir(folder)):
+            if p.startswith(task + "_") and p.endswith(".json"):
+                with open(os.path.join(folder, p)) as fh:
+                    runs.setdefault(int(p[:-5].split("_")[1]), []).append(json.load(fh))
+        outs = [merge_runs(runs[n]) for n in sorted(runs)]  # a length's runs (``--tag``) on the same prompts
+        if not outs:
+            continue
+        parts += [f"## {title}", "", "\n".join(markdown(o) for o in outs), "",
+                  f"Paired against `{DEFAULT_ROW}` (+right where it is wrong / -wrong where it is right):", "",
+                  paired_markdown(outs, ref=DEFAULT_ROW), ""]
+        if task == "multi":
+            parts += ["Wrong answers that are another fact's code (of all wrong answers):", "",
+                      "| N | policy | " + " | ".join(f"{int(b * 100)}%" for b in outs[0]["settings"]["budgets"]) + " |",
+                      "| --- | --- |" + " --- |" * len(outs[0]["settings"]["budgets"])]
+            for o in outs:
+                names = dict.fromkeys(r["policy"] for r in o["results"] if r["policy"] != "full")
+                for name in names:
+                    cells = [f"{r['other_fact']}/{r['other_fact'] + r['miss']}" for b in o["settings"]["budgets"]
+                             for r in o["results"] if r["policy"] == name and r["budget"] == b]
+                    parts.append(f"| {o['settings']['lengths'][0]} | {name} | " + " | ".join(cells) + " |")
+            parts.append("")
+    return "\n".join(parts)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--task", choices=("needle", "multi", "ppl"), required=True)
+    ap.add_argument("--task", choices=("needle", "multi", "ppl", "report"), required=True)
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024])
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.2, 0.4])
     ap.add_argument("--prompts", type=int, default=20)
     ap.add_argument("--batch", type=int, default=5)
     ap.add_argument("--policies", nargs="*", default=list(CARRY_ROWS))
     ap.add_argument("--out", default="docs/carry")
+    ap.add_argument("--tag", default="", help="appended to the output's name (TASK_N{tag}.json): a later run "
+                                              "of more policies on the same prompts, merged by the report")
     a = ap.parse_args(argv)
+    if a.task == "report":
+        print(report(a.out))
+        return
     config, params, tok = load_model()
     os.makedirs(a.out, exist_ok=True)
     for n in a.lengths:
@@ -105,7 +142,7 @@ def main(argv=None):
             out = run_fidelity(params, config.text, tok, settings)
             md = markdown_tables(out)
         out["command"] = "python -m purekv_jax.fidelity.carry_study " + " ".join(argv if argv is not None else sys.argv[1:])
-        tag = f"{a.task}_{n}"
+        tag = f"{a.task}_{n}{a.tag}"
         tmp = os.path.join(a.out, f".{tag}.json.tmp")
         with open(tmp, "w") as f:
             json.dump(out, f, indent=1)
