@@ -50,6 +50,7 @@ def run_multi_fact(params, config, tokenizer, n_tokens: int, budgets=(0.1, 0.2, 
     pols = score_policies_needed([c for _, _, c in entries])
     texts: dict[tuple, list] = {}
     kept: dict[tuple, list] = {}
+    fractions: dict[tuple, list] = {}
     for s in range(0, len(questions), batch):
         chunk = questions[s : s + batch]
         ids = jnp.asarray(np.stack([q.ids for q in chunk]), jnp.int32)
@@ -59,6 +60,7 @@ def run_multi_fact(params, config, tokenizer, n_tokens: int, budgets=(0.1, 0.2, 
         for name, b, pk in entries:
             toks, kept_frac, hold, _ = policy_answers(params, config, an, pk, max_new)
             texts.setdefault((name, b), []).extend(tokenizer.decode(t) for t in toks)
+            fractions.setdefault((name, b), []).append(kept_frac)
             for r, q in enumerate(chunk):
                 lo, hi = q.code_span
                 kept.setdefault((name, b), []).append(float(hold[:, r, :, lo:hi].all(-1).mean()))
@@ -71,7 +73,8 @@ def run_multi_fact(params, config, tokenizer, n_tokens: int, budgets=(0.1, 0.2, 
                         "correct": [g == "right" for g in graded["grades"]], "grades": graded["grades"],
                         "other_fact": graded["other fact"], "miss": graded["miss"],
                         "bands": {k_: v_["accuracy"] for k_, v_ in graded["bands"].items()},
-                        "code_kept": float(np.mean(kept[(name, b)]))})
+                        "code_kept": float(np.mean(kept[(name, b)])),
+                        "kept_fraction": float(np.mean(fractions[(name, b)]))})
     return {"settings": dict(lengths=[n_tokens], budgets=list(budgets), prompts=prompts, n_facts=n_facts,
                              max_new=max_new, seed=seed, question="multi-fact"),
             "results": results, "answers": {f"{n_tokens}/{k_[0]}/{k_[1]}": v_ for k_, v_ in texts.items()},
