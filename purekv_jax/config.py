@@ -337,9 +337,10 @@ class PureKVConfig:
         if (self.carry == "rerank") != self.cross_layer:
             raise PureKVConfigError(f"PureKVConfig.carry={self.carry!r} with cross_layer={self.cross_layer}: 'rerank' "
                                     "re-ranks CLIE's owned layers (cross_layer=True); the other carries replace CLIE")
-        if self.carry == "allocate" and self.adaptive_heads:
+        if self.carry == "allocate" and (self.adaptive_heads or self.kv_bits is not None):
             raise PureKVConfigError("PureKVConfig.carry='allocate' sets per-row layer budgets; adaptive_heads=True "
-                                    "cannot split those over heads")
+                                    "(per-head splits) and kv_bits (a static quantised split of the slots) cannot "
+                                    f"follow them, got adaptive_heads={self.adaptive_heads}, kv_bits={self.kv_bits!r}")
         if self.carry_statistic not in ("entropy", "missed"):
             raise PureKVConfigError(f"PureKVConfig.carry_statistic={self.carry_statistic!r} is not one of "
                                     "('entropy', 'missed')")

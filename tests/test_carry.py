@@ -113,6 +113,8 @@ def test_carry_configuration_errors():
         PureKVConfig(carry="allocate", base="streaming")
     with pytest.raises(PureKVConfigError, match="adaptive_heads"):
         PureKVConfig(carry="allocate", adaptive_heads=True)
+    with pytest.raises(PureKVConfigError, match="kv_bits=4"):
+        PureKVConfig(carry="allocate", kv_bits=4)
     with pytest.raises(PureKVConfigError, match="carry_decay"):
         PureKVConfig(carry="accumulate", carry_decay=1.5)
     assert plan_of().carry is None and plan_of(carry="allocate", budget=1.0).carry is None
