@@ -155,6 +155,7 @@ def register_named_policy(name: str, make) -> None:
 
 
 BASES = ("snapkv", "h2o", "streaming", "random", "pyramid")
+CARRIES = ("none", "accumulate", "rerank", "allocate")
 BUDGET_UNITS = ("tokens", "bytes")
 #: how a decode may attend the quantised slots (``PureKVConfig.kv_decode``).
 KV_DECODE_PATHS = ("xla", "pallas")
@@ -232,6 +233,18 @@ class PureKVConfig:
         heads of the layer for ``Hkv * budget`` entries; the cache keeps a fixed shape of
         ``adaptive_cap * budget`` slots per head (bucketed, clipped to the prompt) with a validity mask.
       adaptive_cap: the most a head may hold, as a multiple of the per-head budget.
+      carry: what a layer's ranking takes from the layers below (docs/carry.md): ``"none"`` (own scores, or
+        CLIE's anchors with ``cross_layer``), ``"accumulate"`` (own normalised score plus ``carry_decay`` times
+        the decayed consensus of the layers below), ``"rerank"`` (with ``cross_layer``: owned layers order the
+        CLIE estimate's top ``carry_candidates`` x budget entries by their own window score), ``"allocate"``
+        (own scores; each layer's budget from its window-score entropy against the mean of the layers
+        below, ``** carry_power``, within ``[window + sink, carry_cap x budget]``, the rows' totals kept).
+      carry_decay: ``"accumulate"``'s decay per layer (0: the own score alone).
+      carry_candidates: ``"rerank"``'s candidates, as a multiple of the budget.
+      carry_power: ``"allocate"``'s sharpening of the entropy ratio.
+      carry_cap: ``"allocate"``'s most a layer may keep, as a multiple of the budget (the cache's slots).
+      carry_statistic: ``"allocate"``'s per-layer statistic: ``"entropy"`` (of the window score, as CAKE) or
+        ``"missed"`` (the score mass outside the uniform budget's top entries, as DynamicKV).
     """
 
     budget: float | int = 0.2
@@ -263,6 +276,12 @@ class PureKVConfig:
     kv_bits: int | str | None = None
     kv_group: int = 64
     kv_decode: str = "xla"
+    carry: str = "none"
+    carry_decay: float = 0.5
+    carry_candidates: float = 2.0
+    carry_power: float = 1.0
+    carry_cap: float = 2.0
+    carry_statistic: str = "entropy"
 
     @classmethod
     def named(cls, name: str, budget: float | int = 0.2, **overrides) -> "PureKVConfig":
@@ -347,6 +366,7 @@ class PureKVConfig:
                     "set cross_layer=False"
                 )
         self._check_st()
+        self._check_carry()
         if self.pyramid_beta <= 1.0:
             raise PureKVConfigError(f"PureKVConfig.pyramid_beta={self.pyramid_beta} must be > 1")
         if self.budget_multiple < 1:
@@ -355,6 +375,42 @@ class PureKVConfig:
             raise PureKVConfigError(
                 f"PureKVConfig.adaptive_heads=True needs base='snapkv' (scores comparable across heads) and "
                 f"adaptive_cap >= 1, got base={self.base!r}, adaptive_cap={self.adaptive_cap}")
+
+    def _check_carry(self):
+        """The cross-layer carry against the other fields."""
+        if self.carry not in CARRIES:
+            raise PureKVConfigError(f"PureKVConfig.carry={self.carry!r} is not one of {CARRIES}")
+        if self.carry == "none":
+            return
+        if self.base != "snapkv":
+            raise PureKVConfigError(f"PureKVConfig.carry={self.carry!r} combines window scores: needs base='snapkv', "
+                                    f"got base={self.base!r}")
+        if (self.carry == "rerank") != self.cross_layer:
+            raise PureKVConfigError(f"PureKVConfig.carry={self.carry!r} with cross_layer={self.cross_layer}: 'rerank' "
+                                    "re-ranks CLIE's owned layers (cross_layer=True); the other carries replace CLIE")
+        if self.carry == "allocate" and (self.adaptive_heads or self.kv_bits is not None):
+            raise PureKVConfigError("PureKVConfig.carry='allocate' sets per-row layer budgets; adaptive_heads=True "
+                                    "(per-head splits) and kv_bits (a static quantised split of the slots) cannot "
+                                    f"follow them, got adaptive_heads={self.adaptive_heads}, kv_bits={self.kv_bits!r}")
+        if self.carry_statistic not in ("entropy", "missed"):
+            raise PureKVConfigError(f"PureKVConfig.carry_statistic={self.carry_statistic!r} is not one of "
+                                    "('entropy', 'missed')")
+        if not 0.0 <= self.carry_decay <= 1.0:
+            raise PureKVConfigError(f"PureKVConfig.carry_decay={self.carry_decay} must lie in [0, 1]")
+        if self.carry_candidates < 1.0 or self.carry_cap < 1.0 or self.carry_power <= 0.0:
+            raise PureKVConfigError(f"PureKVConfig.carry_candidates={self.carry_candidates} and carry_cap="
+                                    f"{self.carry_cap} must be >= 1, carry_power={self.carry_power} > 0")
+
+    def carry_rule(self, n_layers: int, count: int, slots: int) -> P.CarryRule | None:
+        """The plan's carry rule for a budget of ``count`` entries per layer in ``slots`` cache slots."""
+        if self.carry == "accumulate":
+            return P.AccumulatedCarry(decay=self.carry_decay)
+        if self.carry == "rerank":
+            return P.RerankCarry(candidates=math.ceil(self.carry_candidates * count))
+        if self.carry == "allocate" and count < slots:
+            return P.BudgetCarry(budget=count, n_layers=n_layers, low=self.window + self.sink, high=slots,
+                                 power=self.carry_power, statistic=self.carry_statistic)
+        return None
 
     def _check_kv_storage(self):
         """The budget unit and the quantisation fields on their own (the head_dim is :meth:`resolve`'s)."""
@@ -527,6 +583,9 @@ class PureKVConfig:
         if self.adaptive_heads:  # AdaKV: a head may hold up to adaptive_cap x the per-head budget
             m = self.budget_multiple
             slots = min(-(-math.ceil(self.adaptive_cap * max(budgets)) // m) * m, padded_len)
+        if self.carry == "allocate":  # a layer may keep up to carry_cap x the budget
+            m = self.budget_multiple
+            slots = min(-(-math.ceil(self.carry_cap * max(budgets)) // m) * m, padded_len)
         budgets = tuple(min(b, slots) for b in budgets)
         n_quant = 0 if bits is None else quantized_split(slots, self.window, self.kv_group)
         if n_quant and self.adaptive_heads:
@@ -548,6 +607,7 @@ class PureKVConfig:
             question_window=self.question_window and self.base in ("snapkv", "pyramid"),
             st=self.st_plan(text_cfg) if self.st_sparse else None,
             quant=Q.QuantLayout(bits, self.kv_group, n_quant) if n_quant else None,
+            carry=self.carry_rule(n_layers, count, slots) if count < prompt_len else None,
         )
 
 
@@ -626,6 +686,7 @@ class KVPlan:
     question_window: bool = False  # per-row windows (``ScoreContext.window_len``) for scoring and keeping
     st: STPlan | None = None
     quant: Q.QuantLayout | None = None
+    carry: P.CarryRule | None = None  # what a layer takes from the layers below (``prefill.carried_score``)
 
     @classmethod
     def full(cls, n_layers: int, padded_len: int) -> "KVPlan":

@@ -231,6 +231,96 @@ class CLIE:
         return carried * jnp.sqrt(jnp.sum(vf * vf, axis=-1))
 
 
+# ------------------------------------------------------------------------------------------ carries
+def normalized_score(score: jax.Array) -> jax.Array:
+    """``score [B, H, N]`` (non-negative) divided by its sum over the sequence, per row and head: a
+    distribution, so that layers of different score scales weigh alike when combined."""
+    total = jnp.sum(score, axis=-1, keepdims=True)
+    return score / jnp.where(total > 0, total, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class AccumulatedCarry:
+    """Accumulated carry: a layer ranks by its own normalised score plus ``decay`` times the carry of the
+    layers below; the carry is ``decay * carry + (the layer's normalised score, averaged over its KV
+    heads)`` (head ``h`` of one layer has no counterpart in the next, so the layers' consensus is carried
+    per token). ``decay=0`` is the layer's own ranking. Carry ``[B, 1, N]`` float32."""
+
+    decay: float = 0.5
+
+    def init(self, b: int, hkv: int, n: int) -> jax.Array:
+        return jnp.zeros((b, 1, n), jnp.float32)
+
+    def step(self, own: jax.Array, carried: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``own [B, Hkv, N]`` -> ``(ranking score [B, Hkv, N], carry for the layer above)``."""
+        norm = normalized_score(own)
+        return norm + self.decay * carried, self.decay * carried + jnp.mean(norm, axis=1, keepdims=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class RerankCarry:
+    """Anchors plus own correction: an owned layer takes the ``candidates`` entries its CLIE estimate ranks
+    highest (the anchor's carried score times the layer's value norms) and orders them by its own window
+    score; every other entry ranks below them. The carry is CLIE's (the last anchor's score)."""
+
+    candidates: int
+
+    def owned_score(self, estimate: jax.Array, own: jax.Array) -> jax.Array:
+        """``estimate``, ``own [B, Hkv, N]`` (``own`` >= 0) -> ranking score ``[B, Hkv, N]``: ``own`` on the
+        top ``candidates`` of ``estimate``, -1 elsewhere."""
+        n = estimate.shape[-1]
+        _, top = jax.lax.top_k(estimate, min(self.candidates, n))
+        chosen = jnp.zeros(estimate.shape, bool).at[
+            jnp.arange(estimate.shape[0])[:, None, None], jnp.arange(estimate.shape[1])[None, :, None], top].set(True)
+        return jnp.where(chosen, own, -1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetCarry:
+    """Cross-layer budget allocation (after CAKE's layer preferences, decided layer by layer as the prefill
+    goes up): a layer whose window score is spread (high normalised entropy ``E_l``, mean over its KV
+    heads) needs more entries than one whose score is concentrated. Layer ``l`` keeps, per row,
+    ``budget * (E_l / mean(E_0..E_l)) ** power`` entries, less its share of what the layers below took beyond
+    the budget (``debt / layers left``), clipped to ``[low, high]``; the last layer takes what is left, so
+    the rows' totals match ``n_layers * budget`` unless the clipping binds. Carry ``[B, 2]`` float32: the
+    sum of the statistics so far and the debt.
+
+    ``statistic="missed"`` replaces the entropy by the score mass the uniform budget would miss (one minus
+    the mass of the layer's top ``budget`` entries, after DynamicKV's per-layer top-k attention mass): a
+    layer whose budget already holds nearly all of its mass gives entries to one that misses much.
+    """
+
+    budget: int
+    n_layers: int
+    low: int
+    high: int
+    power: float = 1.0
+    statistic: str = "entropy"
+
+    def init(self, b: int, hkv: int, n: int) -> jax.Array:
+        return jnp.zeros((b, 2), jnp.float32)
+
+    def step(self, own: jax.Array, carried: jax.Array, layer) -> tuple[jax.Array, jax.Array]:
+        """``own [B, Hkv, N]`` (>= 0) -> ``(budget [B, 1, 1] int32, carry)`` for layer ``layer`` (traced)."""
+        n = own.shape[-1]
+        p = normalized_score(own)
+        if self.statistic == "missed":
+            stat = 1.0 - jnp.sum(jax.lax.top_k(p, min(self.budget, n))[0], axis=-1)
+        else:
+            stat = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1) / math.log(n)
+        e = jnp.mean(stat, axis=1)  # [B]
+        total, debt = carried[:, 0] + e, carried[:, 1]
+        mean = total / (jnp.asarray(layer, jnp.float32) + 1.0)
+        ratio = jnp.where(mean > 0, e / jnp.where(mean > 0, mean, 1.0), 1.0)
+        left = jnp.asarray(self.n_layers - layer, jnp.float32)
+        target = jnp.where(left > 1, self.budget * ratio ** self.power - debt / left, self.budget - debt)
+        budget = jnp.clip(jnp.round(target), self.low, self.high)
+        return budget.astype(jnp.int32)[:, None, None], jnp.stack([total, debt + budget - self.budget], axis=1)
+
+
+CarryRule = AccumulatedCarry | RerankCarry | BudgetCarry
+
+
 # ------------------------------------------------------------------------------------------ keep-set
 def keep_set(
     score: jax.Array,
@@ -248,7 +338,8 @@ def keep_set(
       score: ``[B, H, N]`` float32, higher = more important.
       valid: ``[B, N]`` bool, real tokens (any padding pattern).
       slots: static number of output slots (``>= budget``).
-      budget: entries kept (static int, or a traced scalar for per-layer budgets inside a scan).
+      budget: entries kept (static int, a traced scalar for per-layer budgets inside a scan, or ``[B, 1, 1]``
+        int32 for per-row budgets: :class:`BudgetCarry`; not with ``adaptive``).
       window, sink: always kept (the last ``window`` and the first ``sink`` real tokens); ``window`` is a
         static int or a per-row ``[B]`` int32 array.
       adaptive: AdaKV-style per-head budgets (:func:`adaptive_select`): one top-k over all KV heads of the

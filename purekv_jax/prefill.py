@@ -9,7 +9,9 @@ writes only the kept ones into the cache, so the KV memory held during the prefi
 A layer's ranking score comes from :func:`carried_score`, the one place where CLIE's carry lives: layers
 of an ``own`` segment score themselves with the plan's base policy, an ``anchor`` layer scores itself and
 hands its score up, and the ``owned`` layers above it rank by that carried score times their own value
-norms (they compute no attention probabilities).
+norms (they compute no attention probabilities); the plan's carry rule, if any, changes what is carried
+(a decayed consensus of the layers below, an anchor's candidates re-ranked by the owned layer, or the
+statistic that sets each layer's budget).
 """
 
 from __future__ import annotations
@@ -90,25 +92,54 @@ def scan_layers(text, cfg: TextConfig, x, cos, sin, layers: tuple[int, int], ste
     return x, carry, outs
 
 
-def carried_score(plan: KVPlan, kind: str, layer, own_score: Callable[[], jax.Array], carried: jax.Array, v):
-    """One layer's ranking score ``[B, Hkv, N]`` and the carry handed to the layer above.
+def initial_carry(plan: KVPlan, b: int, hkv: int, n: int) -> jax.Array:
+    """The carry the first layer receives: the plan's carry rule's, else CLIE's (an anchor score
+    ``[B, Hkv, N]``, zeros until the first anchor)."""
+    if isinstance(plan.carry, (P.AccumulatedCarry, P.BudgetCarry)):
+        return plan.carry.init(b, hkv, n)
+    return jnp.zeros((b, hkv, n), jnp.float32)
+
+
+def carried_score(plan: KVPlan, kind: str, layer, own_score: Callable[[], jax.Array], carried: jax.Array, v,
+                  budget):
+    """One layer's ranking score ``[B, Hkv, N]``, its budget and the carry handed to the layer above.
 
     ``kind`` is the layer's segment kind (``own`` / ``anchor`` / ``owned``), or ``any`` when one loop runs
     layers of every kind and the kind is looked up per (traced) ``layer`` in ``plan.layer_kinds``.
-    ``own_score()`` computes the layer's base score (called only where it is needed: an owned layer
-    computes no attention probabilities); ``carried`` is the last anchor's score; ``v [B, Hkv, N, hd]``
-    the layer's values (CLIE's value norms).
+    ``own_score()`` computes the layer's base score (called only where it is needed: a CLIE owned layer
+    computes no attention probabilities); ``carried`` is the carry from the layer below
+    (:func:`initial_carry` for the first); ``v [B, Hkv, N, hd]`` the layer's values (CLIE's value norms);
+    ``budget`` the plan's budget of the layer, returned as is unless the plan's carry allocates budgets
+    (:class:`~purekv_jax.policies.BudgetCarry`: ``[B, 1, 1]`` int32).
+
+    The carries (``plan.carry``): none (CLIE: an anchor's score carried to the layers it owns),
+    :class:`~purekv_jax.policies.AccumulatedCarry` (every layer: own score plus the decayed consensus below),
+    :class:`~purekv_jax.policies.RerankCarry` (CLIE's owned layers re-rank the estimate's top candidates by
+    their own score), :class:`~purekv_jax.policies.BudgetCarry` (every layer: own score, budget from the
+    carried window-score entropies).
     """
+    rule = plan.carry
+    if isinstance(rule, P.AccumulatedCarry):
+        score, carried = rule.step(own_score(), carried)
+        return score, budget, carried
+    if isinstance(rule, P.BudgetCarry):
+        score = own_score()
+        budget, carried = rule.step(score, carried, layer)
+        return score, budget, carried
+    if isinstance(rule, P.RerankCarry):
+        owned_score = lambda: rule.owned_score(plan.clie.owned_score(carried, v), own_score())
+    else:
+        owned_score = lambda: plan.clie.owned_score(carried, v)
     if kind == "owned":
-        return plan.clie.owned_score(carried, v), carried
+        return owned_score(), budget, carried
     if kind == "any":
         kinds = plan.layer_kinds
         owned = jnp.asarray([k == "owned" for k in kinds])[layer]
         anchor = jnp.asarray([k == "anchor" for k in kinds])[layer]
-        score = jax.lax.cond(owned, lambda: plan.clie.owned_score(carried, v), own_score)
-        return score, jnp.where(anchor, score, carried)
+        score = jax.lax.cond(owned, owned_score, own_score)
+        return score, budget, jnp.where(anchor, score, carried)
     score = own_score()
-    return score, (score if kind == "anchor" else carried)
+    return score, budget, (score if kind == "anchor" else carried)
 
 
 def compressed_prefill(
@@ -173,8 +204,8 @@ def compressed_prefill(
             else:
                 own = lambda: plan.base.score(P.ScoreContext(q=q, k=k, v=v, valid=valid, layer=layer, probs=probs,
                                                              window_len=inputs.window_len))
-                score, carried = carried_score(plan, kind, layer, own, carried, v)
-                idx, kept = P.keep_set(score, keepable, slots=plan.slots, budget=budgets[layer], window=keep_window,
+                score, budget, carried = carried_score(plan, kind, layer, own, carried, v, budgets[layer])
+                idx, kept = P.keep_set(score, keepable, slots=plan.slots, budget=budget, window=keep_window,
                                        sink=plan.sink, adaptive=plan.head_adaptive)
             kk, vv = C.keep_indices(k, v, idx)
             token_index = jnp.take_along_axis(jnp.broadcast_to(real_rank[:, None], idx.shape[:2] + (n,)), idx, axis=-1)
@@ -186,7 +217,7 @@ def compressed_prefill(
     if fused and len(segments) > 1 and not h2o:
         segments = (Segment("any", 0, cfg.num_hidden_layers),)
     state = (C.create(cfg.num_hidden_layers, b, hkv, capacity, cfg.head_dim, x.dtype, plan.quant),
-             jnp.zeros((b, hkv, n), jnp.float32))
+             initial_carry(plan, b, hkv, n))
     for seg in segments:
         x, state, _ = scan_layers(text, cfg, x, cos, sin, (seg.lo, seg.hi), segment_step(seg.kind), state)
     cache, _ = state

@@ -25,7 +25,7 @@ from typing import Any
 from .config import BudgetBelowWindowError, PureKVConfig, register_named_policy
 
 ORIGINS = ("full", "library", "paper")
-GROUPS = ("cli", "main", "ablation", "retrieval", "bytes", "prompt_state")
+GROUPS = ("cli", "main", "ablation", "retrieval", "bytes", "prompt_state", "carry")
 
 
 class PresetError(ValueError):
@@ -40,8 +40,9 @@ class Preset:
       name: the name the command line, a batch request or a study's results use.
       help: one line saying what the policy keeps (the command line's help, the fidelity table's note).
       group: the study that defined it: ``"cli"`` (the command line's own), ``"main"`` / ``"ablation"``
-        (the fidelity harness's main rows and ablations), ``"retrieval"`` or ``"bytes"`` (byte budgets at
-        every code width, rows of both studies: docs/kv_bytes.md).
+        (the fidelity harness's main rows and ablations), ``"retrieval"``, ``"bytes"`` (byte budgets at
+        every code width, rows of both studies: docs/kv_bytes.md) or ``"carry"`` (scores carried across
+        layers: docs/carry.md).
       origin: the configuration it starts from: ``"full"`` (no compression), ``"library"``
         (``PureKVConfig(budget=...)``) or ``"paper"`` (``PureKVConfig.paper(budget)``).
       fields: ``PureKVConfig`` fields changed from the origin, as ``(name, value)`` pairs.
@@ -229,6 +230,33 @@ _PROMPT_STATE = (
            "the window (scored with, never kept)", "prompt_state", origin="library", probe=GENERIC_PROBE),
 )
 
+
+def _carry(name: str, help: str, **fields) -> Preset:
+    """The library default with a cross-layer carry (``PureKVConfig.carry``) and ``fields`` changed."""
+    every = fields.pop("anchors_every", None)
+    return Preset(name, help, "carry", origin="library", fields=tuple(fields.items()), anchors_every=every)
+
+
+#: The carry study's rows (docs/carry.md): the default's scoring, each layer also taking from the layers below.
+_CARRY = (
+    _carry("carry accumulate 0.3", "own score + 0.3 x the decayed consensus of the layers below",
+           carry="accumulate", carry_decay=0.3),
+    _carry("carry accumulate 0.6", "own score + 0.6 x the decayed consensus of the layers below",
+           carry="accumulate", carry_decay=0.6),
+    _carry("carry accumulate 0.9", "own score + 0.9 x the decayed consensus of the layers below",
+           carry="accumulate", carry_decay=0.9),
+    _carry("carry rerank every 2", "anchors every 2 layers; owned layers re-rank the anchor's top 2 x budget by "
+           "their own score", carry="rerank", cross_layer=True, anchors_every=2),
+    _carry("carry rerank every 4", "anchors every 4 layers; owned layers re-rank the anchor's top 2 x budget by "
+           "their own score", carry="rerank", cross_layer=True, anchors_every=4),
+    _carry("carry allocate", "own scores; each layer's budget from its window-score entropy (up to 2 x)",
+           carry="allocate"),
+    _carry("carry allocate p4", "own scores; each layer's budget from its window-score entropy ** 4 (up to 2 x)",
+           carry="allocate", carry_power=4.0),
+    _carry("carry allocate missed", "own scores; each layer's budget from the score mass the uniform budget misses "
+           "(up to 2 x)", carry="allocate", carry_statistic="missed"),
+)
+
 #: Every named policy, by name (the fidelity harness's main rows first, in its order).
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     _FULL, _RANDOM, _STREAMING, _SNAPKV, _PYRAMIDKV, _H2O, _CLIE, _CLIE_NO_VNORM,
@@ -240,6 +268,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     *_RETRIEVAL,
     *_BYTES,
     *_PROMPT_STATE,
+    *_CARRY,
 )}
 
 #: ``--policy`` names of ``purekv generate`` / ``purekv batch`` (and a batch request's ``policy``), in the

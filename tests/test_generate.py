@@ -13,6 +13,7 @@ from purekv_jax import generation as G
 from purekv_jax import policies as P
 from purekv_jax.compile_cache import TRACE_COUNTS, clear_compile_cache
 from purekv_jax.config import PureKVConfig, PureKVConfigError
+from purekv_jax.presets import preset, presets_in
 from conftest import random_text_ids
 
 N_NEW = 32
@@ -261,6 +262,33 @@ def test_clie_scores_only_at_anchor_layers(model4, attention):
     # without CLIE every layer scores (one segment)
     plan2, jaxpr2 = G.prefill_jaxpr(params, cfg, ids, PureKVConfig(budget=0.3, window=window, sink=2, cross_layer=False))
     assert [s.kind for s in plan2.segments] == ["own"] and _scans_with_scoring(jaxpr2)[0]["scope"] > 0
+
+
+def _out_shapes(jx):
+    """Every equation output's shape in ``jx`` and its sub-jaxprs."""
+    for eqn in jx.eqns:
+        yield from (tuple(o.aval.shape) for o in eqn.outvars if hasattr(o.aval, "shape"))
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from _out_shapes(sub)
+
+
+@pytest.mark.parametrize("name", [p.name for p in presets_in("carry")])
+def test_carried_presets_never_build_an_n_by_n_matrix(model4, name):
+    """Every carry is state of the layer scan: with the flash path no array of the prefill is [.., N, N]
+    (the dense path's [B, H, N, N] scores show the check can fail); every carry only ever sees window
+    scores ([.., window, N] exps)."""
+    cfg, params = model4
+    n = 192  # not a multiple of the flash block's 128, so no block is [N, N] either
+    ids = random_text_ids(np.random.default_rng(26), (1, n), cfg)
+    pol = preset(name).make(0.3, cfg.text.num_hidden_layers, window=8, sink=2)
+    for fused in (False, True):
+        plan, jaxpr = G.prefill_jaxpr(params, cfg, ids, pol, attention="flash", fused=fused)
+        assert plan.carry is not None
+        shapes = list(_out_shapes(jaxpr.jaxpr))
+        assert not [s for s in shapes if len(s) >= 2 and s[-2:] == (n, n)], (name, fused)
+        assert any(len(s) >= 2 and s[-2:] == (8, n) for s in shapes)  # the window's scores
+    _, dense = G.prefill_jaxpr(params, cfg, ids, pol, attention="dense")
+    assert any(len(s) >= 2 and s[-2:] == (n, n) for s in _out_shapes(dense.jaxpr))
 
 
 def test_decode_compiled_once_per_bucket(model4):

@@ -47,7 +47,7 @@ from models.qwen2_5_vl.text import TextConfig
 from .. import cache as C
 from .. import policies as P
 from ..config import KVPlan, PureKVConfig
-from ..prefill import carried_score, scan_layers
+from ..prefill import carried_score, initial_carry, scan_layers
 from ..presets import Preset, preset, presets_in
 from .data import DEFAULT_SOURCES, make_windows
 
@@ -59,6 +59,8 @@ MAIN_POLICIES: tuple[Preset, ...] = tuple(p for p in presets_in("main") if p.nam
 ABLATIONS: tuple[Preset, ...] = presets_in("ablation")
 #: The byte-budget rows (``FidelitySettings.kv_bytes``): the default scoring at every code width.
 BYTES_POLICIES: tuple[Preset, ...] = presets_in("bytes")
+#: The carried-score rows (``FidelitySettings.carry``): the default's scoring with a cross-layer carry.
+CARRY_POLICIES: tuple[Preset, ...] = presets_in("carry")
 
 
 def default_policy_spec() -> Preset | None:
@@ -111,17 +113,18 @@ def analysis_prefill(params, ids: jax.Array, window_len: jax.Array | None = None
 
 
 @functools.partial(jax.jit, static_argnames=("plan", "capacity"))
-def build_cache(scores, k, v, window_len=None, *, plan: KVPlan, capacity: int | None = None):
+def build_cache(scores, k, v, window_len=None, budgets=None, *, plan: KVPlan, capacity: int | None = None):
     """Every layer's keep-set under ``plan`` (``policies.keep_set`` on ``scores [L, B, Hkv, N]``, the plan's
     per-layer budgets, window (``window_len [B]``: the rows' question-aligned windows, used when the plan
     aligns windows to the question), sinks and per-head budgets) -> ``(cache, idx [L, B, Hkv, slots], kept)``;
-    the cache has ``capacity`` slots (default ``plan.slots``; more leaves room to decode), next position ``N``."""
+    the cache has ``capacity`` slots (default ``plan.slots``; more leaves room to decode), next position ``N``;
+    ``budgets``: the layers' budgets when a carry decided them (:func:`carried_layers`; default the plan's)."""
     n_layers, b, _, n, _ = k.shape
     valid = jnp.ones((b, n), bool)
     window = plan.keep_window(window_len)
     keep = lambda s, budget: P.keep_set(s, valid, slots=plan.slots, budget=budget, window=window, sink=plan.sink,
                                         adaptive=plan.head_adaptive)
-    idx, kept = jax.vmap(keep)(scores, jnp.asarray(plan.budgets, jnp.int32))
+    idx, kept = jax.vmap(keep)(scores, jnp.asarray(plan.budgets if budgets is None else budgets, jnp.int32))
     cache = C.from_keep(k, v, idx, kept, capacity=plan.slots if capacity is None else capacity,
                         next_position=jnp.full((b,), n, jnp.int32), quant=plan.quant)
     return cache, idx, kept
@@ -179,16 +182,25 @@ def continuation_metrics(logits, ref_logits, targets):
     return nll, agree, kl
 
 
-def layer_scores(plan: KVPlan, table: dict, v: jax.Array) -> jax.Array:
-    """Each layer's ranking score ``[L, B, Hkv, N]`` under ``plan``, formed by the prefill's own carry
+def carried_layers(plan: KVPlan, table: dict, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Each layer's ranking score ``[L, B, Hkv, N]`` and budget (``[L]``, or ``[L, B, 1, 1]`` when the plan's
+    carry allocates budgets) under ``plan``, formed by the prefill's own carry
     (:func:`purekv_jax.prefill.carried_score`) from the base scores ``table[plan.base]`` and the values
     ``v [L, B, Hkv, N, hd]``."""
     base = table[plan.base]
-    out, carried = [], jnp.zeros_like(base[0])
+    scores, budgets = [], []
+    carried = initial_carry(plan, *base.shape[1:])
     for layer, kind in enumerate(plan.layer_kinds):
-        score, carried = carried_score(plan, kind, layer, lambda: base[layer], carried, v[layer])
-        out.append(score)
-    return jnp.stack(out)
+        score, budget, carried = carried_score(plan, kind, layer, lambda: base[layer], carried, v[layer],
+                                               jnp.asarray(plan.budgets[layer], jnp.int32))
+        scores.append(score)
+        budgets.append(budget)
+    return jnp.stack(scores), jnp.stack(budgets)
+
+
+def layer_scores(plan: KVPlan, table: dict, v: jax.Array) -> jax.Array:
+    """Each layer's ranking score ``[L, B, Hkv, N]`` under ``plan`` (:func:`carried_layers`)."""
+    return carried_layers(plan, table, v)[0]
 
 
 # ------------------------------------------------------------------------------------------ per prompt
@@ -232,8 +244,8 @@ def policy_cache(an: PromptAnalysis, cfg: TextConfig, pk: PureKVConfig | None):
         cache, idx, kept = build_full_cache(an.k, an.v)
         return cache, idx, kept, KVPlan.full(cfg.num_hidden_layers, an.n_prompt)
     plan = pk.resolve(cfg, an.n_prompt, kv_dtype=an.k.dtype)
-    scores = layer_scores(plan, an.table, an.v)
-    cache, idx, kept = build_cache(scores, an.k, an.v, plan=plan)
+    scores, budgets = carried_layers(plan, an.table, an.v)
+    cache, idx, kept = build_cache(scores, an.k, an.v, budgets=budgets, plan=plan)
     return cache, idx, kept, plan
 
 
@@ -293,6 +305,7 @@ class FidelitySettings:
     policies: tuple[str, ...] | None = None  # run only these (and full, snapkv, clie); None = all
     kv_bytes: bool = False  # add the byte-budget rows (BYTES_POLICIES) at ``budgets``
     kv_dtype: str | None = None  # the caches' dtype (byte budgets count in it); None: the model's
+    carry: bool = False  # add the carried-score rows (CARRY_POLICIES, docs/carry.md) at ``budgets``
 
 
 def run_fidelity(params, cfg: TextConfig, tokenizer, settings: FidelitySettings,
@@ -311,7 +324,7 @@ def run_fidelity(params, cfg: TextConfig, tokenizer, settings: FidelitySettings,
     overlap: dict[str, dict[str, list]] = {}
     timings: dict[str, float] = {"analysis_s": 0.0, "continuation_s": 0.0, "cache_s": 0.0}
     sp_spec = next(s for s in main if s.name == settings.spearman_policy)
-    extras = list(BYTES_POLICIES) if settings.kv_bytes else []
+    extras = (list(BYTES_POLICIES) if settings.kv_bytes else []) + (list(CARRY_POLICIES) if settings.carry else [])
     unknown = set(settings.policies or ()) - {s.name for s in main + list(ABLATIONS) + extras}
     if unknown:
         raise ValueError(f"unknown fidelity policies {sorted(unknown)}; known: "

@@ -216,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policies", nargs="+", default=None, help="run only these policies (and the reference rows: full, snapkv, clie)")
     p.add_argument("--kv-bytes", action="store_true", help="add the byte-budget rows (the default scoring at "
                                                            "every code width, presets of group 'bytes')")
+    p.add_argument("--carry", action="store_true", help="add the carried-score rows (presets of group 'carry', "
+                                                        "docs/carry.md)")
     p.add_argument("--kv-dtype", default=None, help="store the caches' keys and values in this dtype (e.g. "
                                                     "bfloat16; byte budgets count in it); default: the model's")
     p.add_argument("--out", default="docs/fidelity", help="output folder (default docs/fidelity)")
@@ -234,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             ablations=not args.no_ablations, ablation_lengths=tuple(args.ablation_lengths),
             ablation_budgets=tuple(args.ablation_budgets), seed=args.seed,
             policies=None if args.policies is None else tuple(args.policies), kv_bytes=args.kv_bytes,
-            kv_dtype=args.kv_dtype)
+            kv_dtype=args.kv_dtype, carry=args.carry)
         out = run_fidelity(params, config.text, tok, settings, log=lambda m: print(m, file=sys.stderr, flush=True))
     except ValueError as e:
         print(f"purekv bench fidelity: error: {e}", file=sys.stderr)

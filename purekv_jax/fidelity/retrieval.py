@@ -41,7 +41,7 @@ from ..decode import SamplingSettings, decode_program
 from ..presets import preset
 from .data import DEFAULT_SOURCES, read_text
 from .model import load_model
-from .harness import analysis_prefill, build_cache, layer_scores, score_policies_needed as base_policies
+from .harness import analysis_prefill, build_cache, carried_layers, score_policies_needed as base_policies
 
 SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 USER = "<|im_start|>user\n"
@@ -115,11 +115,12 @@ def policy_answers(params, config, an: dict, pk: PureKVConfig | None, max_new: i
     n = k.shape[3]
     if pk is None:
         plan = KVPlan.full(cfg.num_hidden_layers, n)
-        scores = jnp.zeros(k.shape[:4], jnp.float32)
+        scores, budgets = jnp.zeros(k.shape[:4], jnp.float32), None
     else:
         plan = pk.resolve(cfg, n, kv_dtype=k.dtype)
-        scores = layer_scores(plan, table, v)
-    cache, idx, kept = build_cache(scores, k, v, an.get("window_len"), plan=plan, capacity=plan.slots + max_new)
+        scores, budgets = carried_layers(plan, table, v)
+    cache, idx, kept = build_cache(scores, k, v, an.get("window_len"), budgets, plan=plan,
+                                   capacity=plan.slots + max_new)
     kept_np = np.asarray(kept).sum() / (cfg.num_hidden_layers * k.shape[2] * n * k.shape[1])
     full_bytes = C.kv_bytes_full(n * k.shape[1], cfg.num_hidden_layers, k.shape[2], cfg.head_dim, k.dtype)
     bytes_kept = C.kv_bytes_kept(cache) / full_bytes
