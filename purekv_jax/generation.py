@@ -350,7 +350,7 @@ def generate(
     prefill_s = time.perf_counter() - t0
     kept_bytes = C.kv_bytes_kept(cache)
     kept_tokens = C.kv_tokens_kept(cache)
-    kept_index = np.asarray(cache.token_index[..., :plan.slots])  # (before the decode donates the cache)
+    kept_index = host_array(cache.token_index[..., :plan.slots])  # (before the decode donates the cache)
 
     # ---------------------------------------------------------------- decode
     sampling = SamplingSettings(n_tokens=n_tokens, temperature=float(temperature), top_k=top_k,

@@ -83,7 +83,7 @@ def _fake_generate(params, config, items, settings, eos, *, data=1):
     rows = B.padded_batch_size(len(items), settings.batch_size, data)
     tokens = np.full((rows, items[0].max_new_tokens), 9707, np.int32)
     stats = dict(prefill_s=0.0, decode_s=0.0, kv_bytes_full=1, kv_bytes_kept=1, prefill_compile_s=0.0,
-                 decode_compile_s=0.0)
+                 decode_compile_s=0.0, st_layers=())  # (the keys run_batch reads of generate's stats)
     return types.SimpleNamespace(tokens=tokens, stats=stats), rows
 
 
