@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 from models.interface import ModelFamily, TextStack
 from models.qwen2_5_vl.config import Qwen25VLConfig, TextConfig
-from models.qwen2_5_vl.config_fields import ConfigError
+from models.qwen2_5_vl.config_fields import ConfigError, read_config_json
 from models.qwen2_5_vl.family import QWEN2_TEXT, QWEN25VL
 from models.videollama2.config import VideoLLaMA2Config
 from models.videollama2.family import VIDEOLLAMA2
@@ -43,14 +42,7 @@ def text_stack(cfg) -> TextStack:
 def family_name_of_file(path: str | os.PathLike) -> str:
     """``"videollama2"`` or ``"qwen2_5_vl"`` from a checkpoint folder's (or file's) ``config.json``
     ``model_type`` / ``architectures``."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (OSError, ValueError, RecursionError) as e:
-        raise ConfigError(f"{path}: cannot read a JSON config ({e})") from None
+    _, raw = read_config_json(path)
     tag = (str(raw.get("model_type", "")) + " " + " ".join(map(str, raw.get("architectures") or ()))).lower() \
         if isinstance(raw, dict) else ""
     return "videollama2" if "videollama2" in tag else "qwen2_5_vl"

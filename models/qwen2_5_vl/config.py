@@ -11,11 +11,10 @@ Config objects are hashable, so they can be passed to ``jax.jit`` as static argu
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Mapping
 
-from .config_fields import ConfigError, Fields
+from .config_fields import ConfigError, Fields, read_config_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,16 +208,7 @@ class Qwen25VLConfig:
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "Qwen25VLConfig":
         """Reads ``config.json`` (or the ``config.json`` inside a folder)."""
-        path = os.fspath(path)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        try:
-            with open(path, encoding="utf-8") as f:
-                raw = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such file") from None
-        except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, nesting too deep
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        path, raw = read_config_json(path)
         return cls.from_hf_dict(raw, source=path)
 
     # ------------------------------------------------------------------ writing

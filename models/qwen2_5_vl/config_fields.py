@@ -10,7 +10,9 @@ once, instead of after building a million-layer table.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from typing import Any, Mapping
 
 _MISSING = object()
@@ -46,6 +48,23 @@ LIMITS: dict[str, tuple[float, float]] = {
 
 class ConfigError(ValueError):
     """A config.json that lacks a needed field or holds an inconsistent one."""
+
+
+def read_config_json(path: str | os.PathLike) -> tuple[str, Any]:
+    """``(the file's path, its parsed JSON)`` of ``config.json`` (or the ``config.json`` inside a folder); a
+    missing file or bad JSON is a :class:`ConfigError` naming the file."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return path, json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e})") from None
+    except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, nesting too deep
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
 
 
 class Fields:

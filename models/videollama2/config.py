@@ -16,12 +16,11 @@ frequency band rotates with the one position row) and, for Mistral, no q/k/v bia
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Mapping
 
 from models.qwen2_5_vl.config import TextConfig
-from models.qwen2_5_vl.config_fields import ConfigError, Fields
+from models.qwen2_5_vl.config_fields import ConfigError, Fields, read_config_json
 
 #: the placeholders of the release's tokenizer helper (``MODAL_INDEX_MAP``): one per image / video,
 #: replaced by the whole feature sequence.
@@ -248,16 +247,7 @@ class VideoLLaMA2Config:
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "VideoLLaMA2Config":
         """Reads ``config.json`` (or the ``config.json`` inside a folder)."""
-        path = os.fspath(path)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        try:
-            with open(path, encoding="utf-8") as f:
-                raw = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such file") from None
-        except (ValueError, RecursionError) as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        path, raw = read_config_json(path)
         return cls.from_hf_dict(raw, source=path)
 
     # ------------------------------------------------------------------ writing
