@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# The one command a GPU session runs (one H200 call, < 8 min in all; docs/gpu.md says what it measures):
+# The one command a GPU session runs (one H200 call, < 9.5 min in all; docs/gpu.md says what it measures):
 #   1. benchmarks/gpu_e2e.py: the 7B-shaped model end to end (batch decode full vs PureKV 20%; per length 16k, 32k,
 #      64k: vision tower, one layer's cuDNN attention, prefill of full / PureKV / ST mixed / ST union / eager SnapKV /
 #      the XLA flash path; the Amdahl bound), budget 240 s, killed at 280 s;
 #   2. benchmarks/gpu_kernels.py: the block-sparse kernels vs cuDNN at 7.7k / 16k / 32k (Triton 128x128, Mosaic GPU
 #      64x128, warp-specialised Mosaic GPU 128x128; spatial, temporal, union split, mixed), budget 110 s, killed at 140 s;
 #   3. benchmarks/quant_decode_kernel.py: decode attention over 4- and 8-bit codes, the Pallas kernel vs the XLA path
-#      vs bf16 over the same slots (decides PureKVConfig.kv_decode's default on a GPU), killed at 45 s.
+#      vs bf16 over the same slots (decides PureKVConfig.kv_decode's default on a GPU), killed at 45 s;
+#   4. benchmarks/st_cost_profile.py: the ST-SpAttn cost model's profile of the Triton kernel and of the segment path
+#      on this GPU (cost_profiles_gpu.json, keyed "backend@device kind": merge it into
+#      purekv_jax/st_sparse/cost_profiles.json so st_select="auto" prices ST-SpAttn there), killed at 45 s each.
 # A failure never stops the next step; each step rewrites its json / md after every row, so a killed step keeps
-# what it measured. Outputs (10 files) go to $OUT when set (the device tool returns what is written there), else
+# what it measured. Outputs (12 files) go to $OUT when set (the device tool returns what is written there), else
 # benchmarks/results/.
 #   bash benchmarks/gpu_session.sh             (PYTHON=... picks the interpreter; default python3)
 #   bash benchmarks/gpu_session.sh --smoke     (CPU dry run at tiny sizes, interpret mode: every step and row runs)
@@ -44,4 +47,9 @@ echo "gpu_kernels.py exit ${PIPESTATUS[0]} (124 = killed by timeout: no json/md,
 timeout 45 "$PY" benchmarks/quant_decode_kernel.py --out "$DEST/quant_decode_kernel" "${SMOKE[@]}" 2>&1 \
   | tee "$DEST/quant_decode_kernel_log.txt"
 echo "quant_decode_kernel.py exit ${PIPESTATUS[0]}" | tee -a "$DEST/gpu_session_log.txt"
+for BACKEND in triton segments; do
+  timeout 45 "$PY" benchmarks/st_cost_profile.py --backend "$BACKEND" --reps 3 --out "$DEST/cost_profiles_gpu.json" \
+    2>&1 | tee -a "$DEST/st_cost_profile_log.txt"
+  echo "st_cost_profile.py --backend $BACKEND exit ${PIPESTATUS[0]}" | tee -a "$DEST/gpu_session_log.txt"
+done
 ls -l "$DEST" | tee -a "$DEST/gpu_session_log.txt"

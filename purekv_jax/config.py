@@ -217,13 +217,14 @@ class PureKVConfig:
       head_patterns_file: a JSON written by ``purekv calibrate``, used when ``head_patterns`` is None; read
         and checked at resolution (:meth:`st_plan`), not at construction.
       st_block_q / st_block_k: kernel block sizes (``None``: the backend's default, 128 x 128).
-      st_backend: one of the kernels' ``BACKEND_NAMES``: ``"auto"`` (Triton on GPU, Mosaic on TPU, the XLA
-        gathered-block fallback elsewhere), ``"xla"``, ``"triton"``, ``"mosaic_gpu"`` (Hopper TMA + WGMMA,
-        bf16 / f16), ``"tpu"``.
-      st_select: ``"auto"``: a pattern set runs block-sparse only in the layers where the backend's measured
-        cost model (:mod:`purekv_jax.st_sparse.cost`) predicts it faster than the dense prefill attention for
-        this prompt, so ST-SpAttn never slows a prefill down; ``"always"``: block-sparse in every ST layer
-        (the paper's rule).
+      st_backend: one of the kernels' ``BACKEND_NAMES``: ``"auto"`` (Triton on GPU, Mosaic on TPU, the
+        segment path elsewhere), ``"segments"`` (XLA: batched attention per frame and per place), ``"xla"``
+        (XLA over gathered key blocks), ``"triton"``, ``"mosaic_gpu"`` / ``"mosaic_gpu_ws"`` (Hopper TMA +
+        WGMMA, bf16 / f16), ``"tpu"``.
+      st_select: ``"auto"``: each head group of a pattern set runs block-sparse only where the backend's
+        measured cost model (:mod:`purekv_jax.st_sparse.cost`) predicts a gain over the dense prefill
+        attention for this prompt (a backend and device without a measured profile keep the dense path), so
+        ST-SpAttn never slows a prefill down; ``"always"``: block-sparse in every ST layer (the paper's rule).
       spatial_radius / temporal_window: optional limits of the spatial (|dy|, |dx| <= r) and temporal
         (the last T slots) patterns.
       seed: seed of the ``"random"`` policy.

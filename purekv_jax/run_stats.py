@@ -56,5 +56,8 @@ def format_plan(stats: dict) -> str:
             span = f"layers {layers}"
         cost = "" if path["sparse_s"] is None else (
             f" (predicted per layer: sparse {path['sparse_s'] * 1e3:.1f} ms, dense {path['dense_s'] * 1e3:.1f} ms)")
-        lines.append(f"ST-SpAttn {span}, {'/'.join(path['patterns'])} heads: {path['path']}{cost}")
+        note = f" ({path['note']})" if path.get("note") and path["sparse_s"] is None else ""
+        lines.append(f"ST-SpAttn {span}, {'/'.join(path['patterns'])} heads: {path['path']}{cost}{note}")
+        if path["path"] == "mixed":
+            lines.append("  " + "; ".join(f"{g['pattern']} heads {g['heads']}: {g['path']}" for g in path["groups"]))
     return "\n".join(lines)

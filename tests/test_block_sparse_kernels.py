@@ -1,4 +1,4 @@
-"""Every block-sparse path (XLA fallback, Pallas Triton + TPU kernels in interpret mode) against the
+"""Every block-sparse path (the segment path, XLA fallback, Pallas Triton + TPU kernels in interpret mode) against the
 dense masked float32 reference (outputs, and the per-row log-sum-exp of the split-union passes), on
 fresh random inputs. Max abs errors are printed (pytest -s)."""
 
@@ -20,7 +20,7 @@ TOL = 2e-5
 LAYOUT = STLayout(218, ((9, 3, 4, 5), (80, 4, 5, 6)))
 LAYOUT_RW = STLayout(150, ((12, 5, 4, 6),), spatial_radius=1, temporal_window=2)
 MIXED = ("union", "temporal", "spatial", "dense", "temporal", "temporal", "union", "spatial")
-BLOCKS = {"xla": (32, 32), "triton": (32, 32), "tpu": (32, 128)}
+BLOCKS = {"xla": (32, 32), "triton": (32, 32), "tpu": (32, 128), "segments": (32, 32)}
 ERRORS = {}
 
 
@@ -37,7 +37,7 @@ def _check(name, out, ref):
     assert err < TOL, (name, err)
 
 
-@pytest.mark.parametrize("backend", ["xla", "triton", "tpu"])
+@pytest.mark.parametrize("backend", ["segments", "xla", "triton", "tpu"])
 def test_mixed_patterns_gqa(backend):
     """GQA 8 q / 4 kv heads, all four patterns, TEMPORAL heads on the permuted layout, two videos."""
     q, k, v = _inputs(1, LAYOUT.seq_len)
@@ -47,7 +47,7 @@ def test_mixed_patterns_gqa(backend):
     _check(f"{backend} mixed GQA", f(q, k, v), reference_attention(q, k, v, LAYOUT, MIXED))
 
 
-@pytest.mark.parametrize("backend", ["xla", "triton", "tpu"])
+@pytest.mark.parametrize("backend", ["segments", "xla", "triton", "tpu"])
 def test_radius_window_batch2(backend):
     q, k, v = _inputs(2, LAYOUT_RW.seq_len, hq=4, hkv=2, b=2, d=64)
     pats = ("union", "temporal", "spatial", "union")
@@ -57,7 +57,7 @@ def test_radius_window_batch2(backend):
     _check(f"{backend} radius/window B=2 D=64", out, reference_attention(q, k, v, LAYOUT_RW, pats))
 
 
-@pytest.mark.parametrize("backend", ["xla", "triton"])
+@pytest.mark.parametrize("backend", ["segments", "xla", "triton"])
 def test_temporal_unpermuted_and_split_groups(backend):
     # temporal heads in the original order; patterns that split GQA groups (kv repeated per head)
     q, k, v = _inputs(3, LAYOUT.seq_len, hq=4, hkv=2)

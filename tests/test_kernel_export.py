@@ -9,7 +9,7 @@ What lowers without the device (jax 0.10.2 and 0.11.2):
 - Pallas TPU kernel -> platforms=['tpu']: lowers to a Mosaic `tpu_custom_call` without any disabled
   check, also with return_lse=True (the split union heads). Mosaic's own layout passes and the TPU
   compile run only on a TPU, so VMEM/layout problems would only show there.
-- XLA fallback: exports for both.
+- XLA block fallback and the segment path: export for both.
 - Mosaic GPU kernel -> platforms=['cuda']: lowers to a `mosaic_gpu_v2` custom call with no disabled
   safety check and no (abstract) GPU device, on jax 0.10.2 and 0.11.2, also with return_lse=True
   (the split union heads). The Pallas -> Mosaic GPU
@@ -107,9 +107,10 @@ def test_tpu_exports_for_tpu(dtype, d):
     assert "st_block_sparse_fwd_tpu_lse" not in one_pass
 
 
+@pytest.mark.parametrize("backend", ["xla", "segments"])
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
-def test_xla_fallback_exports(platform):
-    exp = _export("xla", platform)
+def test_xla_paths_export(backend, platform):
+    exp = _export(backend, platform)
     assert exp.platforms == (platform,)
 
 

@@ -63,8 +63,9 @@ def test_choose_path_prices_both_paths():
     # within the margin (10 %) the dense path keeps the layer
     near = choose_path(_profile(1e-10 * ratio * 0.95), (S,) * 4, groups, n, 4, 64, "xla", None, None, "auto")
     assert not near.sparse
-    # no measured profile: block-sparse wherever the plan asks
-    assert choose_path(None, (S,) * 4, groups, n, 4, 64, "xla", None, None, "auto").sparse
+    # no measured profile: the dense path, and the choice says why
+    unpriced = choose_path(None, (S,) * 4, groups, n, 4, 64, "xla", None, None, "auto")
+    assert not unpriced.sparse and "no measured cost profile for backend 'xla'" in unpriced.note
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +78,9 @@ def model4():
 def test_generate_follows_the_cost_model(model4, monkeypatch, sparse_pays):
     cfg, params = model4
     ids, mask, mm = _batch(cfg, np.random.default_rng(13), [[9, ("video", (4, 8, 8)), 7]])
-    profile = _profile(1e-14 if sparse_pays else 1e-6)
-    monkeypatch.setattr(stp, "load_profiles", lambda: {"xla": profile})
-    pol = PureKVConfig(budget=1.0, cross_layer=False, st_sparse=True, st_backend="xla",
+    profile = dataclasses.replace(_profile(1e-14 if sparse_pays else 1e-6), backend="segments")
+    monkeypatch.setattr(stp, "load_profiles", lambda: {"segments": profile})
+    pol = PureKVConfig(budget=1.0, cross_layer=False, st_sparse=True, st_backend="segments",
                        **{**SMALL, "st_select": "auto"})
     got = G.generate(params, cfg, ids, mask, policy=pol, max_new_tokens=4, eos_token_id=(), **mm)
     (path,) = got.stats["st_paths"]
@@ -118,3 +119,84 @@ def test_verbose_plan_lines_name_the_chosen_path():
     text = format_plan(stats)
     assert "prompt 570 tokens padded to 576" in text and "budget 128 tokens" in text and "cache 160 slots" in text
     assert "ST-SpAttn layers 3-7, union heads: dense (predicted per layer: sparse 69.0 ms, dense 21.0 ms)" in text
+
+
+def test_head_groups_choose_their_own_path(model4, monkeypatch):
+    """On the XLA block fallback a split union head computes more cells than a causal DENSE pass on this small
+    video, a spatial head fewer: with cheap kernel cells the spatial heads run block-sparse and the union heads
+    DENSE in the same call (``mixed``); generate follows that plan exactly."""
+    cfg, params = model4
+    ids, mask, mm = _batch(cfg, np.random.default_rng(13), [[9, ("video", (4, 8, 8)), 7]])
+    lay = STLayout(9 + 4 * 4 * 4 + 7, (VideoSpan(9, 4, 4, 4),))
+    spatial, _ = sparse_cells(lay, (S,) * 4, 4, "xla", 16, 16)
+    union, _ = sparse_cells(lay, (U,) * 4, 4, "xla", 16, 16)
+    dense, _ = sparse_cells(lay, (HeadPattern.DENSE,) * 4, 4, "xla", 16, 16)
+    assert spatial < dense < union
+    profile = _profile(1e-14)
+    choice = choose_path(profile, (S, S, U, U), (((0,), 0, lay),), lay.seq_len, 4, 16, "xla", 16, 16, "auto")
+    D = HeadPattern.DENSE
+    assert choice.chosen == (S, S, D, D) and choice.path == "mixed"
+    assert [g.sparse for g in choice.groups] == [True, False]
+    assert choice.chosen_s == pytest.approx(sum(min(g.sparse_s, g.in_kernel_dense_s) for g in choice.groups))
+
+    monkeypatch.setattr(stp, "load_profiles", lambda: {"xla": profile})
+    pats = (None, None, (S, S, U, U), (S, S, U, U))
+    pol = PureKVConfig(budget=1.0, cross_layer=False, st_sparse=True, st_backend="xla", head_patterns=pats,
+                       **{**SMALL, "st_select": "auto"})
+    got = G.generate(params, cfg, ids, mask, policy=pol, max_new_tokens=4, eos_token_id=(), return_cache=True, **mm)
+    (path,) = got.stats["st_paths"]
+    assert path["path"] == "mixed" and [g["path"] for g in path["groups"]] == ["sparse", "dense"]
+    plan = dataclasses.replace(pol, head_patterns=(None, None, (S, S, D, D), (S, S, D, D)), st_select="always")
+    want = G.generate(params, cfg, ids, mask, policy=plan, max_new_tokens=4, eos_token_id=(), return_cache=True,
+                      **mm)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_array_equal(np.asarray(got.cache.k), np.asarray(want.cache.k))
+
+
+def test_verbose_plan_lines_show_each_head_group_of_a_mixed_layer():
+    from purekv_jax.run_stats import format_plan
+
+    stats = {"prompt_len": 9306, "padded_len": 9312, "budgets": (1862,) * 8, "capacity": 1900,
+             "st_paths": [{"layers": [3, 4], "patterns": ["spatial", "union"], "sparse_s": 0.5, "dense_s": 1.0,
+                           "chosen_s": 0.4, "path": "mixed",
+                           "groups": [{"pattern": "spatial", "heads": [0, 1], "path": "sparse"},
+                                      {"pattern": "union", "heads": [2, 3], "path": "dense"}]}]}
+    text = format_plan(stats)
+    assert "ST-SpAttn layers 3-4, spatial/union heads: mixed" in text
+    assert "spatial heads [0, 1]: sparse; union heads [2, 3]: dense" in text
+
+
+def test_profiles_by_device_kind_and_the_users_file_over_the_repositorys(tmp_path, monkeypatch):
+    generic, h200 = _profile(1e-10), dataclasses.replace(_profile(2e-10), backend="triton")
+    user = tmp_path / "mine" / "profiles.json"
+    monkeypatch.setenv(cost.USER_PROFILES_ENV, str(user))
+    assert cost.user_profiles_file() == str(user)
+    cost.save_profiles({"triton@NVIDIA H200": h200, "xla": generic}, str(user))
+    profiles = cost.load_profiles()
+    assert cost.find_profile(profiles, "triton", "NVIDIA H200") == h200
+    assert cost.find_profile(profiles, "triton", "NVIDIA A100") is None
+    # the user's generic xla profile overrides the repository's
+    assert cost.find_profile(profiles, "xla", "cpu") == generic
+    user.write_text("[1, 2]")
+    cost.read_profiles.cache_clear()
+    with pytest.raises(ValueError, match="not a purekv cost profiles file"):
+        cost.load_profiles()
+    cost.read_profiles.cache_clear()
+
+
+def test_calibrate_cost_profile_command_stores_the_users_profile(tmp_path, monkeypatch, capsys):
+    from purekv_jax import cli
+    from purekv_jax.commands import calibrate as calibrate_cmd
+
+    user = tmp_path / "profiles.json"
+    monkeypatch.setenv(cost.USER_PROFILES_ENV, str(user))
+    measured = dataclasses.replace(_profile(3e-10), backend="segments")
+    monkeypatch.setattr(calibrate_cmd, "calibrate_profile", lambda backend: dataclasses.replace(measured,
+                                                                                               backend=backend))
+    assert cli.main(["calibrate", "--cost-profile", "--backend", "segments"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    got = cost.find_profile(cost.load_profiles(), "segments", "cpu")
+    assert got.sparse_cell_s == 3e-10 and got.backend == "segments"
+    assert cli.main(["calibrate", "--out", str(tmp_path / "p.json")]) == 2   # no --model / --video
+    assert "--model and --video are required" in capsys.readouterr().err
+    cost.read_profiles.cache_clear()

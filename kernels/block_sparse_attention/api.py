@@ -8,13 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.block_sparse_attention.backends import KernelOptions, resolve_backend
+from kernels.block_sparse_attention.backends import Backend, KernelOptions, resolve_backend
 from kernels.block_sparse_attention.blocks import block_tables
 from kernels.block_sparse_attention.layout import (HeadPattern, LayoutError, STLayout, inverse_permutation,
                                                    permutation)
 
 __all__ = ["block_sparse_attention", "normalize_patterns", "merge_by_lse", "ShapeError", "HeadGroup",
-           "head_groups"]
+           "head_groups", "backend_head_groups"]
 
 
 class ShapeError(ValueError):
@@ -63,6 +63,15 @@ def head_groups(head_patterns, num_heads: int, *, permute_temporal: bool = True,
     return tuple(out)
 
 
+def backend_head_groups(head_patterns, num_heads: int, kernel: Backend, *, permute_temporal: bool = True,
+                        split_union: bool = True) -> tuple[HeadGroup, ...]:
+    """:func:`head_groups` as ``kernel`` runs them: one pass per pattern, in the original order, for a
+    native-pattern backend (which neither permutes nor splits)."""
+    if kernel.native_patterns:
+        permute_temporal = split_union = False
+    return head_groups(head_patterns, num_heads, permute_temporal=permute_temporal, split_union=split_union)
+
+
 def merge_by_lse(o_a, lse_a, o_b, lse_b):
     """Attention over the union of two disjoint key sets from the two partial results.
 
@@ -87,22 +96,25 @@ def _head_selection(heads, g):
     return qh, qh // g
 
 
-def _pattern_pass(q, k, v, layout, pat, perm, qh, kvh, bq, bk, run, return_lse=False):
-    """One pattern on q heads qh / kv heads kvh: pad, permute, kernel, un-permute, unpad.
+def _pattern_pass(q, k, v, layout, pat, perm, qh, kvh, bq, bk, kernel, options, return_lse=False):
+    """One pattern on q heads qh / kv heads kvh: pad, permute, kernel, un-permute, unpad (a native-pattern
+    backend takes the original order as it is).
 
     Returns [B, len(qh), N, D] (and the [B, len(qh), N] log-sum-exp with ``return_lse``)."""
     n = layout.seq_len
+    pick = lambda x, idx: x if np.array_equal(idx, np.arange(x.shape[1])) else x[:, idx]
+    if kernel.native_patterns:
+        return kernel.run(pick(q, qh), pick(k, kvh), pick(v, kvh), layout, pat, options, return_lse)
     tables = block_tables(layout, pat, bq, bk, permuted=perm)
     npad = tables.padded_len
     pad = ((0, 0), (0, 0), (0, npad - n), (0, 0))
-    pick = lambda x, idx: x if np.array_equal(idx, np.arange(x.shape[1])) else x[:, idx]
     qs = jnp.pad(pick(q, qh), pad)
     ks = jnp.pad(pick(k, kvh), pad)
     vs = jnp.pad(pick(v, kvh), pad)
     if perm:
         p_idx = permutation(layout, npad)
         qs, ks, vs = qs[:, :, p_idx], ks[:, :, p_idx], vs[:, :, p_idx]
-    res = run(qs, ks, vs, tables, return_lse=return_lse)
+    res = kernel.run(qs, ks, vs, tables, options, return_lse)
     o, lse = res if return_lse else (res, None)
     if perm:
         inv = inverse_permutation(layout, npad)
@@ -126,9 +138,12 @@ def block_sparse_attention(q, k, v, layout: STLayout, *, head_patterns=HeadPatte
     triton, tpu, mosaic_gpu), UNION heads run as two disjoint passes, SPATIAL in the original order and
     TEMPORAL_STRICT (earlier slots at the same place) on the permutation when ``permute_temporal``,
     merged exactly by log-sum-exp: far fewer blocks than UNION in the original order, where each
-    temporal key is a partial block of its own. ``backend``: "auto" (tpu on TPU, triton on GPU, xla
-    elsewhere), "xla", "triton", "mosaic_gpu" (Hopper TMA + WGMMA kernel, bf16 / f16 only; not the
-    GPU default because it has not been timed on hardware yet), "tpu". ``interpret`` defaults to
+    temporal key is a partial block of its own. ``backend``: "auto" (tpu on TPU, triton on GPU,
+    segments elsewhere), "segments" (XLA: batched dense attention per frame and per place, every pattern
+    in the original order in one pass: ``permute_temporal``, ``split_union`` and the block sizes do not
+    apply), "xla" (XLA over gathered key blocks), "triton", "mosaic_gpu" (Hopper TMA + WGMMA kernel, bf16 /
+    f16 only; not the GPU default because it has not been timed on hardware yet), "mosaic_gpu_ws", "tpu".
+    ``interpret`` defaults to
     True on the CPU for the Pallas backends (for mosaic_gpu: the Mosaic GPU interpreter);
     ``num_warps`` / ``num_stages`` tune the Triton kernel. Static python arguments (layout,
     patterns, blocks) make this traceable inside jit; tables are built on the host at trace time
@@ -154,21 +169,18 @@ def block_sparse_attention(q, k, v, layout: STLayout, *, head_patterns=HeadPatte
     options = KernelOptions(scale=scale, num_warps=num_warps, num_stages=num_stages,
                             interpret=jax.default_backend() == "cpu" if interpret is None else interpret)
     g = hq // hkv
-
-    def run(qs, ks, vs, tables, return_lse):
-        return kernel.run(qs, ks, vs, tables, options, return_lse)
-
     outs, order = [], []
-    for group in head_groups(head_patterns, hq, permute_temporal=permute_temporal, split_union=split_union):
+    for group in backend_head_groups(head_patterns, hq, kernel, permute_temporal=permute_temporal,
+                                     split_union=split_union):
         qh, kvh = _head_selection(group.heads, g)
         if len(group.passes) == 2:  # a split union group: two disjoint key sets, merged exactly
             (pa, ma), (pb, mb) = group.passes
-            o_a, lse_a = _pattern_pass(q, k, v, layout, pa, ma, qh, kvh, bq, bk, run, return_lse=True)
-            o_b, lse_b = _pattern_pass(q, k, v, layout, pb, mb, qh, kvh, bq, bk, run, return_lse=True)
+            o_a, lse_a = _pattern_pass(q, k, v, layout, pa, ma, qh, kvh, bq, bk, kernel, options, return_lse=True)
+            o_b, lse_b = _pattern_pass(q, k, v, layout, pb, mb, qh, kvh, bq, bk, kernel, options, return_lse=True)
             outs.append(merge_by_lse(o_a, lse_a, o_b, lse_b))
         else:
             ((pat, perm),) = group.passes
-            outs.append(_pattern_pass(q, k, v, layout, pat, perm, qh, kvh, bq, bk, run))
+            outs.append(_pattern_pass(q, k, v, layout, pat, perm, qh, kvh, bq, bk, kernel, options))
         order.extend(qh.tolist())
     out = jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
     if order != list(range(hq)):

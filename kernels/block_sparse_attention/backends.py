@@ -18,7 +18,8 @@ from kernels.block_sparse_attention.mosaic_gpu_ws import check_mosaic_gpu_ws_blo
 from kernels.block_sparse_attention.tpu import check_tpu_blocks, check_tpu_inputs, tpu_block_sparse
 from kernels.block_sparse_attention.triton import (check_triton_blocks, check_triton_inputs,
                                                    triton_block_sparse)
-from kernels.block_sparse_attention.blocks import BlockTables
+from kernels.block_sparse_attention.blocks import block_tables
+from kernels.block_sparse_attention.segments import segment_attention, segment_cells
 from kernels.block_sparse_attention.xla import xla_block_sparse, xla_flop_ratio
 
 __all__ = ["Backend", "KernelOptions", "BACKENDS", "BACKEND_NAMES", "DEFAULT_BLOCKS", "resolve_backend"]
@@ -40,11 +41,17 @@ class KernelOptions:
 class Backend:
     """One block-sparse backend.
 
-    run(q, k, v, tables, options, return_lse): q [B,Hq,Np,D], k/v [B,Hkv,Np,D] in the tables' order
-      -> [B,Hq,Np,D] (and the [B,Hq,Np] float32 log-sum-exp with ``return_lse``).
+    run: a block-table kernel (``native_patterns`` False) is ``run(q, k, v, tables, options, return_lse)`` with
+      q [B,Hq,Np,D], k/v [B,Hkv,Np,D] padded and in the tables' order (permuted for temporal passes); a
+      native-pattern backend is ``run(q, k, v, layout, pattern, options, return_lse)`` on the original order,
+      unpadded (N = layout.seq_len), any pattern in one pass. Either returns [B,Hq,N(p),D] (and the float32
+      [B,Hq,N(p)] log-sum-exp with ``return_lse``).
     check_blocks(block_q, block_k) / check_inputs(q, k, v): raise for what the kernel cannot take.
     default_blocks: (block_q, block_k) when the caller gives none.
-    computed_cells(tables): the (query, key) score cells the kernel computes for one head (its work).
+    computed_cells(layout, pattern, permuted, block_q, block_k): the (query, key) score cells the kernel
+      computes for one head of one pass (its work: what a cost model counts).
+    native_patterns: computes every pattern in the original order itself (no block tables, no permutation,
+      no union split).
     """
 
     name: str
@@ -52,18 +59,26 @@ class Backend:
     check_blocks: Callable[[int, int], None]
     check_inputs: Callable
     default_blocks: tuple[int, int]
-    computed_cells: Callable[[BlockTables], int]
+    computed_cells: Callable[..., int]
+    native_patterns: bool = False
 
 
-def _listed_cells(tables: BlockTables) -> int:
+def _listed_cells(layout, pattern, permuted, block_q, block_k) -> int:
     """The Pallas kernels visit each query block's listed key blocks."""
+    tables = block_tables(layout, pattern, block_q, block_k, permuted=permuted)
     return int(tables.kv_count.sum()) * tables.block_q * tables.block_k
 
 
-def _bucketed_cells(tables: BlockTables) -> int:
+def _bucketed_cells(layout, pattern, permuted, block_q, block_k) -> int:
     """The XLA fallback pads each query block's list to its length bucket."""
+    tables = block_tables(layout, pattern, block_q, block_k, permuted=permuted)
     return int(round(xla_flop_ratio(tables) * tables.num_q_blocks * tables.num_k_blocks)) * tables.block_q \
         * tables.block_k
+
+
+def _segment_cells(layout, pattern, permuted, block_q, block_k) -> int:
+    """The segment path computes whole frames and places (blocks and order do not apply)."""
+    return segment_cells(layout, pattern)
 
 
 def _run_xla(q, k, v, tables, options: KernelOptions, return_lse: bool):
@@ -91,6 +106,10 @@ def _run_mosaic_gpu_ws(q, k, v, tables, options: KernelOptions, return_lse: bool
                                       return_lse=return_lse)
 
 
+def _run_segments(q, k, v, layout, pattern, options: KernelOptions, return_lse: bool):
+    return segment_attention(q, k, v, layout, pattern, scale=options.scale, return_lse=return_lse)
+
+
 def _accept_any(*_) -> None:
     """The XLA path takes any block sizes, head_dim and dtype."""
 
@@ -107,18 +126,19 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("mosaic_gpu_ws", _run_mosaic_gpu_ws, check_mosaic_gpu_ws_blocks, check_mosaic_gpu_inputs, (128, 128),
             _listed_cells),
     Backend("tpu", _run_tpu, check_tpu_blocks, check_tpu_inputs, (128, 128), _listed_cells),
+    Backend("segments", _run_segments, _accept_any, _accept_any, (128, 128), _segment_cells, native_patterns=True),
 )}
 BACKEND_NAMES = ("auto", *BACKENDS)
 DEFAULT_BLOCKS = {name: b.default_blocks for name, b in BACKENDS.items()}
-# "auto": the platform's kernel (jax.default_backend() names), the XLA fallback elsewhere
+# "auto": the platform's kernel (jax.default_backend() names), the segment path elsewhere (the CPU)
 _AUTO = {"gpu": "triton", "cuda": "triton", "tpu": "tpu"}
 
 
 def resolve_backend(name: str) -> Backend:
-    """The table entry for ``name`` (one of BACKEND_NAMES; ``"auto"``: tpu on TPU, triton on GPU, xla
+    """The table entry for ``name`` (one of BACKEND_NAMES; ``"auto"``: tpu on TPU, triton on GPU, segments
     elsewhere)."""
     if name not in BACKEND_NAMES:
         raise ValueError(f"unknown backend {name!r}; expected one of {BACKEND_NAMES}")
     if name == "auto":
-        name = _AUTO.get(jax.default_backend(), "xla")
+        name = _AUTO.get(jax.default_backend(), "segments")
     return BACKENDS[name]

@@ -21,8 +21,8 @@ import functools
 
 import numpy as np
 
-from kernels.block_sparse_attention.layout import (HeadPattern, LayoutError, STLayout, round_up,
-                                                   token_ids)
+from kernels.block_sparse_attention.layout import (HeadPattern, LayoutError, STLayout, layout_regions,
+                                                   round_up, token_ids)
 
 __all__ = ["BlockSizeError", "BlockTables", "block_counts", "classify_blocks", "block_tables",
            "padded_length", "EMPTY", "PARTIAL", "FULL"]
@@ -107,19 +107,6 @@ def _own_video_counts(q: dict, v, o0, o1, pattern: HeadPattern, permuted: bool, 
     return total
 
 
-def _regions(layout: STLayout, npad: int):
-    """(start, end, video or None) covering [0, npad); identical in original and permuted order."""
-    out, pos = [], 0
-    for v in layout.videos:
-        if v.start > pos:
-            out.append((pos, v.start, None))
-        out.append((v.start, v.end, v))
-        pos = v.end
-    if pos < npad:
-        out.append((pos, npad, None))
-    return out
-
-
 def block_counts(layout: STLayout, pattern, block_q: int, block_k: int, *, padded_len=None,
                  permuted: bool = False, query_chunk: int = 4096) -> np.ndarray:
     """[nq, nk] int64: the number of allowed (query, key) pairs in each block."""
@@ -127,7 +114,7 @@ def block_counts(layout: STLayout, pattern, block_q: int, block_k: int, *, padde
     npad = padded_length(layout.seq_len, block_q, block_k, padded_len)
     nq, nk = npad // block_q, npad // block_k
     ids = token_ids(layout, npad, permuted=permuted)
-    regions = _regions(layout, npad)
+    regions = layout_regions(layout, npad)
     radius, window = layout.spatial_radius, layout.temporal_window
     out = np.zeros((nq, nk), np.int64)
     chunk = max(block_q, (query_chunk // block_q) * block_q)

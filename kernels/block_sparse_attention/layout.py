@@ -34,6 +34,7 @@ __all__ = [
     "permutation",
     "inverse_permutation",
     "round_up",
+    "layout_regions",
 ]
 
 
@@ -183,6 +184,22 @@ class STLayout:
 
 def round_up(n: int, m: int) -> int:
     return -(-n // m) * m
+
+
+def layout_regions(layout: STLayout, npad: int | None = None) -> list[tuple[int, int, "VideoSpan | None"]]:
+    """``(start, end, video or None)`` covering ``[0, npad)`` (default ``seq_len``) in order: each video's span
+    and the non-video runs between (text, image or padding tokens). The same spans in original and permuted
+    order (the permutation moves tokens only inside a video)."""
+    npad = layout.seq_len if npad is None else int(npad)
+    out, pos = [], 0
+    for v in layout.videos:
+        if v.start > pos:
+            out.append((pos, v.start, None))
+        out.append((v.start, v.end, v))
+        pos = v.end
+    if pos < npad:
+        out.append((pos, npad, None))
+    return out
 
 
 # Rows of the stacked per-token id array. Padded to 8 rows (a TPU sublane tile).

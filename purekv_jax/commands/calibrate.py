@@ -8,6 +8,12 @@ pattern's output is compared with dense attention per q head
 (:func:`purekv_jax.st_sparse.prefill.calibrate_model`). Errors are averaged over the videos and the
 lowest-error pattern kept (ties to the cheaper one). Use the file with
 ``PureKVConfig(st_sparse=True, head_patterns_file="patterns.json")``.
+
+    purekv calibrate --cost-profile [--backend auto]
+
+measures instead when block-sparse attention pays on this machine's device (the cost model's per-cell and
+per-pass seconds of the dense, flash and block-sparse paths, :func:`purekv_jax.st_sparse.cost.calibrate_profile`)
+and stores it in the user's profiles file, which ``st_select="auto"`` reads.
 """
 
 from __future__ import annotations
@@ -15,16 +21,21 @@ from __future__ import annotations
 import argparse
 import time
 
+import jax
 import numpy as np
+
+from kernels.block_sparse_attention import BACKEND_NAMES, resolve_backend
 
 from purekv_jax.checkpoint import load_checkpoint
 from purekv_jax.config import PureKVConfig
 from purekv_jax.processing import Qwen25VLProcessor, user_message
 from purekv_jax.st_sparse import save_head_patterns
 from purekv_jax.requests import check_output_file, check_text
+from purekv_jax.st_sparse.cost import (calibrate_profile, profile_key, read_profiles, save_profiles,
+                                       user_profiles_file)
 from purekv_jax.st_sparse.prefill import calibrate_model, choose_patterns
 
-from .errors import run_guarded
+from .errors import ArgumentsError, run_guarded
 
 
 def prepare_inputs(model_dir: str, video: str, prompt: str, args: argparse.Namespace) -> dict:
@@ -48,9 +59,30 @@ def run(args: argparse.Namespace) -> int:
     return run_guarded("purekv calibrate", lambda: calibrate(args))
 
 
+def measure_cost_profile(args: argparse.Namespace) -> int:
+    """``--cost-profile``: measures the ST-SpAttn cost model's profile of ``--backend`` on this machine's device
+    and stores it in the user's profiles file, under the backend and the device kind."""
+    backend = resolve_backend(args.backend).name
+    kind = jax.devices()[0].device_kind
+    print(f"measuring the cost profile of backend {backend!r} on {kind} ({jax.default_backend()}) ...", flush=True)
+    t0 = time.perf_counter()
+    profile = calibrate_profile(backend)
+    path = user_profiles_file()
+    save_profiles({**read_profiles(path), profile_key(backend, kind): profile}, path)
+    print(f"wrote {path} ({time.perf_counter() - t0:.1f} s): per cell x head x lane: dense "
+          f"{profile.dense_cell_s:.3g} s, flash {profile.flash_cell_s:.3g} s, {backend} {profile.sparse_cell_s:.3g} s"
+          f" + {profile.sparse_pass_s * 1e3:.2f} ms per pass")
+    return 0
+
+
 def calibrate(args: argparse.Namespace) -> int:
     """Checks ``--out`` (writable) and ``--prompt`` (valid text) before the weights are read, then calibrates
-    on every ``--video`` and writes ``--out``."""
+    on every ``--video`` and writes ``--out`` (or, with ``--cost-profile``, measures the backend's cost
+    profile)."""
+    if args.cost_profile:
+        return measure_cost_profile(args)
+    if not args.model or not args.video:
+        raise ArgumentsError("--model and --video are required (unless --cost-profile)")
     check_output_file(args.out, "--out")
     check_text(args.prompt, "--prompt")
     anchors = tuple(int(a) for a in args.anchor_layers.split(",") if a.strip()) if args.anchor_layers else (2,)
@@ -93,8 +125,13 @@ def add_parser(sub) -> None:
     p = sub.add_parser("calibrate", help="calibrate per-head ST-SpAttn patterns on video prompts",
                        description=__doc__.split("\n\n")[0] + ".",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="checkpoint folder (HF or orbax, with the tokenizer files)")
-    p.add_argument("--video", required=True, action="append", help="a video file (repeat for more)")
+    p.add_argument("--model", help="checkpoint folder (HF or orbax, with the tokenizer files)")
+    p.add_argument("--video", action="append", help="a video file (repeat for more)")
+    p.add_argument("--cost-profile", action="store_true",
+                   help="instead: measure when block-sparse attention pays on this device (the cost model's profile "
+                        "of --backend), stored in $PUREKV_COST_PROFILES or ~/.cache/purekv/cost_profiles.json")
+    p.add_argument("--backend", default="auto", choices=BACKEND_NAMES,
+                   help="with --cost-profile: the block-sparse backend to measure (default: this platform's)")
     p.add_argument("--out", default="st_head_patterns.json", help="JSON to write (default st_head_patterns.json)")
     p.add_argument("--prompt", default="Describe this video.", help="the text after the video")
     p.add_argument("--num-rows", type=int, default=256, help="video query rows sampled per layer (default 256)")

@@ -8,6 +8,8 @@ to store in the config.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +31,7 @@ def sample_video_rows(layout: STLayout, num_rows: int, seed: int = 0) -> np.ndar
     return np.sort(np.random.default_rng(seed).choice(rows, size=num_rows, replace=False))
 
 
+@functools.partial(jax.jit, static_argnames=("scale",))
 def _rows_attention(q_rows, k, v, mask, scale):
     """q_rows [B,Hq,R,D], k/v [B,Hkv,N,D], mask [R,N] -> [B,Hq,R,D] float32."""
     b, hq, r, d = q_rows.shape

@@ -38,7 +38,7 @@ from models.qwen2_5_vl.model import static_grid
 from purekv_jax.attention import prefill_attention_impl
 from purekv_jax.config import PureKVConfig, STPlan
 from purekv_jax.st_sparse.calibrate import DEFAULT_CANDIDATES, pattern_errors, sample_video_rows
-from purekv_jax.st_sparse.cost import choose_path, load_profiles
+from purekv_jax.st_sparse.cost import PathChoice, choose_path, find_profile, load_profiles
 
 __all__ = ["STPrefillAttention", "row_layouts", "st_prefill_attention", "CalibrationResult", "calibrate_model",
            "choose_patterns"]
@@ -115,11 +115,16 @@ class STPrefillAttention:
         return self.plan.layers
 
     def report(self) -> list[dict]:
-        """The cost model's decisions, one per distinct pattern set: its layers, the predicted seconds of the
-        two paths (None: no measured profile for the backend, or ``st_select="always"``) and the choice."""
+        """The cost model's decisions, one per distinct pattern set: its layers, the predicted seconds per layer
+        of every head group block-sparse / the dense path / the choice (None: no measured profile for the
+        backend, or ``st_select="always"``), the path (``sparse``, ``dense``, or ``mixed``: some head groups
+        block-sparse, the others dense inside the kernel) and each head group's choice."""
         return [{"layers": [l for l, p in enumerate(self.requested) if p == c.patterns],
                  "patterns": sorted({p.name.lower() for p in c.patterns}),
-                 "sparse_s": c.sparse_s, "dense_s": c.dense_s, "path": "sparse" if c.sparse else "dense"}
+                 "sparse_s": c.sparse_s, "dense_s": c.dense_s, "chosen_s": c.chosen_s, "path": c.path, "note": c.note,
+                 "groups": [{"pattern": g.pattern.name.lower(), "heads": list(g.heads),
+                             "path": "sparse" if g.sparse else "dense", "sparse_s": g.sparse_s, "dense_s": g.dense_s}
+                            for g in c.groups]}
                 for c in self.choices]
 
     def _st(self, pats, q, k, v, valid, layer, base_fn):
@@ -165,8 +170,8 @@ def st_prefill_attention(st_plan: STPlan, config, ids, valid, video_grid, base="
     ``st_plan``: ``KVPlan.st`` (validated at resolution); ``base``: the prefill attention elsewhere.
 
     With ``st_plan.select == "auto"`` every distinct pattern set is priced on this batch's layouts by the
-    backend's measured cost model (:mod:`purekv_jax.st_sparse.cost`); the sets predicted no faster than the
-    dense path run the dense path."""
+    backend's measured cost model (:mod:`purekv_jax.st_sparse.cost`), per head group; the sets predicted no
+    faster than the dense path, and every set on a backend without a measured profile, run the dense path."""
     lays = row_layouts(config, ids, valid, video_grid, spatial_radius=st_plan.spatial_radius,
                        temporal_window=st_plan.temporal_window)
     if all(lay is None for _, lay in lays):
@@ -180,15 +185,16 @@ def st_prefill_attention(st_plan: STPlan, config, ids, valid, video_grid, base="
             by_layout.setdefault((off, lay), []).append(r)
     groups = tuple((tuple(rows), off, lay) for (off, lay), rows in by_layout.items())
     cfg = config.text
-    profile = None
-    if st_plan.select == "auto":
-        profile = load_profiles().get(resolve_backend(st_plan.backend).name)
-    choices = tuple(
-        choose_path(profile, pats, groups, int(np.shape(ids)[1]), cfg.num_attention_heads, cfg.head_dim,
-                    st_plan.backend, st_plan.block_q, st_plan.block_k, base)
-        for pats in sorted({p for p in st_plan.layer_patterns if p is not None}))
-    sparse = {c.patterns for c in choices if c.sparse}
-    chosen = dataclasses.replace(st_plan, layer_patterns=tuple(p if p in sparse else None
+    sets = sorted({p for p in st_plan.layer_patterns if p is not None})
+    if st_plan.select == "always":
+        choices = tuple(PathChoice(pats, pats, None, None, note="st_select='always'") for pats in sets)
+    else:
+        profile = find_profile(load_profiles(), resolve_backend(st_plan.backend).name)
+        choices = tuple(choose_path(profile, pats, groups, int(np.shape(ids)[1]), cfg.num_attention_heads,
+                                    cfg.head_dim, st_plan.backend, st_plan.block_q, st_plan.block_k, base)
+                        for pats in sets)
+    chosen_of = {c.patterns: c.chosen for c in choices}
+    chosen = dataclasses.replace(st_plan, layer_patterns=tuple(None if p is None else chosen_of[p]
                                                                for p in st_plan.layer_patterns))
     return STPrefillAttention(groups=groups, dense_rows=tuple(dense), plan=chosen, base=base, choices=choices,
                               requested=st_plan.layer_patterns)
@@ -230,7 +236,9 @@ def choose_patterns(errors, candidates, rel_tol: float = 0.0, atol: float = 0.0)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "attention"))
-def _calib_layer(lp, x, cos, sin, valid, *, cfg, attention):
+def _calib_layer(layers, layer, x, cos, sin, valid, *, cfg, attention):
+    """Layer ``layer`` (traced: one program for every layer) of the stacked ``layers``: its output and q, k, v."""
+    lp = jax.tree.map(lambda p: p[layer], layers)
     stack = text_stack(cfg)
     q, k, v = stack.layer_qkv(lp, x, cos, sin, cfg)
     attn = prefill_attention_impl(attention, x.shape[1])(q, k, v, valid, None)
@@ -279,8 +287,7 @@ def calibrate_model(params, config, input_ids, *, pixel_values=None, image_grid_
     valid_j = jnp.asarray(valid)
     errors = np.full((n_layers, len(candidates), cfg.num_attention_heads), np.nan, np.float64)
     for l in range(n_layers):
-        lp = jax.tree.map(lambda p: p[l], params.text.layers)
-        x, q, k, v = _calib_layer(lp, x, cos, sin, valid_j, cfg=cfg, attention=attention)
+        x, q, k, v = _calib_layer(params.text.layers, l, x, cos, sin, valid_j, cfg=cfg, attention=attention)
         if l >= start:
             rows = sample_video_rows(layout, num_rows, seed + l)
             errors[l] = pattern_errors(q, k, v, layout, rows, candidates)
