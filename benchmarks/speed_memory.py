@@ -61,7 +61,9 @@ def child_ours(args, ckpt: str, prompt: str, stages: Stages) -> None:
     from purekv_jax import generation as G
     from purekv_jax.compile_cache import peak_bytes
     from purekv_jax.config import PureKVConfig
+    from purekv_jax.heap import map_large_buffers
 
+    map_large_buffers()  # as the purekv command and purekv bench speed's worker do
     jax.devices()
     stages.done("imports + jax CPU client")
     config, params = load_hf_checkpoint(ckpt)
@@ -87,8 +89,10 @@ def child_ours(args, ckpt: str, prompt: str, stages: Stages) -> None:
     inputs = load_prompt(prompt)
     ids = inputs.pop("input_ids")
     policy = None if args.policy == "full" else PureKVConfig(budget=0.2)
-    res = G.generate(params, config, ids, policy=policy, max_new_tokens=args.new, eos_token_id=(), **inputs)
-    stages.done("(after generate)", kv_kept=res.stats["kv_bytes_kept"], kv_allocated=res.stats["kv_bytes_allocated"])
+    for call in range(args.calls):
+        res = G.generate(params, config, ids, policy=policy, max_new_tokens=args.new, eos_token_id=(), **inputs)
+        stages.done(f"(after generate {call + 1})", kv_kept=res.stats["kv_bytes_kept"],
+                    kv_allocated=res.stats["kv_bytes_allocated"])
 
 
 def child_hf(args, ckpt: str, prompt: str, stages: Stages) -> None:
@@ -106,7 +110,7 @@ def child_hf(args, ckpt: str, prompt: str, stages: Stages) -> None:
                   pixel_values_videos=torch.from_numpy(f["pixel_values_videos"]),
                   video_grid_thw=torch.from_numpy(f["video_grid_thw"].astype(np.int64)),
                   second_per_grid_ts=torch.from_numpy(f["second_per_grid_ts"]))
-    for name in ("generate (first)", "generate (second)"):
+    for name in (f"generate {call + 1}" for call in range(args.calls)):
         with torch.inference_mode():
             model.generate(**inputs, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False,
                            pad_token_id=0)
@@ -119,6 +123,8 @@ def main() -> None:
     ap.add_argument("--policy", default="full", choices=("full", "purekv"))
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--sides", default="ours,hf", help="which processes to run: ours, hf or both")
+    ap.add_argument("--calls", type=int, default=2,
+                    help="generate calls per process (purekv bench speed's worker: 1 + --reps)")
     ap.add_argument("--child", nargs=3, metavar=("SIDE", "CKPT", "PROMPT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -145,7 +151,8 @@ def main() -> None:
         for side in args.sides.split(","):
             t0 = time.perf_counter()
             out = subprocess.run([sys.executable, __file__, "--grid", args.grid, "--policy", args.policy, "--new",
-                                  str(args.new), "--child", side, ckpt, prompt], env=env, capture_output=True,
+                                  str(args.new), "--calls", str(args.calls), "--child", side, ckpt, prompt],
+                                 env=env, capture_output=True,
                                  text=True, check=True)
             rows = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"## {side} ({time.perf_counter() - t0:.0f} s)\n")

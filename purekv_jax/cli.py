@@ -21,6 +21,7 @@ import argparse
 import sys
 
 from purekv_jax.commands import batch, bench, cache, calibrate, convert, demo, generate
+from purekv_jax.heap import map_large_buffers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    map_large_buffers()  # freed XLA buffers back to the OS at once (before any large allocation)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "takes_extra", False):

@@ -32,6 +32,7 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from ..host_buffers import aligned_empty, to_device
 from .config import Qwen25VLConfig, TextConfig
 from .model import abstract_state
 from .state import state_from_leaves
@@ -198,8 +199,9 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.float32) -> tuple[Qwen
     """Loads a Hugging Face Qwen2.5-VL checkpoint folder -> ``(config, state)``: the pure state of a
     :class:`~models.qwen2_5_vl.model.Qwen25VLModel`, in ``dtype``.
 
-    The abstract state is built first and filled leaf by leaf (:func:`iter_hf_leaves`: each host leaf is
-    moved to the device before the next is read), so the checkpoint never sits in memory twice.
+    The abstract state is built first and filled leaf by leaf (:func:`iter_hf_leaves`: each host leaf, read
+    in ``dtype`` into an aligned buffer, becomes the device array before the next is read; on the CPU without
+    a copy, :mod:`models.host_buffers`), so loading holds at most the weights plus one source tensor.
 
     Raises :class:`~models.qwen2_5_vl.config.ConfigError` for a bad ``config.json`` and
     :class:`CheckpointError` for missing weights, missing / unexpected / wrong-shape tensors (each
@@ -209,9 +211,9 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.float32) -> tuple[Qwen
     ckpt = inspect_hf_checkpoint(path)
     _, abstract = abstract_state(ckpt.config, dtype)
     leaves = {}
-    for spec, host in iter_hf_leaves(ckpt):
-        leaves[spec.path] = jnp.asarray(host, dtype)
-        del host  # free before the next leaf is read
+    for spec, host in iter_hf_leaves(ckpt, dtype):
+        leaves[spec.path] = to_device(host, dtype)
+        del host  # (elsewhere than the CPU) freed before the next leaf is read
     return ckpt.config, state_from_leaves(abstract, leaves)
 
 
@@ -280,12 +282,13 @@ def hf_leaf_specs(config: Qwen25VLConfig) -> list[HFLeafSpec]:
 def read_hf_leaf(ckpt: HFCheckpoint, spec: HFLeafSpec, dtype=None, on_tensor: Callable[[str, int], None] | None = None
                  ) -> np.ndarray:
     """One leaf as a host array in ``dtype`` (default: the stored dtype of its first source), read tensor by
-    tensor into a preallocated ``spec.shape`` array (peak: the leaf plus one source tensor).
+    tensor into a preallocated ``spec.shape`` array (peak: the leaf plus one source tensor), aligned so that
+    the CPU device can take it without a copy (:func:`models.host_buffers.to_device`).
 
     ``on_tensor(hub_name, stored_bytes)`` is called after each source tensor is placed (progress)."""
     first = ckpt.tensors[spec.sources[0]]
     np_dtype = np.dtype(dtype) if dtype is not None else ST_DTYPES[first[3]]
-    out = np.empty(spec.shape, np_dtype)
+    out = aligned_empty(spec.shape, np_dtype)
     for i, name in enumerate(spec.sources):
         fname, stored, _, _ = ckpt.tensors[name]
         # Opened per tensor: the file's memory map (resident pages included) goes away with the tensor.

@@ -28,6 +28,7 @@ from flax import nnx
 
 from models.qwen2_5_vl.loader import (CheckpointError, HFCheckpoint, HFLeafSpec, ST_DTYPES, check_tensors,
                                       read_headers, read_hf_leaf, text_leaf_specs, weight_files, write_hf_folder)
+from models.host_buffers import to_device
 from models.qwen2_5_vl.state import state_from_leaves
 
 from .config import VideoLLaMA2Config
@@ -166,7 +167,7 @@ def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32) -> tuple[VideoLL
     _, abstract = abstract_state(ckpt.config, dtype)
     leaves = {}
     for s in leaf_specs(ckpt.config):
-        leaves[s.spec.path] = jnp.asarray(read_hf_leaf(ckpt, s.spec), dtype)
+        leaves[s.spec.path] = to_device(read_hf_leaf(ckpt, s.spec, dtype), dtype)
     return ckpt.config, state_from_leaves(abstract, leaves)
 
 

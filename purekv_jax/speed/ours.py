@@ -21,6 +21,7 @@ import jax
 from models.qwen2_5_vl import load_hf_checkpoint
 from purekv_jax.config import PureKVConfig
 from purekv_jax.generation import generate
+from purekv_jax.heap import map_large_buffers
 
 from .standalone import emit, load_prompt, memory_status, pin_to
 
@@ -38,6 +39,7 @@ def policy_for(spec: dict) -> PureKVConfig | None:
 def run_ours(spec: dict) -> dict:
     """Loads ``spec["checkpoint"]`` and times ``generate`` on ``spec["prompt"]`` under the spec's policy."""
     pin_to(spec.get("cpus"))  # before the backend starts (jax creates its CPU client lazily)
+    map_large_buffers()  # as the purekv command does
     prompt = load_prompt(spec["prompt"])
     ids = prompt.pop("input_ids")
     jax.devices()  # the backend's own memory counts before loading
