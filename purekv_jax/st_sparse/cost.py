@@ -40,6 +40,7 @@ from kernels.block_sparse_attention import (HeadGroup, HeadPattern, STLayout, Vi
                                             block_sparse_attention, resolve_backend)
 
 from ..attention import AUTO_DENSE_MAX, FLASH_BLOCK, dense_prefill_attention, flash_prefill_attention
+from ..compile_cache import compile_lowered
 
 #: the profiles measured for this repository (the CPU's; GPU / TPU ones as sessions on those machines add them)
 PROFILES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cost_profiles.json")
@@ -233,6 +234,9 @@ def choose_path(profile: CostProfile | None, patterns: tuple, groups, n: int, nu
 
 # ------------------------------------------------------------------------------------------ calibration
 def _median_time(fn, args, reps: int) -> float:
+    """Median seconds of the jitted ``fn`` on ``args``, compiled as ``generate`` compiles its programs (the
+    same compiler options), after one warm-up call."""
+    fn = compile_lowered(fn.lower(*args), jax.default_backend())
     jax.block_until_ready(fn(*args))
     times = []
     for _ in range(reps):
