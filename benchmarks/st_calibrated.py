@@ -3,7 +3,8 @@
 On the bench-small Qwen2.5-VL (random weights, float32) and a synthetic video prompt per grid: the time of
 ``calibrate_model`` (what ``purekv calibrate`` runs per video: a dense prefill layer by layer and row-sampled
 pattern errors; first call with its compiles, then warm) next to one warm full-cache prefill, the head patterns
-it picks (``--rel-tol``: the cheapest candidate within that relative error of the best), and the prefill time
+it picks (``--rel-tol``: the cheapest candidate within that relative error of the best; one per KV head's q
+heads unless ``--per-q-head``), and the prefill time
 (``stats["prefill_s"]``, medians of interleaved rounds) of: the full cache; PureKV at 20 %; PureKV + ST-SpAttn
 with the default union heads; PureKV + ST-SpAttn with the calibrated patterns file. Random weights make every
 head's attention diffuse, so the patterns here say what calibration costs and how the prefill follows a file,
@@ -47,6 +48,7 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--rel-tol", type=float, default=0.1)
     ap.add_argument("--budget", type=float, default=0.2)
+    ap.add_argument("--per-q-head", action="store_true", help="one pattern per q head (default: per KV group)")
     args = ap.parse_args(argv)
     config = bench_small_config(1024)
     params = init_params(config, jax.random.key(0))
@@ -64,7 +66,9 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         calibrate_model(params, config, ids, **mm)
         warm = time.perf_counter() - t0
-        pats = choose_patterns(res.errors, res.candidates, args.rel_tol)
+        text = config.text
+        group = 1 if args.per_q_head else text.num_attention_heads // text.num_key_value_heads
+        pats = choose_patterns(res.errors, res.candidates, args.rel_tol, group_size=group)
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "patterns.json")
             save_head_patterns(path, pats, errors=res.errors, candidates=res.candidates)

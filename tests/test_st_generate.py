@@ -243,7 +243,7 @@ def test_calibration_picks_lowest_error_and_the_constructed_patterns(model4, tmp
     ids, _, mm = _batch(cfg, rng, [[7, ("video", (4, 8, 8)), 6]])
     pol = PureKVConfig(st_sparse=True, **SMALL)   # st_start = 2
     atol = 1e-5  # errors below float32 noise are ties (union ~ temporal for a purely temporal head)
-    res = calibrate_model(params, cfg, ids, policy=pol, num_rows=48, atol=atol, **mm)
+    res = calibrate_model(params, cfg, ids, policy=pol, num_rows=48, atol=atol, per_kv_group=False, **mm)
     assert res.st_start == 2 and res.head_patterns[:2] == (None, None)
     assert np.isnan(res.errors[:2]).all() and np.isfinite(res.errors[2:]).all()
     for l in (2, 3):  # the choice is the lowest error (up to atol; ties: the cheapest, listed first)
@@ -251,11 +251,18 @@ def test_calibration_picks_lowest_error_and_the_constructed_patterns(model4, tmp
             c = res.candidates.index(p)
             assert res.errors[l, c, h] <= res.errors[l, :, h].min() + atol
             assert (res.errors[l, :c, h] > res.errors[l, :, h].min() + atol).all()
-    exact = calibrate_model(params, cfg, ids, policy=pol, num_rows=48, **mm)  # atol=0: the strict argmin
+    exact = calibrate_model(params, cfg, ids, policy=pol, num_rows=48, per_kv_group=False, **mm)  # strict argmin
     np.testing.assert_array_equal(exact.errors, res.errors)
     for l in (2, 3):
         assert [exact.candidates.index(p) for p in exact.head_patterns[l]] == \
             list(np.argmin(exact.errors[l], axis=0))
+    # the default: one pattern per KV head's q heads (2 here), the lowest summed error of the pair
+    grouped = calibrate_model(params, cfg, ids, policy=pol, num_rows=48, **mm)
+    np.testing.assert_array_equal(grouped.errors, exact.errors)
+    for l in (2, 3):
+        pair_errors = exact.errors[l].reshape(len(exact.candidates), 2, 2).sum(-1)
+        want = [exact.candidates[int(i)] for i in np.argmin(pair_errors, axis=0)]
+        assert grouped.head_patterns[l] == (want[0], want[0], want[1], want[1])
     # constructed layer 3: head 0 attends by place only -> temporal; head 1 by slot only -> spatial
     e = dict(zip(res.candidates, res.errors[3]))
     assert res.head_patterns[3][:2] == (T, S), (res.head_patterns[3], res.errors[3])

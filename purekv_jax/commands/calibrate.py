@@ -107,7 +107,9 @@ def calibrate(args: argparse.Namespace) -> int:
         print(f"{video}: {inputs['input_ids'].shape[1]} tokens, video grid(s) {[(x.t, x.h, x.w) for x in v]}, "
               f"{res.rows_per_layer} rows per layer ({time.perf_counter() - t0:.1f} s)")
     errors = np.mean(np.stack(errs), axis=0)
-    pats = choose_patterns(errors, res.candidates, args.rel_tol, args.atol)
+    text = config.text
+    group = 1 if args.per_q_head else text.num_attention_heads // text.num_key_value_heads
+    pats = choose_patterns(errors, res.candidates, args.rel_tol, args.atol, group)
     save_head_patterns(args.out, pats, errors=errors, candidates=res.candidates, st_start=res.st_start,
                        num_videos=len(args.video), videos=list(args.video), num_rows=args.num_rows,
                        seed=args.seed, spatial_radius=args.spatial_radius,
@@ -142,6 +144,9 @@ def add_parser(sub) -> None:
     p.add_argument("--temporal-window", type=int, default=None)
     p.add_argument("--rel-tol", type=float, default=0.0, help="prefer a cheaper pattern within this relative error")
     p.add_argument("--atol", type=float, default=1e-5, help="errors closer than this are ties (default 1e-5)")
+    p.add_argument("--per-q-head", action="store_true",
+                   help="one pattern per q head (default: one per KV head's q heads, which keeps grouped-query "
+                        "attention whole in the kernel)")
     p.add_argument("--dtype", choices=("bf16", "float32"), default="float32")
     p.add_argument("--fps", type=float, default=None, help="video sampling fps (default: the processor's)")
     p.add_argument("--max-frames", type=int, default=None)

@@ -219,19 +219,28 @@ class CalibrationResult:
                                    head_patterns_file=None)
 
 
-def choose_patterns(errors, candidates, rel_tol: float = 0.0, atol: float = 0.0) -> tuple:
-    """Per layer (NaN rows -> None) the candidate with the lowest error per head; ties (and anything
-    within ``best * (1 + rel_tol) + atol``) go to the earliest (cheapest) candidate."""
+def choose_patterns(errors, candidates, rel_tol: float = 0.0, atol: float = 0.0, group_size: int = 1) -> tuple:
+    """Per layer (NaN rows -> None) the candidate with the lowest error per group of ``group_size``
+    consecutive q heads (their errors summed; 1: per head); ties (and anything within
+    ``best * (1 + rel_tol) + atol``) go to the earliest (cheapest) candidate.
+
+    One pattern per KV group (``group_size`` = q heads per KV head) keeps grouped-query attention whole in the
+    kernel: q heads of one KV head with different patterns run as separate passes over a repeated K / V."""
     errors = np.asarray(errors)
     cands = tuple(HeadPattern.parse(c) for c in candidates)
+    heads = errors.shape[-1]
+    if group_size < 1 or heads % group_size:
+        raise ValueError(f"group_size {group_size} does not divide the {heads} q heads")
     out = []
     for el in errors:
         if not np.isfinite(el).all():
             out.append(None)
             continue
-        best = el.min(axis=0)
-        out.append(tuple(cands[int(np.nonzero(el[:, h] <= best[h] * (1.0 + rel_tol) + atol)[0][0])]
-                         for h in range(el.shape[1])))
+        grouped = el.reshape(el.shape[0], heads // group_size, group_size).sum(-1)
+        best = grouped.min(axis=0)
+        pick = [cands[int(np.nonzero(grouped[:, j] <= best[j] * (1.0 + rel_tol) + atol * group_size)[0][0])]
+                for j in range(grouped.shape[1])]
+        out.append(tuple(p for p in pick for _ in range(group_size)))
     return tuple(out)
 
 
@@ -248,7 +257,7 @@ def _calib_layer(layers, layer, x, cos, sin, valid, *, cfg, attention):
 def calibrate_model(params, config, input_ids, *, pixel_values=None, image_grid_thw=None,
                     pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, policy=None,
                     num_rows: int = 256, seed: int = 0, candidates=None, rel_tol: float = 0.0,
-                    atol: float = 0.0, attention: str = "auto") -> CalibrationResult:
+                    atol: float = 0.0, attention: str = "auto", per_kv_group: bool = True) -> CalibrationResult:
     """Calibrates the per-layer, per-head ST patterns on one prompt (``input_ids [1, N]``, no padding).
 
     Runs the dense prefill layer by layer (``attention``: "auto" / "dense" / "flash"); in every layer
@@ -257,7 +266,8 @@ def calibrate_model(params, config, input_ids, *, pixel_values=None, image_grid_
     attention per q head (``pattern_errors``). ``policy`` (default ``PureKVConfig(st_sparse=True)``),
     resolved against the model (``policy.st_plan``), supplies ``st_start``, ``spatial_radius`` and
     ``temporal_window``. ``rel_tol`` / ``atol``: see
-    :func:`choose_patterns` (errors below float noise are ties, which go to the cheaper pattern).
+    :func:`choose_patterns` (errors below float noise are ties, which go to the cheaper pattern);
+    ``per_kv_group``: one pattern for the q heads of each KV head (their errors summed), else one per q head.
     """
     policy = PureKVConfig(st_sparse=True) if policy is None else policy
     candidates = tuple(HeadPattern.parse(c) for c in (DEFAULT_CANDIDATES if candidates is None else candidates))
@@ -291,5 +301,6 @@ def calibrate_model(params, config, input_ids, *, pixel_values=None, image_grid_
         if l >= start:
             rows = sample_video_rows(layout, num_rows, seed + l)
             errors[l] = pattern_errors(q, k, v, layout, rows, candidates)
-    return CalibrationResult(choose_patterns(errors, candidates, rel_tol, atol), errors, candidates, start, layout,
+    group = cfg.num_attention_heads // cfg.num_key_value_heads if per_kv_group else 1
+    return CalibrationResult(choose_patterns(errors, candidates, rel_tol, atol, group), errors, candidates, start, layout,
                              min(num_rows, layout.num_video_tokens))
