@@ -95,3 +95,19 @@ def test_segment_cells_cover_every_allowed_pair(pattern):
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU's default backend")
 def test_segment_attention_is_the_cpu_default():
     assert resolve_backend("auto").name == "segments"
+
+
+@pytest.mark.parametrize("radius", [None, 3])
+def test_frames_split_into_causal_row_chunks(radius):
+    """A 16 x 16 frame is scored in two row chunks (rows 0-127 over keys 0-127, rows 128-255 over all 256): the
+    same attention as the dense reference, and 3/4 of the frame's square counted."""
+    assert segments.frame_row_splits(256) == [0, 128, 256]
+    lay = STLayout(10 + 2 * 16 * 16 + 5, (VideoSpan(10, 2, 16, 16),), spatial_radius=radius)
+    q, k, v = _qkv(9, lay.seq_len, 2, 1)
+    ref = dense_masked_attention(q, k, v, reference_mask(lay, "spatial")[None])
+    out = jax.jit(lambda q, k, v: segment_attention(q, k, v, lay, "spatial"))(q, k, v)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=TOL, rtol=0)
+    # the spatial and temporal counts share the text and global sweeps; they differ by the frames (two chunks
+    # per frame, 2 frames) and the places (256 places x 2 x 2 slots)
+    frames, places = 2 * (128 * 128 + 128 * 256), 256 * 2 * 2
+    assert segment_cells(lay, "spatial") - frames == segment_cells(lay, "temporal") - places

@@ -7,7 +7,7 @@ window); a non-video query sees every earlier key. So instead of gathering key b
 kernels), this path computes, per region of the layout (:func:`~kernels.block_sparse_attention.layout.layout_regions`):
 
     global    video rows x the keys before the video       an online-softmax sweep over key blocks
-    spatial   [hw, hw] scores per frame                    frames batched (``lax.map``)
+    spatial   per frame, row chunks x the keys up to them  frames batched (``lax.map``)
     temporal  [t, t] scores per place                      places batched (a reshape + transpose: no gather)
     text      non-video rows x every earlier key (causal)  the online-softmax sweep, causal blocks only
 
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from kernels.block_sparse_attention.layout import HeadPattern, STLayout, VideoSpan, layout_regions, round_up
 
-__all__ = ["segment_attention", "segment_cells", "SWEEP_BLOCK"]
+__all__ = ["segment_attention", "segment_cells", "frame_row_splits", "SWEEP_BLOCK"]
 
 #: query rows and key columns per step of the online-softmax sweep (global keys, non-video rows)
 SWEEP_BLOCK = 128
@@ -57,8 +57,16 @@ def _grouped_attention(q, k, v, mask, scale):
         s = jnp.einsum("bhgqd,bhkd->bhgqk", qi, ki, preferred_element_type=jnp.float32) * scale
         return _masked_softmax_values(s, vi[:, :, None], mask)
 
-    per_group = b * hkv * g * length * length * 8
+    per_group = b * hkv * g * length * k.shape[3] * 8
     return jax.lax.map(one, (q, k, v), batch_size=int(max(1, min(n, _MAX_SCORE_BYTES // per_group))))
+
+
+def frame_row_splits(hw: int) -> list[int]:
+    """Row boundaries ``[0, ..., hw]`` of a frame's query chunks: chunk ``i`` scores only the keys up to its
+    last row (the frame is causal), so ``c`` chunks compute ``(c + 1) / 2c`` of the ``hw x hw`` square instead of
+    all of it. One chunk per :data:`SWEEP_BLOCK` rows, at most 4 (each chunk is one more batched matmul)."""
+    c = max(1, min(4, hw // SWEEP_BLOCK))
+    return sorted({0, hw, *(min(hw, round_up(i * hw // c, 8)) for i in range(1, c))})
 
 
 def _frames(q, k, v, video: VideoSpan, radius, scale):
@@ -68,13 +76,18 @@ def _frames(q, k, v, video: VideoSpan, radius, scale):
     qf = q.reshape(b, hkv, g, t, hw, d).transpose(3, 0, 1, 2, 4, 5)     # [t, B, Hkv, G, hw, D]
     kf = k.reshape(b, hkv, t, hw, d).transpose(2, 0, 1, 3, 4)          # [t, B, Hkv, hw, D]
     vf = v.reshape(b, hkv, t, hw, d).transpose(2, 0, 1, 3, 4)
-    place = jnp.arange(hw)
-    mask = place[None, :] <= place[:, None]                            # causal inside the frame
-    if radius is not None:
-        row, col = place // w, place % w
-        mask = mask & (jnp.abs(row[None, :] - row[:, None]) <= radius) & (jnp.abs(col[None, :] - col[:, None]) <= radius)
-
-    o, lse = _grouped_attention(qf, kf, vf, mask, scale)
+    outs, lses = [], []
+    bounds = frame_row_splits(hw)
+    for r0, r1 in zip(bounds[:-1], bounds[1:]):   # query rows [r0, r1) see the frame's keys [0, r1)
+        qp, kp = jnp.arange(r0, r1), jnp.arange(r1)
+        mask = kp[None, :] <= qp[:, None]                              # causal inside the frame
+        if radius is not None:
+            mask = mask & (jnp.abs(kp[None, :] // w - qp[:, None] // w) <= radius) \
+                & (jnp.abs(kp[None, :] % w - qp[:, None] % w) <= radius)
+        o, lse = _grouped_attention(qf[:, :, :, :, r0:r1], kf[:, :, :, :r1], vf[:, :, :, :r1], mask, scale)
+        outs.append(o)
+        lses.append(lse)
+    o, lse = jnp.concatenate(outs, axis=4), jnp.concatenate(lses, axis=4)
     return (o.transpose(1, 2, 3, 0, 4, 5).reshape(b, hkv, g, t * hw, d),
             lse.transpose(1, 2, 3, 0, 4).reshape(b, hkv, g, t * hw))
 
@@ -223,7 +236,8 @@ def segment_cells(layout: STLayout, pattern) -> int:
         if r0 > 0 and not pattern.strict:
             total += _sweep_cells(r1 - r0, r0, r0, False)
         if pattern.spatial:
-            total += video.t * video.hw * video.hw
+            bounds = frame_row_splits(video.hw)
+            total += video.t * sum((r1 - r0) * r1 for r0, r1 in zip(bounds[:-1], bounds[1:]))
         if pattern.temporal:
             total += video.hw * video.t * video.t
     return total
