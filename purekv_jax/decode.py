@@ -1,9 +1,8 @@
 """The decode: an on-device ``lax.while_loop`` over tokens on a (compressed) KV cache.
 
-Each step embeds the last token, runs the layer stack (a ``lax.scan`` over the stacked weights, or on a CPU
-the layers unrolled over per-layer views of them, :mod:`purekv_jax.layer_weights`), each layer appending
-the token's K/V to the cache and attending over the valid slots, samples the next token and writes it into
-the token buffer.
+Each step embeds the last token, runs the layer stack as a ``lax.scan`` (on a CPU its weight matrices read
+through per-layer views, :mod:`purekv_jax.layer_weights`), each layer appending the token's K/V to the cache
+and attending over the valid slots, samples the next token and writes it into the token buffer.
 Rows stop at EOS (padded after it); the loop exits when every row is done or ``max_new`` tokens exist.
 Positions continue from the original prompt length plus the rope delta, whatever was pruned. No host sync
 per token; the cache is donated to the compiled program. A quantised cache keeps its codes as they are: each
@@ -25,7 +24,7 @@ from models.qwen2_5_vl.model import text_part
 from . import cache as C
 from .attention import cache_decode_attention
 from .compile_cache import CompiledProgram, compiled, count_trace
-from .layer_weights import per_layer
+from .layer_weights import per_layer, switched_layer
 from .prefill import layer_params
 from .sampling import sample_tokens
 
@@ -88,9 +87,9 @@ def decode_loop(params, cache: C.KVCache, first_logits, max_new, key, layer_weig
     is done or ``max_new`` (traced, ``<= sampling.n_tokens``) tokens exist. Returns the final state.
     ``kv_step`` (static): how each layer writes and reads the cache (:class:`AppendKV`, the default).
 
-    ``layer_weights``: None, the layers run as one ``lax.scan`` over ``params``' stacked ``[L, ...]`` weights
-    (the layer index traced); or one state per layer (:func:`purekv_jax.layer_weights.per_layer`), the layers
-    unrolled, each layer's dots reading its own weights where they lie (the layer index static)."""
+    ``layer_weights``: None, each layer of the scan slices its weights from ``params``' stacked ``[L, ...]``
+    leaves; or one state per layer (:func:`purekv_jax.layer_weights.per_layer`), and each matrix product
+    reads its layer's own view in place (:func:`purekv_jax.layer_weights.switched_layer`)."""
     count_trace("decode")
     text = text_part(params)
     stack = text_stack(cfg)
@@ -108,19 +107,14 @@ def decode_loop(params, cache: C.KVCache, first_logits, max_new, key, layer_weig
         x = jnp.take(text.embed, s.token, axis=0)[:, None]
         cos, sin = stack.cos_sin(s.cache.decode_positions()[:, None], cfg)
 
-        def layer(carry, l, lp):
+        def layer(carry, l):
             x, cache = carry
+            lp = layer_params(text, l) if layer_weights is None else switched_layer(text.layers, layer_weights, l)
             q, k, v = stack.layer_qkv(lp, x, cos, sin, cfg)
             attn, cache = kv_step.attend(cache, l, q, k, v)
             return (stack.layer_out(lp, x, attn, cfg), cache), None
 
-        if layer_weights is None:
-            (x, cache), _ = jax.lax.scan(lambda carry, l: layer(carry, l, layer_params(text, l)), (x, s.cache),
-                                         jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32))
-        else:
-            cache = s.cache
-            for l, lp in enumerate(layer_weights):
-                (x, cache), _ = layer((x, cache), l, lp)
+        (x, cache), _ = jax.lax.scan(layer, (x, s.cache), jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32))
         cache = kv_step.advance(cache)
         logits = stack.final_logits(text, x, cfg)[:, 0]
         nxt = jnp.where(s.done, sampling.pad_id, sample(logits, s.step))
@@ -139,7 +133,7 @@ def decode_program(params, cache: C.KVCache, first_logits, max_new: int, seed: i
                    sampling: SamplingSettings, kv_step=AppendKV()) -> tuple[CompiledProgram, tuple]:
     """The compiled decode for these shapes and settings (compiled once, then cached) and its arguments;
     ``program.run(*args)`` donates the cache. Where the layers' weights have per-layer views
-    (:func:`purekv_jax.layer_weights.per_layer`: on a CPU) the program runs the layers unrolled on them."""
+    (:func:`purekv_jax.layer_weights.per_layer`: on a CPU) the program's matrix products read them."""
     text = text_part(params)
     args = (text, cache, first_logits, jnp.int32(max_new), jax.random.PRNGKey(seed), per_layer(text.layers))
     statics = dict(cfg=cfg, sampling=sampling, kv_step=kv_step)

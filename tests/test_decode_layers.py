@@ -1,5 +1,5 @@
-"""The decode's layer loop: per-layer zero-copy views of the stacked weights, the unrolled loop against the
-scanned one, and the decode attention against the model's dense attention."""
+"""The decode's layer loop: per-layer zero-copy views of the stacked weights, the decode reading them against
+the decode slicing the stacked weights, and the decode attention against the model's dense attention."""
 
 from __future__ import annotations
 
@@ -61,22 +61,22 @@ def _random_cache(cfg, rng, quant=None):
 
 
 @pytest.mark.parametrize("quant", [None, QuantLayout(bits=4, group=16, slots=32)], ids=["model-dtype", "4-bit"])
-def test_unrolled_decode_equals_scanned(text, quant):
-    """The unrolled loop over the per-layer views decodes what the scan over the stacked weights decodes:
-    the same tokens (sampled, top-k) and the same cache, on a batch with different lengths and holes."""
+def test_decode_on_views_equals_decode_on_stacked_weights(text, quant):
+    """Matrix products reading the per-layer views decode what slicing the stacked weights decodes: the same
+    tokens (sampled, top-k) and the same cache, on a batch with different lengths and holes."""
     cfg, params = text
     rng = np.random.default_rng(3)
     logits = jnp.asarray(rng.standard_normal((2, cfg.vocab_size)), jnp.float32)
     sampling = SamplingSettings(n_tokens=8, temperature=0.7, top_k=50)
     run = jax.jit(lambda p, c, w: decode_loop(p, c, logits, 8, jax.random.key(5), w, cfg=cfg, sampling=sampling,
                                               kv_step=AppendKV()))
-    scanned = run(params, _random_cache(cfg, np.random.default_rng(9), quant), None)
-    unrolled = run(params, _random_cache(cfg, np.random.default_rng(9), quant), per_layer(params.layers))
-    np.testing.assert_array_equal(unrolled.tokens, scanned.tokens)
+    sliced = run(params, _random_cache(cfg, np.random.default_rng(9), quant), None)
+    viewed = run(params, _random_cache(cfg, np.random.default_rng(9), quant), per_layer(params.layers))
+    np.testing.assert_array_equal(viewed.tokens, sliced.tokens)
     for name in ("k", "v"):
-        np.testing.assert_allclose(getattr(unrolled.cache, name), getattr(scanned.cache, name), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(getattr(viewed.cache, name), getattr(sliced.cache, name), rtol=1e-5, atol=1e-5)
     for name in ("valid", "token_index", "length", "next_position"):
-        np.testing.assert_array_equal(getattr(unrolled.cache, name), getattr(scanned.cache, name), err_msg=name)
+        np.testing.assert_array_equal(getattr(viewed.cache, name), getattr(sliced.cache, name), err_msg=name)
 
 
 @pytest.mark.parametrize("heads", [(8, 2), (4, 4), (6, 1)], ids=["gqa4", "mha", "mqa"])
