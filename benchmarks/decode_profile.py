@@ -68,7 +68,7 @@ def main() -> None:
             for line in plane.lines:
                 for ev in line.events:
                     name = re.sub(r"\.\d+$", "", ev.name)
-                    if line.name.startswith("tf_XLAEigen") and not name.startswith(("end:", "ThunkExecutor")):
+                    if line.name.startswith(("tf_XLAEigen", "tf_XLAPjRtCpuClient")) and not name.startswith(("end:", "ThunkExecutor")):
                         total[name] += ev.duration_ns
                         count[name] += 1
     steps = args.new - 1
