@@ -189,10 +189,26 @@ def prefill_attention_impl(name: "str | PrefillAttention", n: int) -> PrefillAtt
 
 def decode_attention(q, k_cache, v_cache, valid):
     """One new query per row over the cache: ``q [B,Hq,1,hd]``, ``k_cache``/``v_cache`` ``[B,Hkv,C,hd]``,
-    ``valid [B,Hkv,C]`` (per KV head) -> ``[B,Hq,1,hd]``."""
-    g = q.shape[1] // k_cache.shape[1]
-    mask = jnp.repeat(valid, g, axis=1)[:, :, None, :]
-    return dense_attention(q, k_cache, v_cache, mask)
+    ``valid [B,Hkv,C]`` (per KV head) -> ``[B,Hq,1,hd]``; float32 scores and softmax, a row with no valid slot
+    gives zeros (as the model's ``dense_attention`` under the same mask).
+
+    Laid out for the dots of a single query: the query heads of a KV group are one operand ``[B,Hkv,G,hd]``
+    (K/V never repeated per query head, the mask broadcast over the group), and the keys are the scores' left
+    operand (``[C, hd] x [hd, G]`` per KV head), which a dot reads as the cache stores them; with the keys on
+    the right, XLA on the CPU first copies each layer's keys transposed."""
+    b, hq, _, d = q.shape
+    hkv = k_cache.shape[1]
+    qg = q.reshape(b, hkv, hq // hkv, d)
+    scores = jnp.einsum("bhcd,bhgd->bhcg", k_cache, qg, preferred_element_type=jnp.float32) * d**-0.5
+    mask = valid[..., None]  # [B, Hkv, C, 1]
+    scores = jnp.where(mask, scores, -jnp.inf)
+    top = jnp.max(scores, axis=2, keepdims=True)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    p = jnp.where(mask, jnp.exp(scores - top), 0.0)
+    denom = jnp.sum(p, axis=2, keepdims=True)
+    probs = p / jnp.where(denom > 0, denom, 1.0)
+    out = jnp.einsum("bhcg,bhcd->bhgd", probs.astype(v_cache.dtype), v_cache, preferred_element_type=jnp.float32)
+    return out.reshape(b, hq, 1, d).astype(q.dtype)
 
 
 def cache_decode_attention(q, cache: C.KVCache, layer, kv_decode: str = "xla"):

@@ -1,7 +1,8 @@
 """The decode: an on-device ``lax.while_loop`` over tokens on a (compressed) KV cache.
 
-Each step embeds the last token, runs the layer stack as a ``lax.scan`` that appends the token's K/V to
-the cache and attends over the valid slots, samples the next token and writes it into the token buffer.
+Each step embeds the last token, runs the layer stack as a ``lax.scan`` (on a CPU its weight matrices read
+through per-layer views, :mod:`purekv_jax.layer_weights`), each layer appending the token's K/V to the cache
+and attending over the valid slots, samples the next token and writes it into the token buffer.
 Rows stop at EOS (padded after it); the loop exits when every row is done or ``max_new`` tokens exist.
 Positions continue from the original prompt length plus the rope delta, whatever was pruned. No host sync
 per token; the cache is donated to the compiled program. A quantised cache keeps its codes as they are: each
@@ -23,6 +24,7 @@ from models.qwen2_5_vl.model import text_part
 from . import cache as C
 from .attention import cache_decode_attention
 from .compile_cache import CompiledProgram, compiled, count_trace
+from .layer_weights import per_layer, switched_layer
 from .prefill import layer_params
 from .sampling import sample_tokens
 
@@ -79,11 +81,15 @@ class DecodeState:
     tokens: jax.Array
 
 
-def decode_loop(params, cache: C.KVCache, first_logits, max_new, key, *, cfg: TextConfig,
+def decode_loop(params, cache: C.KVCache, first_logits, max_new, key, layer_weights=None, *, cfg: TextConfig,
                 sampling: SamplingSettings, kv_step=AppendKV()) -> DecodeState:
     """Samples the first token from ``first_logits [B, V]`` (the prefill's), then decodes until every row
     is done or ``max_new`` (traced, ``<= sampling.n_tokens``) tokens exist. Returns the final state.
-    ``kv_step`` (static): how each layer writes and reads the cache (:class:`AppendKV`, the default)."""
+    ``kv_step`` (static): how each layer writes and reads the cache (:class:`AppendKV`, the default).
+
+    ``layer_weights``: None, each layer of the scan slices its weights from ``params``' stacked ``[L, ...]``
+    leaves; or one state per layer (:func:`purekv_jax.layer_weights.per_layer`), and each matrix product
+    reads its layer's own view in place (:func:`purekv_jax.layer_weights.switched_layer`)."""
     count_trace("decode")
     text = text_part(params)
     stack = text_stack(cfg)
@@ -103,7 +109,7 @@ def decode_loop(params, cache: C.KVCache, first_logits, max_new, key, *, cfg: Te
 
         def layer(carry, l):
             x, cache = carry
-            lp = layer_params(text, l)
+            lp = layer_params(text, l) if layer_weights is None else switched_layer(text.layers, layer_weights, l)
             q, k, v = stack.layer_qkv(lp, x, cos, sin, cfg)
             attn, cache = kv_step.attend(cache, l, q, k, v)
             return (stack.layer_out(lp, x, attn, cfg), cache), None
@@ -126,7 +132,9 @@ def decode_loop(params, cache: C.KVCache, first_logits, max_new, key, *, cfg: Te
 def decode_program(params, cache: C.KVCache, first_logits, max_new: int, seed: int, *, cfg: TextConfig,
                    sampling: SamplingSettings, kv_step=AppendKV()) -> tuple[CompiledProgram, tuple]:
     """The compiled decode for these shapes and settings (compiled once, then cached) and its arguments;
-    ``program.run(*args)`` donates the cache."""
-    args = (text_part(params), cache, first_logits, jnp.int32(max_new), jax.random.PRNGKey(seed))
+    ``program.run(*args)`` donates the cache. Where the layers' weights have per-layer views
+    (:func:`purekv_jax.layer_weights.per_layer`: on a CPU) the program's matrix products read them."""
+    text = text_part(params)
+    args = (text, cache, first_logits, jnp.int32(max_new), jax.random.PRNGKey(seed), per_layer(text.layers))
     statics = dict(cfg=cfg, sampling=sampling, kv_step=kv_step)
     return compiled("decode", decode_loop, statics, args, donate=(1,)), args

@@ -46,6 +46,7 @@ from .decode import AppendKV, SamplingSettings, decode_loop
 from .decode_budget import BudgetedCache, DecodeBudget, EvictingKV, budgeted
 from .generation import (GenerateError, check_sampling, eos_and_pad, layout_attention, observation_windows,
                          prefill_inputs, prefill_program, prepare_prompt, resolve_plan, round_up)
+from .layer_weights import per_layer
 from .param_tree import path_name
 from .question_prefill import ContiguousAppend, question_prefill
 
@@ -294,7 +295,7 @@ def answer(params, state: PromptState, question_ids, attention_mask=None, *, max
     eos, pad_id = eos_and_pad(config, eos_token_id, pad_token_id)
     sampling = SamplingSettings(n_tokens=n_tokens, temperature=float(temperature), top_k=top_k,
                                 top_p=None if top_p is None else float(top_p), eos=eos, pad_id=pad_id)
-    args = (text, cache, logits, jnp.int32(max_new_tokens), jax.random.PRNGKey(seed))
+    args = (text, cache, logits, jnp.int32(max_new_tokens), jax.random.PRNGKey(seed), per_layer(text.layers))
     final = compiled("decode", decode_loop, dict(cfg=cfg, sampling=sampling, kv_step=decode_step), args,
                      donate=(1,)).run(*args)  # (the question prefill's fresh cache: the state's own is kept)
     tokens = np.asarray(final.tokens)[:, :max_new_tokens]

@@ -247,8 +247,11 @@ def test_decode_with_quantised_cache_equals_decode_with_materialised_cache(tiny,
     want = prog_m.run(*args_m)
     np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
     n_quant = got.cache.quantized_slots
+    # Two float32 attentions summing in different orders (the codes' partial softmax, the dense decode
+    # attention), each within 1e-6 of a float64 softmax per call; their difference compounds over 12 tokens
+    # and 3 layers into the keys written last.
     np.testing.assert_allclose(np.asarray(got.cache.k), np.asarray(want.cache.k)[..., n_quant:, :], rtol=1e-5,
-                               atol=1e-5)
+                               atol=3e-5)
     np.testing.assert_array_equal(np.asarray(got.cache.valid), np.asarray(want.cache.valid)[..., n_quant:])
     np.testing.assert_array_equal(np.asarray(got.cache.length) + n_quant, np.asarray(want.cache.length))
 
