@@ -29,8 +29,9 @@ __all__ = ["segment_attention", "segment_cells", "frame_row_splits", "SWEEP_BLOC
 
 #: query rows and key columns per step of the online-softmax sweep (global keys, non-video rows)
 SWEEP_BLOCK = 128
-#: bound on one batched step's float32 scores (+ probabilities) in the frame / place batches
-_MAX_SCORE_BYTES = 64 << 20
+#: bound on one batched step's float32 scores (+ probabilities) in the frame / place batches: small steps stay
+#: in the CPU's caches (and bound the temporaries), one frame or place at least
+_MAX_SCORE_BYTES = 1 << 20
 
 
 def _masked_softmax_values(s, v, mask):
