@@ -33,7 +33,6 @@ import contextlib
 import dataclasses
 import glob
 import hashlib
-import json
 import os
 import shutil
 import signal
@@ -55,7 +54,7 @@ from models.qwen2_5_vl.loader import INDEX_FILE, SINGLE_FILE, CheckpointError, r
 from .checkpoint_files import (FORMAT, FORMAT_VERSION, MARKER_FILE, PARAMS_DIR, PYTREE_SUBDIR, check_file_table,
                                file_table, read_marker)
 from .heap import trim_heap
-from .owned_folders import OwnedTempFolder, install_folder, replace_refusal, sweep_temp_folders
+from .owned_folders import OwnedTempFolder, install_folder, replace_refusal, sweep_temp_folders, write_marker
 from .param_tree import abstract_params, leaf_names, path_name
 
 # Copied beside the params when present in the source folder (config.json is required).
@@ -376,12 +375,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype="bf16", force:
             "leaves": leaves,
             "files": file_table(tmp),
         }
-        marker_path = os.path.join(tmp, MARKER_FILE)
-        with open(marker_path + ".part", "w") as f:
-            json.dump(marker, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(marker_path + ".part", marker_path)
+        write_marker(tmp, MARKER_FILE, marker)
         owned.disown()
         _fsync_file(tmp)
 

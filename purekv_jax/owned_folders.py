@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import glob
+import json
 import os
 import shutil
 import tempfile
@@ -89,6 +90,17 @@ def sweep_temp_folders(parent: str, base: str) -> tuple[tuple[str, ...], tuple[s
         else:
             left.append(folder)
     return tuple(removed), tuple(left)
+
+
+def write_marker(folder: str, name: str, doc) -> None:
+    """Writes the JSON ``doc`` as ``folder/name`` durably: a ``.part`` file, flushed and fsynced, then renamed, so
+    a folder's marker is either whole or absent (what marks the folder's contents as complete)."""
+    path = os.path.join(folder, name)
+    with open(path + ".part", "w") as f:
+        json.dump(doc, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(path + ".part", path)
 
 
 def install_folder(tmp: str, dst: str) -> None:

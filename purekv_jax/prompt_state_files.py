@@ -35,7 +35,7 @@ from models.qwen2_5_vl.config import Qwen25VLConfig
 from . import cache as C
 from .config import PureKVConfig
 from .decode_budget import BudgetedCache, DecodeBudget
-from .owned_folders import OwnedTempFolder, install_folder, replace_refusal, sweep_temp_folders
+from .owned_folders import OwnedTempFolder, install_folder, replace_refusal, sweep_temp_folders, write_marker
 from .prompt_state import PromptState, PromptStateError, model_identity
 
 FORMAT = "purekv-prompt-state"
@@ -133,12 +133,7 @@ def save_state(path: str | os.PathLike, state: PromptState, force: bool = False,
     try:
         with ocp.PyTreeCheckpointer() as ckptr:
             ckptr.save(os.path.join(owned.path, ARRAYS_DIR), tree)
-        marker_path = os.path.join(owned.path, MARKER_FILE)
-        with open(marker_path + ".part", "w") as f:
-            json.dump(marker, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(marker_path + ".part", marker_path)
+        write_marker(owned.path, MARKER_FILE, marker)
         owned.disown()
         install_folder(owned.path, dst)
     except BaseException:

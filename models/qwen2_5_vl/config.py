@@ -14,7 +14,7 @@ import dataclasses
 import os
 from typing import Any, Mapping
 
-from .config_fields import ConfigError, Fields, read_config_json
+from .config_fields import ConfigError, Fields, read_config_json, text_stack_hub_fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,17 +218,7 @@ class Qwen25VLConfig:
         out: dict[str, Any] = {
             "architectures": ["Qwen2_5_VLForConditionalGeneration"],
             "model_type": "qwen2_5_vl",
-            "hidden_act": "silu",
-            "vocab_size": t.vocab_size,
-            "hidden_size": t.hidden_size,
-            "intermediate_size": t.intermediate_size,
-            "num_hidden_layers": t.num_hidden_layers,
-            "num_attention_heads": t.num_attention_heads,
-            "num_key_value_heads": t.num_key_value_heads,
-            "rope_theta": t.rope_theta,
-            "rms_norm_eps": t.rms_norm_eps,
-            "max_position_embeddings": t.max_position_embeddings,
-            "tie_word_embeddings": t.tie_word_embeddings,
+            **text_stack_hub_fields(t),
             "rope_scaling": {"type": "mrope", "rope_type": "default", "mrope_section": list(t.mrope_section)},
             "image_token_id": self.image_token_id,
             "video_token_id": self.video_token_id,

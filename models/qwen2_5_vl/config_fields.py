@@ -46,6 +46,24 @@ LIMITS: dict[str, tuple[float, float]] = {
 }
 
 
+def text_stack_hub_fields(t) -> dict[str, Any]:
+    """The decoder's fields in the Hub's spelling, the same for every Qwen2-style text stack (Qwen2.5-VL's LM,
+    VideoLLaMA2's Mistral / Qwen2): ``t`` a ``TextConfig``."""
+    return {
+        "hidden_act": "silu",
+        "vocab_size": t.vocab_size,
+        "hidden_size": t.hidden_size,
+        "intermediate_size": t.intermediate_size,
+        "num_hidden_layers": t.num_hidden_layers,
+        "num_attention_heads": t.num_attention_heads,
+        "num_key_value_heads": t.num_key_value_heads,
+        "rope_theta": t.rope_theta,
+        "rms_norm_eps": t.rms_norm_eps,
+        "max_position_embeddings": t.max_position_embeddings,
+        "tie_word_embeddings": t.tie_word_embeddings,
+    }
+
+
 class ConfigError(ValueError):
     """A config.json that lacks a needed field or holds an inconsistent one."""
 

@@ -20,7 +20,7 @@ import os
 from typing import Any, Mapping
 
 from models.qwen2_5_vl.config import TextConfig
-from models.qwen2_5_vl.config_fields import ConfigError, Fields, read_config_json
+from models.qwen2_5_vl.config_fields import ConfigError, Fields, read_config_json, text_stack_hub_fields
 
 #: the placeholders of the release's tokenizer helper (``MODAL_INDEX_MAP``): one per image / video,
 #: replaced by the whole feature sequence.
@@ -259,17 +259,7 @@ class VideoLLaMA2Config:
         out: dict[str, Any] = {
             "architectures": [arch],
             "model_type": f"videollama2_{self.lm_type}",
-            "hidden_act": "silu",
-            "vocab_size": t.vocab_size,
-            "hidden_size": t.hidden_size,
-            "intermediate_size": t.intermediate_size,
-            "num_hidden_layers": t.num_hidden_layers,
-            "num_attention_heads": t.num_attention_heads,
-            "num_key_value_heads": t.num_key_value_heads,
-            "rope_theta": t.rope_theta,
-            "rms_norm_eps": t.rms_norm_eps,
-            "max_position_embeddings": t.max_position_embeddings,
-            "tie_word_embeddings": t.tie_word_embeddings,
+            **text_stack_hub_fields(t),
             "sliding_window": None,
             "use_sliding_window": False,
             "bos_token_id": self.bos_token_id,
