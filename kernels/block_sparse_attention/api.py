@@ -12,6 +12,7 @@ from kernels.block_sparse_attention.backends import Backend, KernelOptions, reso
 from kernels.block_sparse_attention.blocks import block_tables
 from kernels.block_sparse_attention.layout import (HeadPattern, LayoutError, STLayout, inverse_permutation,
                                                    permutation)
+from kernels.block_sparse_attention.segments import merge_partials
 
 __all__ = ["block_sparse_attention", "normalize_patterns", "merge_by_lse", "ShapeError", "HeadGroup",
            "head_groups", "backend_head_groups"]
@@ -78,12 +79,8 @@ def merge_by_lse(o_a, lse_a, o_b, lse_b):
     o_a, o_b [B, H, N, D]; lse_a, lse_b [B, H, N] float32 natural log-sum-exp (-inf for a row with
     no key, whose output is ignored). Returns [B, H, N, D] in o_a.dtype (0 where both are empty).
     """
-    m = jnp.maximum(lse_a, lse_b)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    w_a, w_b = jnp.exp(lse_a - m), jnp.exp(lse_b - m)
-    den = w_a + w_b
-    num = w_a[..., None] * o_a.astype(jnp.float32) + w_b[..., None] * o_b.astype(jnp.float32)
-    return (num / jnp.where(den > 0, den, 1.0)[..., None]).astype(o_a.dtype)
+    o, _ = merge_partials([(o_a, lse_a), (o_b, lse_b)])
+    return o.astype(o_a.dtype)
 
 
 def _head_selection(heads, g):

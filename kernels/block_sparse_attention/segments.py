@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from kernels.block_sparse_attention.layout import HeadPattern, STLayout, VideoSpan, layout_regions, round_up
 
-__all__ = ["segment_attention", "segment_cells", "frame_row_splits", "SWEEP_BLOCK"]
+__all__ = ["segment_attention", "segment_cells", "frame_row_splits", "merge_partials", "SWEEP_BLOCK"]
 
 #: query rows and key columns per step of the online-softmax sweep (global keys, non-video rows)
 SWEEP_BLOCK = 128
@@ -160,8 +160,10 @@ def _sweep(q, k, v, first_pos: int, causal: bool, scale):
     return o, lse.transpose(1, 2, 3, 0, 4).reshape(b, hkv, g, rp)[..., :r]
 
 
-def _merge(parts):
-    """Exact attention over the union of disjoint key sets from per-set ``(o, lse)`` results."""
+def merge_partials(parts):
+    """Exact attention over the union of disjoint key sets from per-set ``(o [..., D], lse [...])`` results
+    (``lse`` float32 natural log-sum-exp, -inf for a row with no key in that set): ``(o`` float32, ``lse)``; a
+    row with no key in any set gets 0 and -inf."""
     if len(parts) == 1:
         return parts[0]
     lses = jnp.stack([lse for _, lse in parts])
@@ -169,7 +171,7 @@ def _merge(parts):
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     w = jnp.exp(lses - m)
     den = jnp.sum(w, axis=0)
-    num = sum(w[i][..., None] * o for i, (o, _) in enumerate(parts))
+    num = sum(w[i][..., None] * o.astype(jnp.float32) for i, (o, _) in enumerate(parts))
     lse = jnp.where(den > 0, m + jnp.log(jnp.where(den > 0, den, 1.0)), -jnp.inf)
     return num / jnp.where(den > 0, den, 1.0)[..., None], lse
 
@@ -203,7 +205,7 @@ def segment_attention(q, k, v, layout: STLayout, pattern=HeadPattern.UNION, *, s
             if pattern.temporal:
                 parts.append(_places(qr, kr, vr, video, layout.temporal_window, pattern is not HeadPattern.TEMPORAL,
                                      scale))
-            o, lse = _merge(parts)
+            o, lse = merge_partials(parts)
         outs.append(o)
         lses.append(lse)
     out = jnp.concatenate(outs, axis=3).reshape(b, hq, n, d).astype(q.dtype)
